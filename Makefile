@@ -1,0 +1,32 @@
+# One command for the main job (`make demo`), one for the tests (`make test`); both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines get the CPU wheel of torch (an unpinned torch pulls a CUDA build of several GB); GPU users keep theirs.
+CPU_TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then echo "GPU found: installing the default torch"; \
+	else $(BIN)/pip install --quiet "$(CPU_TORCH)"; fi
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python scripts/train.py $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check txformer scripts tests
+	$(BIN)/ruff format --check txformer scripts tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,45 @@
+"""txformer: Hugging Face-native transformers over long event sequences (bank transactions)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+setup(
+    name="txformer",
+    version="0.1.0",
+    description="Transformers with pluggable long-sequence attention (full, Performer, ∞-former) for event sequences",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["txformer", "txformer.*"]),
+    # torch is not pinned here: GPU users keep their own build. CPU-only machines: `make install` pins the CPU wheel.
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "huggingface_hub>=1.0",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "pyarrow>=15",
+        "numpy>=1.26",
+        "scikit-learn>=1.3",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "matplotlib>=3.8",
+            "pandas>=2.1",
+            "performer-pytorch==1.1.4",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "txformer-train=txformer.training:main",
+            "txformer-predict=txformer.prediction:main",
+        ],
+    },
+)

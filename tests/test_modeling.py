@@ -1,0 +1,215 @@
+"""Model behaviour shared by every attention kind: shapes, masks, save/load, remote code, losses."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_batch, select_rows, tiny_config
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+from txformer import TxFormerConfig, TxFormerForSequenceClassification, TxFormerModel
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(config: TxFormerConfig, **kwargs) -> TxFormerForSequenceClassification:
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(config, **kwargs).eval()
+
+
+def test_default_config_is_valid_and_builds_a_model_that_runs_on_its_dummy_inputs():
+    model = TxFormerForSequenceClassification(TxFormerConfig()).eval()
+    logits = model(**model.dummy_inputs).logits
+    assert logits.shape == (2, 2)
+    assert torch.isfinite(logits).all()
+
+
+def test_unknown_attention_type_is_a_value_error_listing_the_valid_kinds():
+    with pytest.raises(ValueError, match=r"'full', 'performer', 'infinity'"):
+        TxFormerConfig(attention_type="linformer")
+
+
+def test_mismatched_vocabulary_sizes_are_rejected():
+    with pytest.raises(ValueError, match="categorical_vocab_sizes"):
+        TxFormerConfig(categorical_fields=["mcc_code"], categorical_vocab_sizes=[10, 20])
+
+
+def test_config_round_trip(tmp_path):
+    config = tiny_config("performer", ltm_basis_widths=[0.02, 0.04])
+    config.save_pretrained(tmp_path)
+    loaded = TxFormerConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+
+
+def test_dummy_inputs_are_valid_for_every_kind(attention_type):
+    model = build(tiny_config(attention_type))
+    outputs = model(**model.dummy_inputs)
+    assert outputs.logits.shape == (2, 2)
+    assert torch.isfinite(outputs.logits).all()
+
+
+def test_eager_and_sdpa_give_the_same_outputs_with_padding(attention_type):
+    if attention_type == "performer":
+        pytest.skip("Performer attention does not go through attn_implementation")
+    config = tiny_config(attention_type)
+    sdpa = build(config, attn_implementation="sdpa")
+    eager = build(config, attn_implementation="eager")
+    eager.load_state_dict(sdpa.state_dict())
+    batch = random_batch(config, [9, 5, 1])
+    torch.testing.assert_close(eager(**batch).logits, sdpa(**batch).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_padding_invariance(attention_type):
+    """A history's logits do not change when it is batched with longer ones."""
+    config = tiny_config(attention_type)
+    model = build(config)
+    batch = random_batch(config, [11, 6, 3])
+    logits = model(**batch).logits
+    for row, length in enumerate([11, 6, 3]):
+        alone = model(**select_rows(batch, [row], length)).logits
+        torch.testing.assert_close(alone, logits[row : row + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_padded_values_do_not_leak(attention_type):
+    """Garbage in padded positions changes nothing."""
+    config = tiny_config(attention_type)
+    model = build(config)
+    batch = random_batch(config, [10, 4])
+    noisy = {key: value.clone() for key, value in batch.items()}
+    noisy["numeric_values"][1, 4:] = 1e9
+    noisy["input_ids"][1, 4:] = 3
+    noisy["event_time"][1, 4:] = 5000.0
+    torch.testing.assert_close(model(**noisy).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_permutation_invariance(attention_type):
+    config = tiny_config(attention_type)
+    model = build(config)
+    batch = random_batch(config, [7, 12, 2, 9])
+    permutation = [2, 0, 3, 1]
+    permuted = {key: value[permutation] for key, value in batch.items()}
+    torch.testing.assert_close(model(**permuted).logits, model(**batch).logits[permutation], rtol=1e-5, atol=1e-5)
+
+
+def test_last_hidden_state_shape_and_padding(attention_type):
+    config = tiny_config(attention_type)
+    model = TxFormerModel(config).eval()
+    outputs = model(**random_batch(config, [9, 3]), output_hidden_states=True)
+    assert outputs.last_hidden_state.shape == (2, 9, config.hidden_size)
+    assert outputs.pooler_output.shape == (2, config.hidden_size)
+    assert len(outputs.hidden_states) == config.num_hidden_layers + 1
+    assert all(state.shape == (2, 9, config.hidden_size) for state in outputs.hidden_states)
+
+
+def test_save_and_load_round_trip(tmp_path, attention_type):
+    config = tiny_config(attention_type)
+    model = build(config)
+    batch = random_batch(config, [8, 5])
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not list(tmp_path.glob("*.bin"))
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert type(loaded) is TxFormerForSequenceClassification
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_auto_classes_resolve_the_installed_package():
+    config = AutoConfig.for_model("txformer", hidden_size=16, num_attention_heads=2)
+    assert isinstance(config, TxFormerConfig)
+    assert isinstance(AutoModel.from_config(config), TxFormerModel)
+    assert isinstance(AutoModelForSequenceClassification.from_config(config), TxFormerForSequenceClassification)
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["txformer"] = None  # the package must not be importable here
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    folder = sys.argv[1]
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    assert "txformer" not in type(model).__module__.split(".")[0], type(model).__module__
+    batch = {key: torch.tensor(value) for key, value in json.load(open(folder + "/batch.json")).items()}
+    print(json.dumps(model(**batch).logits.tolist()))
+    """
+)
+
+
+def test_remote_code_round_trip_without_the_package(tmp_path, attention_type):
+    """A fresh process that cannot import txformer loads the folder with trust_remote_code and agrees."""
+    config = tiny_config(attention_type)
+    model = build(config)
+    batch = random_batch(config, [8, 5])
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    saved_files = {path.name for path in folder.iterdir()}
+    assert {"configuration_txformer.py", "modeling_txformer.py", "attention_full.py"} <= saved_files
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForSequenceClassification"]
+    (folder / "batch.json").write_text(json.dumps({key: value.tolist() for key, value in batch.items()}))
+    environment = {
+        **os.environ,
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(folder)],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    remote_logits = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(remote_logits, model(**batch).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(attention_type):
+    config = tiny_config(attention_type)
+    batch = random_batch(config, [9, 6])
+    labels = torch.tensor([0, 1])
+    results = []
+    for checkpointing in (False, True):
+        model = build(config).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), model.classifier.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_loss_with_num_items_in_batch_is_a_sum_over_the_accumulation_step():
+    """Under gradient accumulation the Trainer passes num_items_in_batch: the loss must not be divided twice."""
+    config = tiny_config()
+    model = build(config)
+    batch = random_batch(config, [5, 4, 3])
+    labels = torch.tensor([0, 1, 1])
+    mean_loss = model(**batch, labels=labels).loss
+    summed_over_six = model(**batch, labels=labels, num_items_in_batch=6).loss
+    torch.testing.assert_close(summed_over_six, mean_loss * 3 / 6)
+
+
+def test_inputs_that_do_not_match_the_config_get_a_clear_error():
+    config = tiny_config()
+    model = build(config)
+    batch = random_batch(config, [4, 2])
+    with pytest.raises(ValueError, match="input_ids has shape"):
+        model(**{**batch, "input_ids": batch["input_ids"][..., :2]})
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(**{**batch, "attention_mask": batch["attention_mask"][:, :3]})
+
+
+def test_full_attention_rejects_a_past_state():
+    config = tiny_config("full")
+    model = build(config)
+    with pytest.raises(ValueError, match="past_state"):
+        model(**model.dummy_inputs, past_state=object())

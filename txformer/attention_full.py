@@ -1,0 +1,98 @@
+"""Exact softmax attention (SDPA or eager) and the projection layer every attention kind shares."""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_txformer import TxFormerConfig
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference softmax attention. `query`/`key`/`value`: `[batch, heads, length, head_dim]`; `attention_mask` is
+    additive and broadcastable to `[batch, heads, query_length, key_length]`. Returns `[batch, length, heads, head_dim]`
+    and the attention weights."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class TxFormerSelfAttention(nn.Module):
+    """Multi-head self-attention over events. Owns the query/key/value/output projections; `attend` is the core
+    that each attention kind replaces (here: exact attention dispatched by `config._attn_implementation`)."""
+
+    def __init__(self, config: TxFormerConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout_prob
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        """`[batch, length, hidden]` -> `[batch, heads, length, head_dim]`."""
+        batch_size, length, _ = states.shape
+        return states.view(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        key_padding_mask: torch.Tensor,
+        past_state: None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        """Attend over `hidden_states` `[batch, length, hidden]`. `attention_mask` is the additive key mask
+        `[batch, 1, 1, length]` used by exact attention, `key_padding_mask` the boolean `[batch, length]` mask
+        (True = real event) used by the other kinds. Returns the output, the weights (eager only) and the state
+        carried to the next segment (stateless kinds: None)."""
+        query = self.split_heads(self.q_proj(hidden_states))
+        key = self.split_heads(self.k_proj(hidden_states))
+        value = self.split_heads(self.v_proj(hidden_states))
+        attn_output, attn_weights = self.attend(query, key, value, attention_mask, key_padding_mask, **kwargs)
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+        return self.o_proj(attn_output), attn_weights, None
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        key_padding_mask: torch.Tensor,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Exact attention: `[batch, heads, length, head_dim]` inputs -> `[batch, length, heads, head_dim]`."""
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        return attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )

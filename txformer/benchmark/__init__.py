@@ -1,0 +1,1 @@
+"""Benchmarks of txformer's building blocks (`python scripts/benchmark_attention.py`)."""

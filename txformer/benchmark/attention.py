@@ -1,0 +1,261 @@
+"""Attention-op benchmark, forward + backward over sequence lengths: FAVOR+ (ours) against performer-pytorch's
+`FastAttention` (when installed), exact SDPA and a naive softmax attention. Reports time, peak memory, tokens/s, the
+ratios that matter (ours vs performer-pytorch, tokens/s at each length vs a reference length), the fraction of the
+machine's GEMM throughput reached, and the length from which FAVOR+ beats SDPA."""
+
+import csv
+import math
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from torch.nn import functional
+
+from ..attention_performer import draw_orthogonal_features, favor_attention
+from .measure import measure_forward_backward, measure_matmul_flops
+
+
+OURS = "favor+ (ours)"
+PERFORMER_PYTORCH = "performer-pytorch"
+SDPA = "sdpa (exact)"
+NAIVE = "naive softmax (exact)"
+LINEAR_METHODS = (OURS, PERFORMER_PYTORCH)
+CSV_FILE = "attention_benchmark.csv"
+MARKDOWN_FILE = "attention_benchmark.md"
+
+
+@dataclass
+class AttentionBenchmarkConfig:
+    """What to measure. Exact methods stop at their own maximum length (quadratic time; naive: quadratic memory)."""
+
+    lengths: list[int] = field(
+        default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192, 16384, 32768],
+        metadata={"help": "Sequence lengths (events per history)."},
+    )
+    max_sdpa_length: int = field(default=8192, metadata={"help": "Longest length measured for SDPA."})
+    max_naive_length: int = field(default=4096, metadata={"help": "Longest length for the naive softmax attention."})
+    batch_size: int = field(default=4, metadata={"help": "Histories per batch."})
+    num_heads: int = field(default=4, metadata={"help": "Attention heads."})
+    head_dim: int = field(default=32, metadata={"help": "Head dimension d (also of the values)."})
+    num_features: int = field(default=128, metadata={"help": "Random features m of FAVOR+."})
+    repeats: int = field(default=5, metadata={"help": "Measured runs per method and length (the median is kept)."})
+    warmup: int = field(default=1, metadata={"help": "Unmeasured runs before them."})
+    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda."})
+    reference_length: int = field(default=1024, metadata={"help": "Length the tokens/s ratios refer to."})
+    seed: int = field(default=0, metadata={"help": "Seed of the inputs and of the projection."})
+
+
+@dataclass
+class BenchmarkRow:
+    """One method at one length. Ratios are None where their reference was not measured."""
+
+    method: str
+    length: int
+    time_ms: float
+    peak_memory_mib: float
+    tokens_per_s: float
+    gemm_roofline_fraction: float
+    tokens_per_s_vs_reference: float | None = None
+    speedup_vs_performer_pytorch: float | None = None
+    memory_vs_performer_pytorch: float | None = None
+
+
+def favor_flops(config: AttentionBenchmarkConfig, length: int) -> float:
+    """GEMM FLOPs of a non-causal FAVOR+ forward + backward (self-attention, values of width d), without recomputation:
+    forward Q′, K′ (L·d·m each), K′ᵀ[V|1] and Q′S (L·m·(d+1) each); backward dQ′, dS, dK′ (L·m·(d+1) each), dV
+    (L·m·d), dQ and dK (L·m·d each)."""
+    head_dim, num_features = config.head_dim, config.num_features
+    per_row = 2 * num_features * (4 * head_dim + 5 * (head_dim + 1) + head_dim)
+    return config.batch_size * config.num_heads * length * per_row
+
+
+def exact_attention_flops(config: AttentionBenchmarkConfig, length: int) -> float:
+    """GEMM FLOPs of an exact attention forward (QKᵀ, PV) + backward (dV, dP, dQ, dK), 2·L²·d each."""
+    return config.batch_size * config.num_heads * 6 * 2 * length**2 * config.head_dim
+
+
+def naive_softmax_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v with the full score matrix materialised."""
+    scores = torch.matmul(query, key.transpose(-2, -1)) * query.shape[-1] ** -0.5
+    return torch.matmul(torch.softmax(scores, dim=-1), value)
+
+
+def build_methods(config: AttentionBenchmarkConfig) -> dict[str, tuple[Callable[..., torch.Tensor], int]]:
+    """Each method's callable `(query, key, value) -> output` and its maximum length. FAVOR+ and performer-pytorch
+    share one projection matrix."""
+    device = torch.device(config.device)
+    generator = torch.Generator().manual_seed(config.seed)
+    projection = draw_orthogonal_features(config.num_features, config.head_dim, generator=generator, device=device)
+    max_length = max(config.lengths)
+    methods: dict[str, tuple[Callable[..., torch.Tensor], int]] = {
+        OURS: (lambda query, key, value: favor_attention(query, key, value, projection), max_length)
+    }
+    try:
+        from performer_pytorch import FastAttention
+    except ImportError:
+        FastAttention = None
+    if FastAttention is not None:
+        fast_attention = FastAttention(dim_heads=config.head_dim, nb_features=config.num_features).to(device)
+        fast_attention.projection_matrix.copy_(projection)
+        methods[PERFORMER_PYTORCH] = (fast_attention, max_length)
+    methods[SDPA] = (functional.scaled_dot_product_attention, config.max_sdpa_length)
+    methods[NAIVE] = (naive_softmax_attention, config.max_naive_length)
+    return methods
+
+
+def random_inputs(config: AttentionBenchmarkConfig, length: int) -> list[torch.Tensor]:
+    """Queries and keys ~ 0.5 N(0, 1) (moderate attention), values ~ N(0, 1), all requiring gradients."""
+    generator = torch.Generator().manual_seed(config.seed)
+    shape = (config.batch_size, config.num_heads, length, config.head_dim)
+    scales = (0.5, 0.5, 1.0)
+    return [(scale * torch.randn(shape, generator=generator)).to(config.device).requires_grad_() for scale in scales]
+
+
+def add_ratios(rows: list[BenchmarkRow], reference_length: int) -> None:
+    """Fills the ratio columns: tokens/s against the same method at `reference_length`, and ours against
+    performer-pytorch at the same length (time: theirs / ours; memory: ours / theirs)."""
+    by_key = {(row.method, row.length): row for row in rows}
+    for row in rows:
+        reference = by_key.get((row.method, reference_length))
+        if reference is not None:
+            row.tokens_per_s_vs_reference = row.tokens_per_s / reference.tokens_per_s
+        theirs = by_key.get((PERFORMER_PYTORCH, row.length))
+        if row.method == OURS and theirs is not None:
+            row.speedup_vs_performer_pytorch = theirs.time_ms / row.time_ms
+            row.memory_vs_performer_pytorch = row.peak_memory_mib / theirs.peak_memory_mib
+
+
+def crossover_length(rows: list[BenchmarkRow]) -> int | None:
+    """Smallest measured length from which FAVOR+ is faster than SDPA at every longer length measured for both;
+    None if SDPA is faster at the longest common length."""
+    times = {(row.method, row.length): row.time_ms for row in rows}
+    common = sorted(length for method, length in times if method == SDPA and (OURS, length) in times)
+    crossover = None
+    for length in reversed(common):
+        if times[(OURS, length)] >= times[(SDPA, length)]:
+            break
+        crossover = length
+    return crossover
+
+
+def run_attention_benchmark(
+    config: AttentionBenchmarkConfig, log: Callable[[str], None] = print
+) -> tuple[list[BenchmarkRow], dict[str, float | int | None]]:
+    """Measures every method at every length up to its maximum; returns the rows and a summary (GEMM FLOP/s of the
+    machine, crossover length against SDPA)."""
+    device = torch.device(config.device)
+    gemm_flops_per_s = measure_matmul_flops(device)
+    log(f"achieved GEMM throughput (float32 2048² matmul): {gemm_flops_per_s / 1e9:.1f} GFLOP/s")
+    methods = build_methods(config)
+    rows = []
+    for length in sorted(config.lengths):
+        inputs = random_inputs(config, length)
+        tokens = config.batch_size * length
+        for method, (function, max_length) in methods.items():
+            if length > max_length:
+                continue
+            measurement = measure_forward_backward(function, inputs, config.repeats, config.warmup)
+            flops = favor_flops(config, length) if method in LINEAR_METHODS else exact_attention_flops(config, length)
+            rows.append(
+                BenchmarkRow(
+                    method=method,
+                    length=length,
+                    time_ms=1e3 * measurement.seconds,
+                    peak_memory_mib=measurement.peak_memory_mib,
+                    tokens_per_s=tokens / measurement.seconds,
+                    gemm_roofline_fraction=flops / measurement.seconds / gemm_flops_per_s,
+                )
+            )
+            log(f"{method:>22} L={length:>6}: {rows[-1].time_ms:9.1f} ms {rows[-1].peak_memory_mib:8.1f} MiB")
+        del inputs
+    add_ratios(rows, config.reference_length)
+    summary = {"gemm_gflops_per_s": gemm_flops_per_s / 1e9, "crossover_length_vs_sdpa": crossover_length(rows)}
+    return rows, summary
+
+
+def describe_machine(device: torch.device) -> str:
+    """CPU model, cores and threads, memory, accelerator, and library versions, in one line."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    parts = [f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"]
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as meminfo:
+            total_kib = int(meminfo.readline().split()[1])
+        parts.append(f"{total_kib / 2**20:.0f} GiB RAM")
+    if device.type == "cuda":
+        parts.append(torch.cuda.get_device_name(device))
+    parts.append(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
+    )
+    return "; ".join(parts)
+
+
+def _cell(value: float | None, spec: str, suffix: str = "") -> str:
+    """A table cell: the formatted number and its suffix, or a dash when unknown."""
+    return "–" if value is None or math.isnan(value) else format(value, spec) + suffix
+
+
+def format_markdown(
+    rows: list[BenchmarkRow],
+    summary: dict[str, float | int | None],
+    config: AttentionBenchmarkConfig,
+    machine: str,
+    command: str,
+) -> str:
+    """The results as a Markdown report: setup, one table, the crossover length."""
+    reference = config.reference_length
+    lines = [
+        "# Attention benchmark (forward + backward)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine}. Achieved GEMM throughput: {summary['gemm_gflops_per_s']:.1f} GFLOP/s (float32).",
+        "",
+        f"batch {config.batch_size}, heads {config.num_heads}, head dim {config.head_dim}, "
+        f"random features {config.num_features}, float32, median of {config.repeats} runs after {config.warmup} "
+        "warm-up. Peak memory: rise of the peak allocated (CUDA) or resident (CPU) memory during one run, inputs "
+        "excluded.",
+        "",
+        f"| method | length | time (ms) | peak memory (MiB) | tokens/s | tokens/s vs L={reference} "
+        "| speedup vs performer-pytorch | memory vs performer-pytorch | GEMM roofline |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.method} | {row.length} | {row.time_ms:.1f} | {_cell(row.peak_memory_mib, '.1f')} "
+            f"| {row.tokens_per_s:,.0f} | {_cell(row.tokens_per_s_vs_reference, '.2f')} "
+            f"| {_cell(row.speedup_vs_performer_pytorch, '.2f', '×')} "
+            f"| {_cell(row.memory_vs_performer_pytorch, '.2f', '×')} | {row.gemm_roofline_fraction:.0%} |"
+        )
+    crossover = summary["crossover_length_vs_sdpa"]
+    if crossover is None:
+        crossover_line = "SDPA is faster than FAVOR+ at the longest length measured for both."
+    else:
+        crossover_line = f"FAVOR+ is faster than SDPA from length {crossover} on (every longer length measured)."
+    lines += [
+        "",
+        "GEMM roofline: the algorithmic GEMM FLOPs of the method (FAVOR+: without the features recomputed in the "
+        "backward) per second, as a fraction of the achieved GEMM throughput.",
+        "",
+        crossover_line,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: list[BenchmarkRow], markdown: str, output_dir: str | Path) -> tuple[Path, Path]:
+    """Writes the rows as CSV and the Markdown report; returns both paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, markdown_path = output_dir / CSV_FILE, output_dir / MARKDOWN_FILE
+    with open(csv_path, "w", newline="") as csv_file:
+        writer = csv.DictWriter(csv_file, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(row) for row in rows)
+    markdown_path.write_text(markdown, encoding="utf-8")
+    return csv_path, markdown_path

@@ -1,0 +1,155 @@
+"""TxFormer model configuration."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+
+ATTENTION_TYPES = ("full", "performer", "infinity")
+POOLING_TYPES = ("mean", "last")
+PERFORMER_KERNELS = ("softmax", "relu")
+
+
+@strict
+class TxFormerConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`TxFormerModel`]: a transformer over event sequences (bank transactions) with a pluggable
+    attention kind. `TxFormerConfig()` with no arguments is a valid small config.
+
+    Event schema (the forward contract of every attention kind):
+        categorical_fields (`list[str]`): names of the categorical event fields, one column of `input_ids` each.
+        categorical_vocab_sizes (`list[int]`): vocabulary size of each categorical field, including index 0 =
+            padding and index 1 = unknown.
+        numeric_fields (`list[str]`): names of the numeric event fields, one column of `numeric_values` each. Raw
+            values (e.g. signed amounts); the model applies `sign(x) * log1p(|x|)` once, itself.
+        numeric_num_frequencies (`int`): learned periodic frequencies per numeric field (on top of the signed log).
+        time_periods_days (`list[float]`): periods (days) of the cyclic time features taken from `event_time`,
+            by default hour of day (1 day) and day of week (7 days).
+        time_num_harmonics (`int`): sine/cosine harmonics per period. The gap to the previous event is always
+            encoded as `log1p(gap in minutes)`.
+
+    Architecture:
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act: transformer sizes.
+        hidden_dropout_prob, attention_dropout_prob, classifier_dropout: dropouts.
+        layer_norm_eps, initializer_range: numerics of the norms and of the initialisation.
+        pooling (`str`): `"mean"` over real events, or `"last"` real event.
+        attention_type (`str`): `"full"` (exact attention, `attn_implementation` picks SDPA or eager),
+            `"performer"` (FAVOR+) or `"infinity"` (∞-former).
+
+    Performer (`attention_type="performer"`):
+        performer_num_random_features (`int`): random features m.
+        performer_kernel (`str`): `"softmax"` (positive random features) or `"relu"` (generalised ReLU).
+        performer_orthogonal_scaling (`int`): 0 = rows scaled by χ_d norms (unbiased), 1 = every row has norm √d.
+        performer_redraw_interval (`int`): redraw the projection every so many optimizer steps in training; 0 never.
+        performer_seed (`int`): base seed of the projection draws (a draw is a function of seed and step).
+
+    ∞-former (`attention_type="infinity"`):
+        segment_length (`int`): events per segment (short-term attention span and memory update).
+        ltm_num_basis (`int`): Gaussian RBF basis functions N (a multiple of the number of widths).
+        ltm_basis_widths (`list[float]`): basis widths (standard deviations on [0, 1]).
+        ltm_num_samples (`int`): samples M taken from the old signal at each update.
+        ltm_contraction (`float`): τ, the part of [0, 1] the old signal is contracted into.
+        ltm_ridge_penalty (`float`): λ of the ridge regression onto the basis.
+        ltm_sticky_memories (`bool`), ltm_sticky_bins (`int`): sample the old signal where it was attended to.
+        ltm_kl_weight (`float`): weight of the KL regulariser on the attention densities (0 = off).
+        ltm_gating (`bool`): gate the memory input with a width-3 convolution.
+        ltm_detach_memory (`bool`): detach the memory carried between segments (bounded memory in training).
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForSequenceClassification
+    >>> from txformer import TxFormerConfig
+    >>> config = TxFormerConfig(attention_type="performer")
+    >>> model = AutoModelForSequenceClassification.from_config(config)
+    ```
+    """
+
+    model_type = "txformer"
+
+    categorical_fields: list[str] | None = None
+    categorical_vocab_sizes: list[int] | None = None
+    numeric_fields: list[str] | None = None
+    numeric_num_frequencies: int = 8
+    time_periods_days: list[float] | None = None
+    time_num_harmonics: int = 4
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_dropout_prob: float = 0.0
+    classifier_dropout: float | None = None
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    pooling: str = "mean"
+    attention_type: str = "full"
+
+    performer_num_random_features: int = 128
+    performer_kernel: str = "softmax"
+    performer_orthogonal_scaling: int = 0
+    performer_redraw_interval: int = 1000
+    performer_seed: int = 0
+
+    segment_length: int = 256
+    ltm_num_basis: int = 128
+    ltm_basis_widths: list[float] | None = None
+    ltm_num_samples: int = 256
+    ltm_contraction: float = 0.75
+    ltm_ridge_penalty: float = 1.0
+    ltm_sticky_memories: bool = False
+    ltm_sticky_bins: int = 128
+    ltm_kl_weight: float = 0.0
+    ltm_gating: bool = True
+    ltm_detach_memory: bool = True
+
+    def __post_init__(self, **kwargs):
+        if self.categorical_fields is None:
+            self.categorical_fields = ["mcc_code", "tr_type", "term_id"]
+        if self.categorical_vocab_sizes is None:
+            self.categorical_vocab_sizes = [256, 128, 1024][: len(self.categorical_fields)]
+        if self.numeric_fields is None:
+            self.numeric_fields = ["amount"]
+        if self.time_periods_days is None:
+            self.time_periods_days = [1.0, 7.0]
+        if self.ltm_basis_widths is None:
+            self.ltm_basis_widths = [0.01, 0.05]
+        self.validate_architecture()  # raises a plain ValueError before the strict-dataclass wrapper does
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Part of `@strict`-powered validation: checks sizes and choices."""
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"Unknown attention_type {self.attention_type!r}; valid kinds: {list(ATTENTION_TYPES)}.")
+        if self.pooling not in POOLING_TYPES:
+            raise ValueError(f"Unknown pooling {self.pooling!r}; valid choices: {list(POOLING_TYPES)}.")
+        if self.performer_kernel not in PERFORMER_KERNELS:
+            raise ValueError(
+                f"Unknown performer_kernel {self.performer_kernel!r}; valid kernels: {list(PERFORMER_KERNELS)}."
+            )
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if len(self.categorical_vocab_sizes) != len(self.categorical_fields):
+            raise ValueError(
+                f"categorical_vocab_sizes has {len(self.categorical_vocab_sizes)} entries for "
+                f"{len(self.categorical_fields)} categorical_fields {self.categorical_fields}."
+            )
+        if any(size < 2 for size in self.categorical_vocab_sizes):
+            raise ValueError("Every categorical vocabulary needs at least the padding (0) and unknown (1) indices.")
+        if self.ltm_num_basis % len(self.ltm_basis_widths) != 0:
+            raise ValueError(
+                f"ltm_num_basis ({self.ltm_num_basis}) must be a multiple of the number of ltm_basis_widths "
+                f"({len(self.ltm_basis_widths)})."
+            )
+        if not 0.0 < self.ltm_contraction < 1.0:
+            raise ValueError(f"ltm_contraction must lie in (0, 1), got {self.ltm_contraction}.")
+        for name in ("segment_length", "performer_num_random_features", "ltm_num_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+
+
+__all__ = ["TxFormerConfig"]

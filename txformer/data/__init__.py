@@ -1,0 +1,41 @@
+"""Data pipeline: real-format transaction files to per-customer datasets, the event vocabulary, the batch collator,
+the stratified split and synthetic data with a known Bayes-optimal posterior."""
+
+from .collator import TransactionCollator
+from .reader import (
+    TransactionDataError,
+    build_customer_dataset,
+    customer_table,
+    read_labels,
+    read_transactions,
+)
+from .split import stratified_split
+from .synthetic import (
+    SyntheticConfig,
+    SyntheticDataInfo,
+    SyntheticOracle,
+    generate_synthetic_data,
+    mean_feature_baseline_auroc,
+    oracle_auroc,
+)
+from .vocabulary import VOCABULARY_FILE, EventVocabulary, FieldVocabulary
+
+
+__all__ = [
+    "VOCABULARY_FILE",
+    "EventVocabulary",
+    "FieldVocabulary",
+    "SyntheticConfig",
+    "SyntheticDataInfo",
+    "SyntheticOracle",
+    "TransactionCollator",
+    "TransactionDataError",
+    "build_customer_dataset",
+    "customer_table",
+    "generate_synthetic_data",
+    "mean_feature_baseline_auroc",
+    "oracle_auroc",
+    "read_labels",
+    "read_transactions",
+    "stratified_split",
+]

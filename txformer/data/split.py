@@ -1,0 +1,30 @@
+"""Seeded, stratified train / held-out split of a customer dataset."""
+
+import datasets
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+
+def stratified_split(
+    dataset: datasets.Dataset, test_size: float | int, seed: int, label_column: str = "labels"
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, test) with the label proportions of `dataset` in both parts; the same seed gives the same split."""
+    if label_column not in dataset.column_names:
+        raise ValueError(f"The dataset has no {label_column!r} column to stratify on; it has {dataset.column_names}.")
+    labels = np.asarray(dataset[label_column], dtype=object)
+    unlabelled = np.flatnonzero(labels == None)  # noqa: E711 (element-wise comparison)
+    if unlabelled.size:
+        raise ValueError(
+            f"{unlabelled.size} customers have no label (e.g. row {unlabelled[0]}); drop them before splitting."
+        )
+    classes, counts = np.unique(labels.astype(np.int64), return_counts=True)
+    if classes.size < 2:
+        raise ValueError(
+            f"Only one class ({classes.tolist()}) among {len(labels)} customers: cannot train a classifier."
+        )
+    if counts.min() < 2:
+        raise ValueError(f"Class {classes[counts.argmin()]} has a single customer: too few to split stratified.")
+    train_rows, test_rows = train_test_split(
+        np.arange(len(labels)), test_size=test_size, random_state=seed, stratify=labels.astype(np.int64)
+    )
+    return dataset.select(np.sort(train_rows)), dataset.select(np.sort(test_rows))

@@ -1,0 +1,471 @@
+"""Sharing trained output folders on the Hugging Face Hub: the file set, the model card, one-commit uploads, and a
+callback that makes the Trainer's own pushes complete and pickle-free."""
+
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
+from huggingface_hub.utils import httpx
+from safetensors import safe_open
+from transformers import (
+    HfArgumentParser,
+    PreTrainedModel,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from transformers.dynamic_module_utils import get_relative_import_files, get_relative_imports
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+from . import __version__
+from .configuration_txformer import TxFormerConfig
+from .data import VOCABULARY_FILE, EventVocabulary
+from .io_utils import atomic_write, atomic_write_json
+from .prediction import PREPROCESSING_FILE
+from .profiling import SUMMARY_FILE as PROFILE_SUMMARY_FILE
+
+
+logger = logging.getLogger(__name__)
+
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "hub_cards" / "model_card_template.md"
+README_FILE = "README.md"
+GITIGNORE_FILE = ".gitignore"
+RESULTS_FILE = "all_results.json"
+TRAINING_RUN_FILE = "training_run.json"
+# Pushed when present: the sources of the card, so that readers can check every number it shows.
+OPTIONAL_FILES = (RESULTS_FILE, TRAINING_RUN_FILE, PROFILE_SUMMARY_FILE)
+# `from_pretrained(..., trust_remote_code=True)` resolves these two through `auto_map`.
+REQUIRED_AUTO_CLASSES = ("AutoConfig", "AutoModelForSequenceClassification")
+# The Hub leaves out of a commit the files that match the root `.gitignore` the commit carries (or, without one, the
+# hosted one). The Trainer's own pushes upload `training_args.bin`, a pickle, with every commit; this keeps it out.
+HUB_GITIGNORE = "# txformer repositories hold no pickles\n*.bin\n*.pt\n*.pth\n*.pkl\n*.pickle\ncheckpoint-*/\n"
+MODEL_LICENSE = "apache-2.0"
+# No Hub task describes a variable-length history of tabular events; this closest one keeps the Hub from inferring
+# `text-classification` from the architecture name (custom-code models get no hosted widget either way).
+PIPELINE_TAG = "tabular-classification"
+TASK_NAME = "Customer gender from bank-transaction history"
+REPO_PLACEHOLDER = "<namespace>/<repository>"
+DEFAULT_COMMIT_MESSAGE = "Upload txformer model: weights, code, vocabulary, preprocessing, metrics and card"
+ATTENTION_TAGS = {"full": "full-attention", "performer": "performer", "infinity": "infinity-former"}
+ATTENTION_SUMMARIES = {
+    "full": "exact softmax attention over every kept event (memory grows with the square of the history length); "
+    'the backend is chosen when loading, `attn_implementation="sdpa"` or `"eager"`.',
+    "performer": "FAVOR+ (Performer) random-feature approximation of softmax attention, linear in the history length.",
+    "infinity": "∞-former: exact attention inside segments of `segment_length` events plus a continuous long-term "
+    "memory, so whole histories of any length are read in bounded memory.",
+}
+ATTENTION_SETTING_PREFIXES = {"full": (), "performer": ("performer_",), "infinity": ("segment_length", "ltm_")}
+EVAL_METRICS = (
+    ("eval_auroc", "roc_auc", "AUROC"),
+    ("eval_accuracy", "accuracy", "Accuracy (threshold 0.5)"),
+    ("eval_log_loss", "log_loss", "Log loss"),
+)
+ORACLE_AUROCS = (
+    ("oracle_auroc_all", "posterior given all events"),
+    ("oracle_auroc_last_64", "posterior given the last 64 events"),
+    ("oracle_auroc_last_max_length", "posterior given the events the model saw (same window)"),
+)
+TRAINING_METRICS = (
+    ("train_samples", "Training customers", "{:,}"),
+    ("train_runtime", "Training time (s)", "{:.0f}"),
+    ("epoch", "Epochs", "{:g}"),
+    ("train_loss", "Mean training loss", "{:.4f}"),
+    ("train_samples_per_second", "Training samples/s (Trainer)", "{:.1f}"),
+)
+HYPERPARAMETER_KEYS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "weight_decay",
+    "warmup_steps",
+    "lr_scheduler_type",
+    "seed",
+    "bf16",
+    "fp16",
+)
+
+
+class IncompleteModelFolderError(ValueError):
+    """An output folder lacks something that a loadable, scoreable Hub repository needs."""
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _weight_files(output_dir: Path, problems: list[str]) -> list[str]:
+    """`model.safetensors`, or the safetensors index and the shards it names."""
+    if (output_dir / SAFE_WEIGHTS_NAME).is_file():
+        return [SAFE_WEIGHTS_NAME]
+    index = _read_json(output_dir / SAFE_WEIGHTS_INDEX_NAME)
+    if index is None:
+        problems.append(f"{SAFE_WEIGHTS_NAME} (weights must be safetensors; pickled .bin weights are never pushed)")
+        return []
+    shards = sorted(set(index["weight_map"].values()))
+    problems += [f"weight shard {shard}" for shard in shards if not (output_dir / shard).is_file()]
+    return [SAFE_WEIGHTS_INDEX_NAME, *shards]
+
+
+def _code_files(output_dir: Path, problems: list[str]) -> list[str]:
+    """The modules that `config.json`'s `auto_map` names and, recursively, their relative imports."""
+    config = _read_json(output_dir / CONFIG_NAME)
+    if config is None:
+        problems.append(CONFIG_NAME)
+        return []
+    auto_map = config.get("auto_map") or {}
+    problems += [
+        f"{CONFIG_NAME} auto_map entry {name} (save with txformer imported: it registers the classes for auto_map)"
+        for name in REQUIRED_AUTO_CLASSES
+        if name not in auto_map
+    ]
+    pending = sorted({f"{reference.split('.')[0]}.py" for reference in auto_map.values()})
+    found: list[str] = []
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        if not (output_dir / name).is_file():
+            problems.append(f"code file {name}")
+            continue
+        found.append(name)
+        pending += [f"{module}.py" for module in get_relative_imports(output_dir / name)]
+    return sorted(found)
+
+
+def files_to_push(output_dir: str | Path) -> list[Path]:
+    """The files of `output_dir` that make a complete Hub repository, and nothing else (no pickle, checkpoint or
+    optimizer state); raises `IncompleteModelFolderError` naming everything that is missing."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise IncompleteModelFolderError(f"{output_dir} is not a folder.")
+    problems: list[str] = []
+    names = [CONFIG_NAME, *_weight_files(output_dir, problems), *_code_files(output_dir, problems)]
+    for name in (VOCABULARY_FILE, PREPROCESSING_FILE):
+        if (output_dir / name).is_file():
+            names.append(name)
+        else:
+            problems.append(name)
+    if problems:
+        raise IncompleteModelFolderError(
+            f"{output_dir} is not a complete txformer output folder; missing: {'; '.join(problems)}."
+        )
+    names += [name for name in OPTIONAL_FILES if (output_dir / name).is_file()]
+    return [output_dir / name for name in names]
+
+
+def _num_weight_values(output_dir: Path) -> int:
+    """Values stored in the safetensors weights (parameters and persistent buffers)."""
+    total = 0
+    for name in _weight_files(output_dir, []):
+        if name.endswith(".safetensors"):
+            with safe_open(output_dir / name, framework="pt") as weights:
+                total += sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
+    return total
+
+
+def _data_source(training_run: dict | None) -> str:
+    """`synthetic`, `real`, or `unrecorded` when the folder has no `training_run.json`."""
+    if training_run is None:
+        return "unrecorded"
+    return "synthetic" if training_run["data_args"].get("transactions") is None else "real"
+
+
+def _eval_dataset(data_source: str, data_args: dict) -> dict[str, Any]:
+    """model-index `dataset` fields of the held-out split."""
+    if data_source == "synthetic":
+        num_customers, seed = data_args.get("synthetic_num_customers"), data_args.get("synthetic_seed")
+        dataset = {
+            "type": "synthetic-transactions-gender",
+            "name": f"txformer synthetic transactions ({num_customers} customers, seed {seed})",
+            "args": {"synthetic_num_customers": num_customers, "synthetic_seed": seed},
+        }
+    elif data_source == "real":
+        dataset = {"type": "transactions-gender", "name": "Sber bank transactions, gender (Kaggle)", "args": {}}
+    else:
+        dataset = {"type": "unrecorded", "name": "unrecorded data", "args": {}}
+    dataset["args"].update({key: data_args[key] for key in ("eval_fraction", "split_seed") if key in data_args})
+    return dataset
+
+
+def _profile_rows(profile: dict) -> list[tuple[str, str]]:
+    """Table rows of the profiling summary, skipping what it did not measure."""
+    training, hardware = profile.get("training") or {}, profile.get("hardware") or {}
+    rows = []
+    step_time = (profile.get("step_time_s") or {}).get("median")
+    if step_time is not None:
+        rows.append(("median optimizer-step time", f"{step_time * 1e3:.1f} ms"))
+    for key, label, template in (
+        ("samples_per_s_median", "samples/s (median over steps)", "{:,.1f}"),
+        ("tokens_per_s_median", "real events/s (median over steps)", "{:,.0f}"),
+        ("peak_memory_mib", "peak memory (MiB)", "{:,.0f}"),
+        ("num_steps", "optimizer steps", "{}"),
+    ):
+        if profile.get(key) is not None:
+            rows.append((label, template.format(profile[key])))
+    memory_sources = {rank.get("memory_source") for rank in profile.get("per_rank") or []} - {None}
+    if memory_sources:
+        rows.append(("memory measured as", ", ".join(sorted(memory_sources))))
+    if training:
+        rows.append(
+            (
+                "processes × batch per device × accumulation",
+                f"{training.get('world_size')} × {training.get('per_device_train_batch_size')} × "
+                f"{training.get('gradient_accumulation_steps')} on {training.get('device')}",
+            )
+        )
+    if hardware:
+        gpus = ", ".join(hardware.get("gpu_names") or []) or "no GPU"
+        rows.append(
+            ("hardware", f"{hardware.get('cpu_model')} ({hardware.get('cpu_count_usable')} usable cores); {gpus}")
+        )
+    software = profile.get("software") or {}
+    if software:
+        rows.append(("software", ", ".join(f"{name} {version}" for name, version in software.items() if version)))
+    return rows
+
+
+def _assignments(values: dict, keys: tuple[str, ...] | None = None) -> list[tuple[str, Any]]:
+    """(name, value) pairs of the recorded settings, in `keys` order when given."""
+    return [(key, values[key]) for key in (keys or values) if values.get(key) is not None]
+
+
+def render_model_card(
+    output_dir: str | Path, repo_id: str | None = None, template_path: str | Path = MODEL_CARD_TEMPLATE
+) -> ModelCard:
+    """The model card of a trained output folder: its metadata holds the measured held-out results of
+    `all_results.json` as model-index `eval_results`; the text describes the model, data, use and risks."""
+    output_dir = Path(output_dir)
+    config = TxFormerConfig.from_pretrained(output_dir)
+    results = _read_json(output_dir / RESULTS_FILE) or {}
+    training_run = _read_json(output_dir / TRAINING_RUN_FILE)
+    data_args = (training_run or {}).get("data_args") or {}
+    preprocessing = _read_json(output_dir / PREPROCESSING_FILE) or {}
+    profile = _read_json(output_dir / PROFILE_SUMMARY_FILE)
+    data_source = _data_source(training_run)
+    model_name = repo_id or output_dir.resolve().name
+    dataset = _eval_dataset(data_source, data_args)
+    eval_results = [
+        EvalResult(
+            task_type=PIPELINE_TAG,
+            task_name=TASK_NAME,
+            dataset_type=dataset["type"],
+            dataset_name=dataset["name"],
+            dataset_split="held-out",
+            dataset_args=dataset["args"] or None,
+            metric_type=metric_type,
+            metric_name=metric_name,
+            metric_value=float(results[key]),
+        )
+        for key, metric_type, metric_name in EVAL_METRICS
+        if results.get(key) is not None
+    ]
+    tags = ["txformer", "transactions", "event-sequences", ATTENTION_TAGS[config.attention_type]]
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=PIPELINE_TAG,
+        license=MODEL_LICENSE,
+        tags=tags + (["synthetic-data"] if data_source == "synthetic" else []),
+        metrics=[result.metric_type for result in eval_results] or None,
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+    )
+    config_values = config.to_dict()
+    prefixes = ATTENTION_SETTING_PREFIXES[config.attention_type]
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,
+        repo_reference=repo_id or REPO_PLACEHOLDER,
+        config=config,
+        attention_type=config.attention_type,
+        attention_summary=ATTENTION_SUMMARIES[config.attention_type],
+        attention_settings=[
+            (key, value) for key, value in config_values.items() if prefixes and key.startswith(prefixes)
+        ],
+        num_weights=f"{_num_weight_values(output_dir):,}",
+        categorical_fields=list(zip(config.categorical_fields, config.categorical_vocab_sizes, strict=True)),
+        code_files=_code_files(output_dir, []),
+        max_length=preprocessing.get("max_length"),
+        label_prior=preprocessing.get("label_prior"),
+        data_source=data_source,
+        data_args=data_args,
+        data_files=[Path(data_args[key]).name for key in ("transactions", "labels") if data_args.get(key)],
+        eval_fraction=data_args.get("eval_fraction"),
+        split_seed=data_args.get("split_seed"),
+        eval_metrics=[(result.metric_name, result.metric_value) for result in eval_results],
+        eval_samples=results.get("eval_samples"),
+        oracle_aurocs=[
+            (label, results[key])
+            for key, label in ORACLE_AUROCS
+            if data_source == "synthetic" and results.get(key) is not None
+        ],
+        profile=_profile_rows(profile) if profile else None,
+        training_metrics=[
+            (label, template.format(results[key])) for key, label, template in TRAINING_METRICS if key in results
+        ],
+        hyperparameters=_assignments((training_run or {}).get("training_args") or {}, HYPERPARAMETER_KEYS),
+        model_args=_assignments((training_run or {}).get("model_args") or {}),
+    )
+
+
+def push_folder_to_hub(
+    output_dir: str | Path,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    api: HfApi | None = None,
+) -> str:
+    """Writes the model card as `README.md` into `output_dir`, then uploads exactly `files_to_push` and `README.md` to
+    `repo_id` in one commit (repository, and branch `revision`, created if missing); returns the commit URL."""
+    output_dir = Path(output_dir)
+    files = files_to_push(output_dir)
+    card = render_model_card(output_dir, repo_id=repo_id)
+    readme = atomic_write(output_dir / README_FILE, lambda file: file.write(str(card)))
+    api = api if api is not None else HfApi(library_name="txformer", library_version=__version__)
+    repo_url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_url.repo_id, branch=revision, token=token, exist_ok=True)
+    operations = [
+        CommitOperationAdd(path_in_repo=path.relative_to(output_dir).as_posix(), path_or_fileobj=str(path))
+        for path in [*files, readme]
+    ]
+    commit = api.create_commit(
+        repo_id=repo_url.repo_id,
+        operations=operations,
+        commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+        revision=revision,
+        token=token,
+    )
+    logger.info("Pushed %d files of %s to %s", len(operations), output_dir, commit.commit_url)
+    return commit.commit_url
+
+
+def write_code_files(model: PreTrainedModel, folder: str | Path) -> list[Path]:
+    """Copies the module that defines `model` and its relative imports into `folder`, as `save_pretrained` does;
+    files already there with the same content are left alone (an upload may be reading them)."""
+    module_file = Path(sys.modules[type(model).__module__].__file__)
+    written = []
+    for source in [module_file, *map(Path, get_relative_import_files(module_file))]:
+        target = Path(folder) / source.name
+        code = source.read_text(encoding="utf-8")
+        if not target.is_file() or target.read_text(encoding="utf-8") != code:
+            atomic_write(target, lambda file, code=code: file.write(code))
+        written.append(target)
+    return written
+
+
+class PushCodeFilesCallback(TrainerCallback):
+    """Makes every commit of the Trainer's own pushes (`--push_to_hub`) a complete, pickle-free repository.
+
+    The Trainer uploads `args.output_dir`, into which it copies only the config and weights of the new checkpoint
+    (and writes `training_args.bin`), and `on_save` fires only after that upload has started. So at `on_push_begin`,
+    which precedes every upload, this writes the model code, the vocabulary, `preprocessing.json` and a `.gitignore`
+    that keeps pickles out of the commit into `args.output_dir`.
+    """
+
+    def __init__(self, vocabulary: EventVocabulary, preprocessing: dict[str, Any]):
+        self.vocabulary = vocabulary
+        self.preprocessing = dict(preprocessing)
+
+    def write_preprocessing_files(self, folder: str | Path) -> None:
+        """Writes `event_vocabulary.json` and `preprocessing.json` into `folder`."""
+        self.vocabulary.save_pretrained(folder)
+        atomic_write_json(Path(folder) / PREPROCESSING_FILE, self.preprocessing)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """Refuses the hub strategies that push checkpoint folders: they exist to ship optimizer, scheduler and RNG
+        pickles for resuming, which txformer repositories never hold."""
+        if args.push_to_hub and args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            raise ValueError(
+                f"--hub_strategy {args.hub_strategy.value} pushes checkpoint folders with optimizer, scheduler and RNG "
+                "pickles; txformer repositories hold no pickles. Use --hub_strategy every_save or end, and resume "
+                "from local checkpoints."
+            )
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """Adds the vocabulary and `preprocessing.json` to the new checkpoint, so it can be scored like the final
+        folder."""
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and checkpoint.is_dir():
+            self.write_preprocessing_files(checkpoint)
+
+    def on_push_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: PreTrainedModel,
+        **kwargs,
+    ):
+        """Writes the model code, vocabulary, `preprocessing.json` and the pickle-ignoring `.gitignore` into the
+        folder that the Trainer is about to upload."""
+        if not state.is_world_process_zero:
+            return
+        output_dir = Path(args.output_dir)
+        write_code_files(model, output_dir)
+        self.write_preprocessing_files(output_dir)
+        atomic_write(output_dir / GITIGNORE_FILE, lambda file: file.write(HUB_GITIGNORE))
+
+
+@dataclass
+class PushArguments:
+    """Which trained output folder goes to which Hub repository."""
+
+    output_dir: str = field(metadata={"help": "A trained output folder (the --output_dir of scripts/train.py)."})
+    repo_id: str = field(metadata={"help": "Hub repository, e.g. <user>/<name>; created if missing."})
+    private: bool = field(default=False, metadata={"help": "Create the repository private (if it does not exist)."})
+    revision: str | None = field(default=None, metadata={"help": "Branch to commit to (created if missing); main."})
+    commit_message: str | None = field(default=None, metadata={"help": "Commit message."})
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Command line: `python scripts/push_to_hub.py --output_dir DIR --repo_id USER/NAME`; errors are one line."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
+    )
+    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
+    try:
+        commit_url = push_folder_to_hub(
+            args.output_dir,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
+        )
+    except IncompleteModelFolderError as error:
+        sys.exit(f"push_to_hub: {error}")
+    except OfflineModeIsEnabled:
+        sys.exit("push_to_hub: offline mode is on (HF_HUB_OFFLINE=1); nothing was pushed. Unset it to push.")
+    except LocalTokenNotFoundError:
+        sys.exit(
+            "push_to_hub: no Hugging Face token; log in with `hf auth login` or set HF_TOKEN. Nothing was pushed."
+        )
+    except httpx.HTTPError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        sys.exit(f"push_to_hub: the Hub could not be reached or refused the upload ({reason}); nothing was pushed.")
+    print(commit_url)
+    return commit_url
+
+
+__all__ = [
+    "IncompleteModelFolderError",
+    "PushArguments",
+    "PushCodeFilesCallback",
+    "files_to_push",
+    "main",
+    "push_folder_to_hub",
+    "render_model_card",
+    "write_code_files",
+]

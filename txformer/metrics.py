@@ -1,0 +1,32 @@
+"""Evaluation metrics computed offline (no `evaluate.load` of a Hub script)."""
+
+import numpy as np
+from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
+from transformers import EvalPrediction
+
+
+def positive_class_probability(logits: np.ndarray) -> np.ndarray:
+    """Probability of class 1 from `[n, 2]` logits (softmax) or `[n]`/`[n, 1]` logits (sigmoid)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim == 2 and logits.shape[1] == 2:
+        return 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))
+    return 1.0 / (1.0 + np.exp(-logits.reshape(-1)))
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """AUROC, accuracy at 0.5 and log loss of binary predictions."""
+    labels = np.asarray(labels).reshape(-1)
+    if np.unique(labels).size < 2:
+        raise ValueError("AUROC needs both classes among the evaluated labels; got only one.")
+    return {
+        "auroc": float(roc_auc_score(labels, probabilities)),
+        "accuracy": float(accuracy_score(labels, probabilities >= 0.5)),
+        "log_loss": float(log_loss(labels, np.clip(probabilities, 1e-7, 1 - 1e-7), labels=[0, 1])),
+    }
+
+
+def compute_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
+    """`Trainer` hook: metrics on the gathered predictions of every process."""
+    logits = eval_prediction.predictions
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return classification_metrics(eval_prediction.label_ids, positive_class_probability(logits))

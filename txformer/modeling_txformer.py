@@ -1,0 +1,598 @@
+"""TxFormer: a transformer over event sequences (bank transactions) with pluggable attention."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .attention_full import TxFormerSelfAttention
+from .attention_infinity import InfinityMemoryState, TxFormerInfinityAttention
+from .attention_performer import TxFormerPerformerAttention
+from .configuration_txformer import TxFormerConfig
+
+
+ATTENTION_CLASSES: dict[str, type[TxFormerSelfAttention]] = {
+    "full": TxFormerSelfAttention,
+    "performer": TxFormerPerformerAttention,
+    "infinity": TxFormerInfinityAttention,
+}
+
+# Additive mask value: exp() of it is 0 in every float dtype, and it is finite in float16 (unlike finfo(float32).min).
+MASK_VALUE = -65504.0
+MINUTES_PER_DAY = 1440.0
+
+
+def signed_log1p(values: torch.Tensor) -> torch.Tensor:
+    """`sign(x) * log1p(|x|)`: maps signed amounts over many orders of magnitude to about [-20, 20]."""
+    return torch.sign(values) * torch.log1p(values.abs())
+
+
+@dataclass
+class TxFormerState(ModelOutput):
+    """What an ∞-former model carries from one call to the next to read a history in parts (streaming).
+
+    Args:
+        layer_states: the long-term memory of each layer.
+        pooled_sum: sum of the final hidden states of the events read so far, `[batch, hidden]`.
+        num_events: events read so far, `[batch]`.
+        last_hidden_state: final hidden state of the last event read so far, `[batch, hidden]`.
+        last_event_time: time (days) of the last event read so far, `[batch]`.
+    """
+
+    layer_states: tuple[InfinityMemoryState | None, ...] | None = None
+    pooled_sum: torch.Tensor | None = None
+    num_events: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    last_event_time: torch.Tensor | None = None
+
+
+@dataclass
+class TxFormerModelOutput(ModelOutput):
+    """Output of [`TxFormerModel`].
+
+    Args:
+        last_hidden_state: final hidden state of every event, `[batch, length, hidden]`.
+        pooler_output: pooled history representation, `[batch, hidden]`.
+        hidden_states: output of the embeddings and of every layer, when asked for.
+        attentions: attention weights of every layer, when asked for (eager full attention only).
+        past_state: the state to continue reading the histories from (∞-former only).
+        aux_loss: regularisation loss of the attention (∞-former KL term), unweighted.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    past_state: TxFormerState | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class TxFormerSequenceClassifierOutput(ModelOutput):
+    """Output of [`TxFormerForSequenceClassification`]."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    past_state: TxFormerState | None = None
+
+
+class TxFormerNumericEncoder(nn.Module):
+    """Encodes raw numeric fields: signed log, then learned periodic features of it (sane over 9 orders of
+    magnitude, and able to resolve fine differences where a single linear projection cannot)."""
+
+    def __init__(self, config: TxFormerConfig):
+        super().__init__()
+        num_fields = len(config.numeric_fields)
+        self.frequencies = nn.Parameter(torch.empty(num_fields, config.numeric_num_frequencies))
+        self.projection = nn.Linear(num_fields * (1 + 2 * config.numeric_num_frequencies), config.hidden_size)
+
+    def forward(self, numeric_values: torch.Tensor) -> torch.Tensor:
+        log_values = signed_log1p(numeric_values.float())
+        phases = 2 * math.pi * log_values.unsqueeze(-1) * self.frequencies
+        # The signed log reaches about ±20; divided by 10 it stays within the scale of the periodic features.
+        features = torch.cat([log_values.unsqueeze(-1) / 10, phases.sin(), phases.cos()], dim=-1)
+        return self.projection(features.flatten(-2).to(self.projection.weight.dtype))
+
+    def reset_frequencies(self) -> None:
+        """Log-spaced initial frequencies from one cycle per 100 to one per 2 units of signed log."""
+        num_frequencies = self.frequencies.shape[-1]
+        frequencies = torch.logspace(-2, math.log10(0.5), num_frequencies, device=self.frequencies.device)
+        init.copy_(self.frequencies, frequencies.expand_as(self.frequencies))
+
+
+class TxFormerTimeEncoder(nn.Module):
+    """Encodes event times (days): cyclic features for each period (hour of day, day of week) and the gap to the
+    previous event. No absolute position table, so no maximum length."""
+
+    def __init__(self, config: TxFormerConfig):
+        super().__init__()
+        self.periods_days = tuple(config.time_periods_days)
+        self.num_harmonics = config.time_num_harmonics
+        num_frequencies = len(self.periods_days) * self.num_harmonics
+        self.register_buffer("angular_frequencies", torch.empty(num_frequencies), persistent=False)
+        self.projection = nn.Linear(2 * num_frequencies + 1, config.hidden_size)
+        self.reset_frequencies()
+
+    def reset_frequencies(self) -> None:
+        """Angular frequency (radians per day) of every harmonic of every period, derived from the config."""
+        harmonics = torch.arange(1, self.num_harmonics + 1, dtype=torch.float64)
+        periods = torch.tensor(self.periods_days, dtype=torch.float64)
+        angular = 2 * math.pi * harmonics[None, :] / periods[:, None]
+        init.copy_(self.angular_frequencies, angular.flatten().to(self.angular_frequencies.device))
+
+    def forward(self, event_time: torch.Tensor, previous_event_time: torch.Tensor | None = None) -> torch.Tensor:
+        event_time = event_time.float()
+        # Phases in float64, reduced modulo 2π, so large day indices keep their time-of-day resolution.
+        phases = event_time.double().unsqueeze(-1) * self.angular_frequencies.double()
+        phases = torch.remainder(phases, 2 * math.pi).float()
+        first_previous = event_time[:, :1] if previous_event_time is None else previous_event_time[:, None].float()
+        gaps = event_time - torch.cat([first_previous, event_time[:, :-1]], dim=1)
+        log_gap = torch.log1p(gaps.clamp(min=0) * MINUTES_PER_DAY) / 10
+        features = torch.cat([phases.sin(), phases.cos(), log_gap.unsqueeze(-1)], dim=-1)
+        return self.projection(features.to(self.projection.weight.dtype))
+
+
+class TxFormerEventEmbeddings(nn.Module):
+    """One vector per event: sum of the categorical field embeddings, the numeric and the time encodings."""
+
+    def __init__(self, config: TxFormerConfig):
+        super().__init__()
+        self.categorical_embeddings = nn.ModuleList(
+            nn.Embedding(vocab_size, config.hidden_size, padding_idx=0)
+            for vocab_size in config.categorical_vocab_sizes
+        )
+        self.numeric_encoder = TxFormerNumericEncoder(config)
+        self.time_encoder = TxFormerTimeEncoder(config)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        numeric_values: torch.Tensor,
+        event_time: torch.Tensor,
+        previous_event_time: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        embeddings = self.numeric_encoder(numeric_values) + self.time_encoder(event_time, previous_event_time)
+        for field_index, embedding in enumerate(self.categorical_embeddings):
+            embeddings = embeddings + embedding(input_ids[..., field_index])
+        return self.dropout(self.norm(embeddings))
+
+
+class TxFormerMLP(nn.Module):
+    def __init__(self, config: TxFormerConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.fc_out = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.act_fn(self.fc_in(hidden_states)))
+
+
+class TxFormerLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer layer: attention of the configured kind, then an MLP."""
+
+    def __init__(self, config: TxFormerConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = ATTENTION_CLASSES[config.attention_type](config, layer_idx)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = TxFormerMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        key_padding_mask: torch.Tensor,
+        past_state: InfinityMemoryState | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, InfinityMemoryState | None]:
+        attn_output, attn_weights, state = self.self_attn(
+            self.attention_norm(hidden_states),
+            attention_mask=attention_mask,
+            key_padding_mask=key_padding_mask,
+            past_state=past_state,
+        )
+        hidden_states = hidden_states + self.dropout(attn_output)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+        return hidden_states, attn_weights, state
+
+
+class TxFormerPreTrainedModel(PreTrainedModel):
+    config: TxFormerConfig
+    config_class = TxFormerConfig
+    base_model_prefix = "txformer"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TxFormerLayer"]
+    _supports_sdpa = True
+    _supports_attention_backend = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, (TxFormerNumericEncoder, TxFormerTimeEncoder)):
+            module.reset_frequencies()
+        elif isinstance(module, TxFormerPerformerAttention):
+            module.reset_projection()
+        elif isinstance(module, TxFormerInfinityAttention):
+            module.reset_buffers()
+
+    @property
+    def dummy_inputs(self) -> dict[str, torch.Tensor]:
+        """A valid padded batch of two histories (7 and 4 events) for this model's config."""
+        config = self.config
+        generator = torch.Generator().manual_seed(0)
+        batch_size, length = 2, 7
+        input_ids = torch.stack(
+            [
+                torch.randint(1, size, (batch_size, length), generator=generator)
+                for size in config.categorical_vocab_sizes
+            ],
+            dim=-1,
+        )
+        numeric_values = torch.randn(batch_size, length, len(config.numeric_fields), generator=generator) * 1e3
+        event_time = torch.cumsum(torch.rand(batch_size, length, generator=generator) * 3, dim=1)
+        attention_mask = torch.ones(batch_size, length, dtype=torch.long)
+        attention_mask[1, 4:] = 0
+        input_ids[1, 4:] = 0
+        numeric_values[1, 4:] = 0
+        return {
+            "input_ids": input_ids.to(self.device),
+            "numeric_values": numeric_values.to(self.device),
+            "event_time": event_time.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+        }
+
+    def redraw_performer_projections(self, step: int) -> None:
+        """Redraw the Performer projections that are due at optimizer step `step` (training only; no-op otherwise)."""
+        for module in self.modules():
+            if isinstance(module, TxFormerPerformerAttention):
+                module.redraw_projection(step)
+
+
+class TxFormerModel(TxFormerPreTrainedModel):
+    """The bare TxFormer encoder: event embeddings, transformer layers, final norm and pooling."""
+
+    def __init__(self, config: TxFormerConfig):
+        super().__init__(config)
+        self.embeddings = TxFormerEventEmbeddings(config)
+        self.layers = nn.ModuleList(TxFormerLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        numeric_values: torch.Tensor,
+        event_time: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_state: TxFormerState | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> TxFormerModelOutput:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch, length, num_categorical_fields)`):
+            Index of each categorical field of each event (0 = padding, 1 = unknown).
+        numeric_values (`torch.FloatTensor` of shape `(batch, length, num_numeric_fields)`):
+            Raw numeric fields (e.g. signed amounts); the model applies the signed log itself.
+        event_time (`torch.FloatTensor` of shape `(batch, length)`):
+            Time of each event in days (fractional part = time of day).
+        attention_mask (`torch.LongTensor` of shape `(batch, length)`, *optional*):
+            1 for real events, 0 for padding (right padding). Defaults to all events real.
+        past_state ([`TxFormerState`], *optional*):
+            ∞-former only: the state returned by a previous call, to continue reading the same histories.
+        """
+        self._check_inputs(input_ids, numeric_values, event_time, attention_mask)
+        if attention_mask is None:
+            attention_mask = torch.ones(event_time.shape, dtype=torch.long, device=event_time.device)
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        if self.config.attention_type == "infinity":
+            return self._forward_segments(
+                input_ids,
+                numeric_values,
+                event_time,
+                attention_mask,
+                past_state,
+                output_attentions,
+                output_hidden_states,
+            )
+        if past_state is not None:
+            raise ValueError(
+                f"past_state is only used by attention_type='infinity', not {self.config.attention_type!r}."
+            )
+
+        key_padding_mask = attention_mask.bool()
+        hidden_states, all_hidden_states, all_attentions, _, _ = self._encode(
+            input_ids,
+            numeric_values,
+            event_time,
+            key_padding_mask,
+            None,
+            None,
+            output_attentions,
+            output_hidden_states,
+        )
+        num_events = key_padding_mask.sum(dim=1)
+        if self.config.pooling == "mean":
+            pooled = masked_sum(hidden_states, key_padding_mask) / num_events.clamp(min=1)[:, None].to(
+                hidden_states.dtype
+            )
+        else:
+            last_index = (num_events - 1).clamp(min=0)
+            pooled = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
+        return TxFormerModelOutput(
+            last_hidden_state=hidden_states,
+            pooler_output=pooled,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+    def _encode(
+        self,
+        input_ids: torch.Tensor,
+        numeric_values: torch.Tensor,
+        event_time: torch.Tensor,
+        key_padding_mask: torch.Tensor,
+        previous_event_time: torch.Tensor | None,
+        layer_states: tuple[InfinityMemoryState | None, ...] | None,
+        output_attentions: bool,
+        output_hidden_states: bool,
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple, torch.Tensor | None]:
+        """Embeddings, every layer and the final norm over one (segment of a) batch."""
+        hidden_states = self.embeddings(input_ids, numeric_values, event_time, previous_event_time)
+        attention_mask = torch.zeros(key_padding_mask.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+        attention_mask = attention_mask.masked_fill(~key_padding_mask, MASK_VALUE)[:, None, None, :]
+        layer_states = layer_states or (None,) * len(self.layers)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        new_states, aux_losses = [], []
+        for layer, layer_state in zip(self.layers, layer_states, strict=True):
+            hidden_states, attn_weights, new_state = layer(
+                hidden_states, attention_mask, key_padding_mask, past_state=layer_state
+            )
+            new_states.append(new_state)
+            if getattr(new_state, "regularization_loss", None) is not None:
+                aux_losses.append(new_state.regularization_loss)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
+        return self.norm(hidden_states), all_hidden_states, all_attentions, tuple(new_states), aux_loss
+
+    def _forward_segments(
+        self,
+        input_ids: torch.Tensor,
+        numeric_values: torch.Tensor,
+        event_time: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_state: TxFormerState | None,
+        output_attentions: bool,
+        output_hidden_states: bool,
+    ) -> TxFormerModelOutput:
+        """∞-former: read each history segment by segment, carrying the long-term memory.
+
+        Histories are aligned to their end (the right padding is moved to the left), so the last segment of every row
+        holds its `segment_length` most recent events and earlier segments carry the rest into the memory. When
+        `ltm_detach_memory` is set, earlier segments run without gradient: training memory does not grow with length.
+        """
+        segment_length = self.config.segment_length
+        batch_size, length = event_time.shape
+        num_segments = max(1, math.ceil(length / segment_length))
+        padded_length = num_segments * segment_length
+        num_real = attention_mask.sum(dim=1)
+        # left_index[b, j]: position in the right-padded input of slot j of the end-aligned layout.
+        shift = padded_length - num_real
+        slots = torch.arange(padded_length, device=event_time.device)
+        left_index = (slots[None, :] - shift[:, None]).clamp(min=0, max=length - 1)
+        aligned_mask = slots[None, :] >= shift[:, None]
+
+        def align(tensor: torch.Tensor) -> torch.Tensor:
+            index = left_index.view(batch_size, padded_length, *([1] * (tensor.dim() - 2)))
+            gathered = tensor.gather(1, index.expand(-1, -1, *tensor.shape[2:]))
+            mask = aligned_mask.view(batch_size, padded_length, *([1] * (tensor.dim() - 2)))
+            return gathered.masked_fill(~mask, 0)
+
+        state = past_state or TxFormerState()
+        input_ids, numeric_values = align(input_ids), align(numeric_values)
+        # Padding slots (all at the left) take the time of the event read last, or of the row's first event, so no
+        # gap is invented between padding and the first real event.
+        first_real_time = event_time[:, 0]
+        reference_time = first_real_time if state.last_event_time is None else state.last_event_time
+        event_time = torch.where(aligned_mask, align(event_time), reference_time[:, None])
+
+        hidden_size = self.config.hidden_size
+        pooled_sum = (
+            state.pooled_sum if state.pooled_sum is not None else event_time.new_zeros(batch_size, hidden_size)
+        )
+        events_read = state.num_events if state.num_events is not None else num_real.new_zeros(batch_size)
+        last_hidden = state.last_hidden_state
+        if last_hidden is None:
+            last_hidden = event_time.new_zeros(batch_size, hidden_size)
+        layer_states = state.layer_states
+
+        segment_outputs, segment_hidden_states, segment_attentions, aux_loss = [], [], [], None
+        for segment_index in range(num_segments):
+            start = segment_index * segment_length
+            window = slice(start, start + segment_length)
+            segment_mask = aligned_mask[:, window]
+            previous_event_time = reference_time if start == 0 else event_time[:, start - 1]
+            keeps_graph = not self.config.ltm_detach_memory or segment_index == num_segments - 1
+            with torch.set_grad_enabled(torch.is_grad_enabled() and keeps_graph):
+                hidden_states, hidden_tuple, attentions, layer_states, aux_loss = self._encode(
+                    input_ids[:, window],
+                    numeric_values[:, window],
+                    event_time[:, window],
+                    segment_mask,
+                    previous_event_time,
+                    layer_states,
+                    output_attentions,
+                    output_hidden_states,
+                )
+            if self.config.ltm_detach_memory:
+                layer_states = tuple(layer_state.detach() for layer_state in layer_states)
+            pooled_sum = pooled_sum + masked_sum(hidden_states, segment_mask)
+            last_hidden = torch.where(segment_mask[:, -1:], hidden_states[:, -1], last_hidden)
+            segment_outputs.append(hidden_states)
+            segment_hidden_states.append(hidden_tuple)
+            segment_attentions.append(attentions)
+        events_read = events_read + num_real
+
+        if self.config.pooling == "mean":
+            pooled = pooled_sum / events_read.clamp(min=1)[:, None].to(pooled_sum.dtype)
+        else:
+            pooled = last_hidden
+        # Back to the caller's right-padded layout.
+        right_index = (torch.arange(length, device=event_time.device)[None, :] + shift[:, None]).clamp(
+            max=padded_length - 1
+        )
+
+        def unalign(tensor: torch.Tensor) -> torch.Tensor:
+            restored = tensor.gather(1, right_index[..., None].expand(-1, -1, tensor.shape[-1]))
+            return restored.masked_fill(~attention_mask.bool()[..., None], 0)
+
+        last_hidden_state = unalign(torch.cat(segment_outputs, dim=1))
+        all_hidden_states = None
+        if output_hidden_states:
+            all_hidden_states = tuple(
+                unalign(torch.cat(per_layer, dim=1)) for per_layer in zip(*segment_hidden_states, strict=True)
+            )
+        all_attentions = None
+        if output_attentions:
+            all_attentions = tuple(zip(*segment_attentions, strict=True))
+        return TxFormerModelOutput(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooled,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            past_state=TxFormerState(
+                layer_states=layer_states,
+                pooled_sum=pooled_sum,
+                num_events=events_read,
+                last_hidden_state=last_hidden,
+                last_event_time=event_time[:, -1],
+            ),
+            aux_loss=aux_loss,
+        )
+
+    def _check_inputs(
+        self,
+        input_ids: torch.Tensor,
+        numeric_values: torch.Tensor,
+        event_time: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> None:
+        """Clear errors for inputs that do not match the config (instead of an index error deep inside)."""
+        batch_size, length = event_time.shape
+        expected = {
+            "input_ids": (input_ids, (batch_size, length, len(self.config.categorical_fields))),
+            "numeric_values": (numeric_values, (batch_size, length, len(self.config.numeric_fields))),
+        }
+        if attention_mask is not None:
+            expected["attention_mask"] = (attention_mask, (batch_size, length))
+        for name, (tensor, shape) in expected.items():
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} (batch, length, fields).")
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be integer indices, got {input_ids.dtype}.")
+
+
+def masked_sum(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over the events where `mask` is True; `where` rather than a product, so padded rows never leak NaN."""
+    return torch.where(mask[..., None], hidden_states, 0).sum(dim=1)
+
+
+class TxFormerForSequenceClassification(TxFormerPreTrainedModel):
+    """TxFormer with a classification (or regression) head on the pooled history representation."""
+
+    def __init__(self, config: TxFormerConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.txformer = TxFormerModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        numeric_values: torch.Tensor,
+        event_time: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_state: TxFormerState | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> TxFormerSequenceClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch,)`, *optional*):
+            Class indices (or float targets for regression). Under the Trainer, `num_items_in_batch` (a loss kwarg)
+            makes the loss a sum over the whole gradient-accumulation step divided by its number of labels.
+        """
+        outputs = self.txformer(
+            input_ids,
+            numeric_values,
+            event_time,
+            attention_mask=attention_mask,
+            past_state=past_state,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.classifier(self.dropout(outputs.pooler_output))
+        loss = None
+        if labels is not None:
+            loss = self.classification_loss(logits, labels, kwargs.get("num_items_in_batch"))
+            if outputs.aux_loss is not None and self.config.ltm_kl_weight > 0:
+                loss = loss + self.config.ltm_kl_weight * outputs.aux_loss
+        return TxFormerSequenceClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            past_state=outputs.past_state,
+        )
+
+    def classification_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """Loss for `config.problem_type` (inferred from `num_labels` and the label dtype, as in transformers).
+        With `num_items_in_batch`, a sum divided by it (correct under gradient accumulation); else a mean."""
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        logits = logits.float()
+        labels = labels.to(logits.device)
+        if self.config.problem_type == "regression":
+            loss = nn.functional.mse_loss(logits.squeeze(-1), labels.float().view(-1), reduction=reduction)
+        elif self.config.problem_type == "single_label_classification":
+            loss = nn.functional.cross_entropy(logits, labels.view(-1), reduction=reduction, ignore_index=-100)
+        else:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), reduction=reduction)
+        if num_items_in_batch is not None:
+            loss = loss / num_items_in_batch
+        return loss
+
+
+__all__ = ["TxFormerPreTrainedModel", "TxFormerModel", "TxFormerForSequenceClassification", "TxFormerState"]

@@ -1,0 +1,136 @@
+"""Scoring raw transactions with a trained model folder: `customer_id,probability` (the Kaggle format)."""
+
+import csv
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pa_csv
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, HfArgumentParser
+
+from .data import EventVocabulary, TransactionCollator, build_customer_dataset
+from .io_utils import atomic_write, atomic_write_json
+from .metrics import positive_class_probability
+
+
+logger = logging.getLogger(__name__)
+
+PREPROCESSING_FILE = "preprocessing.json"
+
+
+@dataclass
+class PredictionArguments:
+    """What to score, with which model, and where to write the probabilities."""
+
+    model_dir: str = field(metadata={"help": "A trained output folder (model, vocabulary, preprocessing.json)."})
+    transactions: str = field(metadata={"help": "transactions.csv in the real format."})
+    output_file: str = field(default="predictions.csv", metadata={"help": "Where to write customer_id,probability."})
+    customer_ids: str | None = field(
+        default=None,
+        metadata={"help": "CSV with a customer_id column (e.g. the sample submission): score exactly these ids."},
+    )
+    batch_size: int = field(default=64, metadata={"help": "Histories per forward pass."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Most recent events kept; default: the training setting; 0 = whole histories."}
+    )
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, mps; default: cuda when available."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Load a folder whose package is not installed."})
+
+
+def read_preprocessing(model_dir: str | Path) -> dict:
+    """The preprocessing settings saved at training time (`max_length`, `label_prior`)."""
+    path = Path(model_dir) / PREPROCESSING_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {model_dir} is not a complete txformer training output.")
+    return json.loads(path.read_text())
+
+
+def read_customer_ids(path: str | Path) -> np.ndarray:
+    """The `customer_id` column of a CSV file."""
+    table = pa_csv.read_csv(path)
+    if "customer_id" not in table.column_names:
+        raise ValueError(f"{path} has no customer_id column (columns: {table.column_names}).")
+    return table.column("customer_id").to_numpy().astype(np.int64)
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: torch.nn.Module, dataset, collator: TransactionCollator, batch_size: int, device: torch.device
+) -> np.ndarray:
+    """Probability of class 1 for every row of an encoded dataset, in its order. Histories are batched by length
+    so little compute goes to padding."""
+    lengths = np.asarray(dataset["num_events"])
+    order = np.argsort(lengths, kind="stable")
+    probabilities = np.empty(len(dataset), dtype=np.float64)
+    model.eval().to(device)
+    for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch"):
+        rows = order[start : start + batch_size]
+        batch = collator([dataset[int(row)] for row in rows])
+        batch = {key: value.to(device) for key, value in batch.items() if key != "labels"}
+        logits = model(**batch).logits.float().cpu().numpy()
+        probabilities[rows] = positive_class_probability(logits)
+    return probabilities
+
+
+def predict(args: PredictionArguments) -> Path:
+    """Scores every customer of `args.transactions` (or exactly `args.customer_ids`) and writes the CSV."""
+    preprocessing = read_preprocessing(args.model_dir)
+    vocabulary = EventVocabulary.from_pretrained(args.model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        args.model_dir, trust_remote_code=args.trust_remote_code
+    )
+    max_length = preprocessing.get("max_length") if args.max_length is None else (args.max_length or None)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    customers = vocabulary.encode(build_customer_dataset(args.transactions))
+    collator = TransactionCollator(
+        categorical_fields=list(vocabulary.categorical_fields),
+        numeric_fields=list(vocabulary.numeric_fields),
+        max_length=max_length,
+    )
+    scored_ids = np.asarray(customers["customer_id"], dtype=np.int64)
+    scores = dict(zip(scored_ids.tolist(), predict_probabilities(model, customers, collator, args.batch_size, device)))
+
+    wanted_ids = scored_ids if args.customer_ids is None else read_customer_ids(args.customer_ids)
+    default_probability = float(preprocessing["label_prior"])
+    without_history = [int(customer) for customer in wanted_ids if int(customer) not in scores]
+    if without_history:
+        logger.warning(
+            "%d customers have no transactions; they get the training prior %.4f (listed in the report).",
+            len(without_history),
+            default_probability,
+        )
+
+    def write_rows(file) -> None:
+        writer = csv.writer(file)
+        writer.writerow(["customer_id", "probability"])
+        for customer in wanted_ids.tolist():
+            writer.writerow([customer, f"{scores.get(customer, default_probability):.6f}"])
+
+    output_file = atomic_write(args.output_file, write_rows)
+    atomic_write_json(
+        output_file.with_name(output_file.name + ".report.json"),
+        {
+            "model_dir": str(args.model_dir),
+            "num_scored": len(wanted_ids) - len(without_history),
+            "max_length": max_length,
+            "default_probability": default_probability,
+            "customers_without_transactions": without_history,
+        },
+    )
+    logger.info("Wrote %d predictions to %s", len(wanted_ids), output_file)
+    return output_file
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Command line: `python scripts/predict.py --model_dir DIR --transactions FILE [--output_file F]`."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
+    )
+    (args,) = HfArgumentParser(PredictionArguments).parse_args_into_dataclasses(args=argv)
+    return predict(args)
