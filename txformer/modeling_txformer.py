@@ -409,6 +409,10 @@ class TxFormerModel(TxFormerPreTrainedModel):
             return gathered.masked_fill(~mask, 0)
 
         state = past_state or TxFormerState()
+        if state.num_events is not None and state.num_events.shape[0] != batch_size:
+            raise ValueError(
+                f"past_state holds the memory of {state.num_events.shape[0]} rows, the batch has {batch_size}."
+            )
         input_ids, numeric_values = align(input_ids), align(numeric_values)
         # Padding slots (all at the left) take the time of the event read last, or of the row's first event, so no
         # gap is invented between padding and the first real event.

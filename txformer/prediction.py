@@ -94,7 +94,8 @@ def predict(args: PredictionArguments) -> Path:
         max_length=max_length,
     )
     scored_ids = np.asarray(customers["customer_id"], dtype=np.int64)
-    scores = dict(zip(scored_ids.tolist(), predict_probabilities(model, customers, collator, args.batch_size, device)))
+    probabilities = predict_probabilities(model, customers, collator, args.batch_size, device)
+    scores = dict(zip(scored_ids.tolist(), probabilities, strict=True))
 
     wanted_ids = scored_ids if args.customer_ids is None else read_customer_ids(args.customer_ids)
     default_probability = float(preprocessing["label_prior"])

@@ -28,9 +28,11 @@ from .data import (
     oracle_auroc,
     stratified_split,
 )
+from .hub import PushCodeFilesCallback, push_folder_to_hub
 from .io_utils import atomic_write_json
 from .metrics import compute_metrics
 from .prediction import PREPROCESSING_FILE
+from .profiling import add_profiling_callback
 
 
 logger = logging.getLogger(__name__)
@@ -154,6 +156,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         numeric_fields=list(data["vocabulary"].numeric_fields),
         max_length=data_args.max_length,
     )
+    preprocessing = {
+        "max_length": data_args.max_length,
+        "label_prior": float(np.mean(data["train"]["labels"])),
+    }
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -161,10 +167,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         eval_dataset=data["eval"],
         data_collator=collator,
         compute_metrics=compute_metrics,
-        callbacks=[PerformerRedrawCallback()],
+        callbacks=[PerformerRedrawCallback(), PushCodeFilesCallback(data["vocabulary"], preprocessing)],
     )
+    add_profiling_callback(trainer)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    metrics = {**train_result.metrics, **trainer.evaluate()}
+    metrics = {
+        **train_result.metrics,
+        **trainer.evaluate(),
+        "train_samples": len(data["train"]),
+        "eval_samples": len(data["eval"]),
+    }
     if data["synthetic_dir"] is not None:
         eval_ids = np.asarray(data["eval"]["customer_id"])
         for window, name in ((None, "all"), (64, "last_64"), (data_args.max_length, "last_max_length")):
@@ -173,15 +185,25 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         output_dir = Path(training_args.output_dir)
         trainer.save_model(output_dir)
         data["vocabulary"].save_pretrained(output_dir)
-        label_prior = float(np.mean(data["train"]["labels"]))
-        atomic_write_json(
-            output_dir / PREPROCESSING_FILE, {"max_length": data_args.max_length, "label_prior": label_prior}
-        )
+        atomic_write_json(output_dir / PREPROCESSING_FILE, preprocessing)
         trainer.save_metrics("all", metrics)
         atomic_write_json(
             output_dir / "training_run.json",
-            {"model_args": asdict(model_args), "data_args": asdict(data_args), "torch": torch.__version__},
+            {
+                "model_args": asdict(model_args),
+                "data_args": asdict(data_args),
+                "training_args": training_args.to_dict(),
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            },
         )
+        if training_args.push_to_hub:
+            push_folder_to_hub(
+                output_dir,
+                training_args.hub_model_id or output_dir.name,
+                private=bool(training_args.hub_private_repo),
+                revision=training_args.hub_revision,
+                token=training_args.hub_token,
+            )
     return metrics
 
 

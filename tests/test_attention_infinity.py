@@ -1,0 +1,245 @@
+"""∞-former: the continuous memory's closed forms against numerical references, and the model's state rules
+(per row, padding and batch invariant, streaming equals one call, whole history read)."""
+
+import math
+
+import pytest
+import torch
+from conftest import random_batch, select_rows, tiny_config
+
+from txformer import TxFormerForSequenceClassification, TxFormerModel
+from txformer.attention_infinity import (
+    InfinityMemoryState,
+    TxFormerInfinityAttention,
+    basis_centers_and_widths,
+    continuous_attention_weights,
+    density_bin_mass,
+    evaluate_basis,
+    fit_coefficients,
+    gaussian_density,
+    ridge_fit,
+    sample_from_histogram,
+)
+
+
+def build(config, **kwargs):
+    torch.manual_seed(0)
+    return TxFormerForSequenceClassification(config, **kwargs).eval()
+
+
+def segment_fit(num_basis: int = 128, length: int = 256, penalty: float = 1.0):
+    centers, widths = basis_centers_and_widths(num_basis, [0.01, 0.05])
+    positions = (torch.arange(1, length + 1, dtype=torch.float64) - 0.5) / length
+    return positions, centers, widths, ridge_fit(positions, length // 2, 1.0 / length, centers, widths, penalty)
+
+
+def test_basis_is_centre_major_with_widths_interleaved():
+    centers, widths = basis_centers_and_widths(6, [0.01, 0.05])
+    torch.testing.assert_close(centers, torch.tensor([0.0, 0.0, 0.5, 0.5, 1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(widths, torch.tensor([0.01, 0.05] * 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("mean", "variance"), [(0.3, 1e-4), (0.5, 0.02), (0.97, 0.3), (0.0, 2.0)])
+def test_closed_form_weights_match_numerical_quadrature(mean, variance):
+    centers, widths = basis_centers_and_widths(8, [0.01, 0.05])
+    closed_form = continuous_attention_weights(
+        torch.tensor(mean, dtype=torch.float64), torch.tensor(variance, dtype=torch.float64), centers, widths
+    )
+    spread = math.sqrt(variance + 0.05**2)
+    grid = torch.linspace(min(mean, 0.0) - 12 * spread, max(mean, 1.0) + 12 * spread, 400_001, dtype=torch.float64)
+    integrand = gaussian_density(grid, mean, torch.tensor(variance, dtype=torch.float64))[:, None] * evaluate_basis(
+        grid, centers, widths
+    )
+    quadrature = torch.trapezoid(integrand, grid, dim=0)
+    assert (closed_form - quadrature).abs().max() <= 1e-8
+
+
+def test_jacobian_of_the_weights_matches_finite_differences():
+    centers, widths = basis_centers_and_widths(8, [0.01, 0.05])
+    mean = torch.tensor([0.2, 0.55, 0.9], dtype=torch.float64, requires_grad=True)
+    variance = torch.tensor([1e-3, 0.01, 0.2], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda mu, var: continuous_attention_weights(mu, var, centers, widths), (mean, variance)
+    )
+
+
+def test_reconstruction_of_a_smooth_signal():
+    """A smooth signal that vanishes at the edges (as the zero-target padding assumes) comes back from its
+    coefficients to a relative error below 1e-3 at the default N = 128, L = 256."""
+    positions, centers, widths, fit = segment_fit()
+    signal = torch.sin(math.pi * positions) ** 4 * (
+        torch.sin(2 * math.pi * positions) + 0.5 * torch.cos(6 * math.pi * positions)
+    )
+    coefficients = fit.solution.T @ signal
+    reconstruction = evaluate_basis(positions, centers, widths) @ coefficients
+    assert (reconstruction - signal).norm() / signal.norm() < 1e-3
+
+
+def test_ridge_fit_is_the_padded_regression_it_claims():
+    """G equals the normal-equation solution of the padded design with zero targets at the padding points."""
+    positions, centers, widths, fit = segment_fit(num_basis=16, length=12)
+    samples = torch.randn(12, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    spacing = 1.0 / 12
+    padding = torch.cat(
+        [positions.min() - spacing * torch.arange(1, 7), positions.max() + spacing * torch.arange(1, 7)]
+    ).double()
+    design = evaluate_basis(torch.cat([positions, padding]), centers, widths)
+    targets = torch.cat([samples, torch.zeros(12, 3, dtype=torch.float64)])
+    expected = torch.linalg.solve(design.T @ design + torch.eye(16, dtype=torch.float64), design.T @ targets)
+    # Coefficients are ill-conditioned (the basis overlaps); the fitted signal is what must agree.
+    basis = evaluate_basis(positions, centers, widths)
+    torch.testing.assert_close(basis @ (fit.solution.T @ samples), basis @ expected, rtol=1e-6, atol=1e-9)
+
+
+def test_masked_fit_leaves_missing_samples_out():
+    """A row with padding is fitted on its present samples only: equal to the regression without those points,
+    whatever values sit at the padded positions."""
+    positions, centers, widths, fit = segment_fit(num_basis=16, length=12)
+    samples = torch.randn(2, 12, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, :5] = False
+    coefficients = fit_coefficients(samples, mask, fit)
+    garbage = samples.clone()
+    garbage[1, :5] = 1e6
+    torch.testing.assert_close(fit_coefficients(garbage, mask, fit), coefficients)
+    torch.testing.assert_close(coefficients[0], fit.solution.T @ samples[0])
+    present = fit.design[:, 5:]
+    expected = torch.linalg.solve(fit.prior + present @ present.T, present @ samples[1, 5:])
+    torch.testing.assert_close(coefficients[1], expected)
+    assert not torch.allclose(coefficients[1], fit.solution.T @ samples[1].masked_fill(~mask[1, :, None], 0))
+
+
+def test_bin_mass_and_histogram_sampling():
+    mass = density_bin_mass(torch.tensor([0.5]), torch.tensor([1e-6]), num_bins=4)
+    torch.testing.assert_close(mass.sum(), torch.tensor(1.0))
+    quantiles = ((torch.arange(8) + 0.5) / 8)[None]
+    concentrated = sample_from_histogram(torch.tensor([[0.0, 0.0, 1.0, 0.0]]), quantiles)
+    assert ((concentrated >= 0.5) & (concentrated <= 0.75)).all()
+    assert (concentrated.diff() > 0).all()
+    torch.testing.assert_close(sample_from_histogram(torch.zeros(1, 4), quantiles), quantiles)
+
+
+def test_buffers_stay_float32_when_the_model_is_cast():
+    config = tiny_config("infinity")
+    model = TxFormerModel(config)
+    reference = model.layers[0].self_attn.segment_solution.clone()
+    model.to(torch.bfloat16)
+    attention = model.layers[0].self_attn
+    assert attention.q_proj.weight.dtype == torch.bfloat16
+    assert attention.segment_solution.dtype == torch.float32
+    torch.testing.assert_close(attention.segment_solution, reference)
+
+
+def test_streaming_equals_one_call():
+    """Reading a history in two calls (the second a whole number of segments) equals reading it at once."""
+    config = tiny_config("infinity")
+    model = build(config)
+    batch = random_batch(config, [13, 10, 7], seed=3)
+    one_call = model(**batch)
+    cut = torch.tensor([5, 2, 3])
+    second_length = 8
+    first = {key: value.clone() for key, value in batch.items()}
+    first_mask = torch.arange(13)[None, :] < cut[:, None]
+    for key in first:
+        first[key] = first[key] * first_mask.view(3, 13, *([1] * (first[key].dim() - 2))).to(first[key].dtype)
+    first["attention_mask"] = first_mask.long()
+    index = (cut[:, None] + torch.arange(second_length)[None, :]).clamp(max=12)
+    second_mask = (cut[:, None] + torch.arange(second_length)[None, :]) < batch["attention_mask"].sum(1)[:, None]
+    second = {}
+    for key, value in batch.items():
+        gathered = value.gather(
+            1, index.view(3, second_length, *([1] * (value.dim() - 2))).expand(-1, -1, *value.shape[2:])
+        )
+        second[key] = gathered * second_mask.view(3, second_length, *([1] * (value.dim() - 2))).to(value.dtype)
+    second["attention_mask"] = second_mask.long()
+    state = model(**first).past_state
+    streamed = model(**second, past_state=state)
+    torch.testing.assert_close(streamed.logits, one_call.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_prediction_reads_the_whole_history():
+    """Changing the first events of a history several segments long changes the representation of its last event
+    (the one `pooling="last"` predicts from): only the memory can carry it there."""
+    config = tiny_config("infinity", pooling="last")
+    model = build(config)
+    batch = random_batch(config, [14, 14])
+    changed = {key: value.clone() for key, value in batch.items()}
+    changed["numeric_values"][1, :2] *= -50
+    changed["input_ids"][1, :2] = 2
+    original = model(**batch, output_hidden_states=True).hidden_states[-1][:, -1]
+    modified = model(**changed, output_hidden_states=True).hidden_states[-1][:, -1]
+    torch.testing.assert_close(modified[0], original[0])
+    assert (modified[1] - original[1]).abs().max() > 1e-4
+
+
+def test_memory_is_per_row_and_bounded():
+    config = tiny_config("infinity")
+    model = TxFormerModel(config).eval()
+    short = model(**random_batch(config, [3, 5]))
+    long = model(**random_batch(config, [40, 5]))
+    for short_layer, long_layer in zip(short.past_state.layer_states, long.past_state.layer_states, strict=True):
+        assert isinstance(long_layer, InfinityMemoryState)
+        assert long_layer.coefficients.shape == short_layer.coefficients.shape == (2, 8, config.hidden_size)
+        assert long_layer.has_memory.all()
+    # Row 1 is the same history in both batches: its memory does not see row 0.
+    batch = random_batch(config, [40, 5])
+    other = random_batch(config, [9, 5])
+    other["input_ids"][1], other["numeric_values"][1], other["event_time"][1] = (
+        batch["input_ids"][1, :9],
+        batch["numeric_values"][1, :9],
+        batch["event_time"][1, :9],
+    )
+    first, second = model(**batch).past_state, model(**other).past_state
+    for first_layer, second_layer in zip(first.layer_states, second.layer_states, strict=True):
+        torch.testing.assert_close(first_layer.coefficients[1], second_layer.coefficients[1], rtol=1e-5, atol=1e-5)
+
+
+def test_carried_memory_is_detached_by_default_and_kept_on_request():
+    batch = random_batch(tiny_config("infinity"), [11, 6])
+    detached = TxFormerModel(tiny_config("infinity"))(**batch).past_state.layer_states[0]
+    assert not detached.coefficients.requires_grad
+    kept = TxFormerModel(tiny_config("infinity", ltm_detach_memory=False))(**batch).past_state.layer_states[0]
+    assert kept.coefficients.requires_grad
+
+
+def test_sticky_memories_and_kl_regulariser():
+    config = tiny_config("infinity", ltm_sticky_memories=True, ltm_sticky_bins=6, ltm_kl_weight=0.1)
+    model = build(config)
+    batch = random_batch(config, [11, 6, 9])
+    labels = torch.tensor([0, 1, 1])
+    outputs = model(**batch, labels=labels)
+    assert outputs.past_state.layer_states[0].attention_mass.shape == (3, 6)
+    without_kl = build(tiny_config("infinity", ltm_sticky_memories=True, ltm_sticky_bins=6))(**batch, labels=labels)
+    assert outputs.loss > without_kl.loss
+    torch.testing.assert_close(outputs.logits, without_kl.logits)
+    permutation = [2, 0, 1]
+    permuted = model(**{key: value[permutation] for key, value in batch.items()})
+    torch.testing.assert_close(permuted.logits, outputs.logits[permutation], rtol=1e-5, atol=1e-5)
+    alone = model(**select_rows(batch, [1], 6)).logits
+    torch.testing.assert_close(alone, outputs.logits[1:2], rtol=1e-5, atol=1e-5)
+
+
+def test_training_step_runs_and_reaches_every_memory_parameter():
+    config = tiny_config("infinity", ltm_sticky_memories=True, ltm_kl_weight=1e-3)
+    model = TxFormerForSequenceClassification(config).train()
+    outputs = model(**random_batch(config, [11, 6]), labels=torch.tensor([0, 1]))
+    outputs.loss.backward()
+    attention = model.txformer.layers[0].self_attn
+    for parameter in (attention.ltm_k_proj.weight, attention.mean_proj.weight, attention.gate.weight):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+
+
+def test_a_state_for_another_batch_size_is_rejected():
+    config = tiny_config("infinity")
+    model = build(config)
+    state = model(**random_batch(config, [5, 6])).past_state
+    with pytest.raises(ValueError, match="past_state holds the memory of 2 rows"):
+        model(**random_batch(config, [4, 4, 4]), past_state=state)
+
+
+def test_direct_segment_longer_than_segment_length_is_rejected():
+    config = tiny_config("infinity")
+    attention = TxFormerInfinityAttention(config, layer_idx=0)
+    hidden = torch.randn(1, config.segment_length + 1, config.hidden_size)
+    with pytest.raises(ValueError, match="segment_length"):
+        attention(hidden, None, torch.ones(1, config.segment_length + 1, dtype=torch.bool))
