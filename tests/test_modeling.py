@@ -40,6 +40,24 @@ def test_mismatched_vocabulary_sizes_are_rejected():
         TxFormerConfig(categorical_fields=["mcc_code"], categorical_vocab_sizes=[10, 20])
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"hidden_size": 30, "num_attention_heads": 4}, "multiple of num_attention_heads"),
+        ({"performer_orthogonal_scaling": 2}, "performer_orthogonal_scaling"),
+        ({"performer_redraw_interval": -1}, "performer_redraw_interval"),
+        ({"ltm_num_basis": 7}, "multiple of the number of ltm_basis_widths"),
+        ({"ltm_contraction": 1.0}, "ltm_contraction"),
+        ({"ltm_ridge_penalty": 0.0}, "ltm_ridge_penalty"),
+        ({"segment_length": 0}, "segment_length"),
+        ({"pooling": "max"}, "pooling"),
+    ],
+)
+def test_invalid_config_values_are_value_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TxFormerConfig(**overrides)
+
+
 def test_config_round_trip(tmp_path):
     config = tiny_config("performer", ltm_basis_widths=[0.02, 0.04])
     config.save_pretrained(tmp_path)

@@ -65,6 +65,8 @@ class TxFormerConfig(PreTrainedConfig):
     """
 
     model_type = "txformer"
+    # The Trainer's evaluation gathers every other output; the ∞-former's streaming state is not a prediction.
+    keys_to_ignore_at_inference = ["past_state"]
 
     categorical_fields: list[str] | None = None
     categorical_vocab_sizes: list[int] | None = None
@@ -147,9 +149,19 @@ class TxFormerConfig(PreTrainedConfig):
             )
         if not 0.0 < self.ltm_contraction < 1.0:
             raise ValueError(f"ltm_contraction must lie in (0, 1), got {self.ltm_contraction}.")
-        for name in ("segment_length", "performer_num_random_features", "ltm_num_samples"):
+        for name in ("segment_length", "performer_num_random_features", "ltm_num_samples", "ltm_sticky_bins"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.performer_orthogonal_scaling not in (0, 1):
+            raise ValueError(f"performer_orthogonal_scaling must be 0 or 1, got {self.performer_orthogonal_scaling}.")
+        if self.performer_redraw_interval < 0:
+            raise ValueError(
+                f"performer_redraw_interval must be >= 0 (0 = never), got {self.performer_redraw_interval}."
+            )
+        if any(width <= 0 for width in self.ltm_basis_widths) or self.ltm_ridge_penalty <= 0:
+            raise ValueError("ltm_basis_widths and ltm_ridge_penalty must be positive.")
+        if self.ltm_num_basis < 2 * len(self.ltm_basis_widths):
+            raise ValueError(f"ltm_num_basis ({self.ltm_num_basis}) needs at least two centres per width.")
 
 
 __all__ = ["TxFormerConfig"]
