@@ -25,6 +25,7 @@ setup(
         "pyarrow>=15",
         "numpy>=1.26",
         "scikit-learn>=1.3",
+        "scipy>=1.10",
         "tqdm>=4.66",
     ],
     extras_require={
