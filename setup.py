@@ -13,7 +13,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["txformer", "txformer.*"]),
+    # The model card template ships inside the package as `txformer/hub_cards/` (the source tree keeps `hub_cards/`).
+    packages=[*find_packages(include=["txformer", "txformer.*"]), "txformer.hub_cards"],
+    package_dir={"txformer.hub_cards": "hub_cards"},
+    package_data={"txformer.hub_cards": ["*.md"]},
     # torch is not pinned here: GPU users keep their own build. CPU-only machines: `make install` pins the CPU wheel.
     install_requires=[
         "torch>=2.4",

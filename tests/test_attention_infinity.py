@@ -243,3 +243,13 @@ def test_direct_segment_longer_than_segment_length_is_rejected():
     hidden = torch.randn(1, config.segment_length + 1, config.hidden_size)
     with pytest.raises(ValueError, match="segment_length"):
         attention(hidden, None, torch.ones(1, config.segment_length + 1, dtype=torch.bool))
+
+
+def test_skipping_the_per_event_outputs_keeps_the_pooled_output():
+    config = tiny_config("infinity")
+    model = TxFormerModel(config).eval()
+    batch = random_batch(config, [13, 6])
+    full = model(**batch)
+    lean = model(**batch, output_last_hidden_state=False)
+    assert lean.last_hidden_state is None and full.last_hidden_state.shape == (2, 13, config.hidden_size)
+    torch.testing.assert_close(lean.pooler_output, full.pooler_output)

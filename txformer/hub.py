@@ -35,7 +35,12 @@ from .profiling import SUMMARY_FILE as PROFILE_SUMMARY_FILE
 
 logger = logging.getLogger(__name__)
 
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "hub_cards" / "model_card_template.md"
+TEMPLATE_NAME = "model_card_template.md"
+# `hub_cards/` of a source checkout, else the copy installed inside the package (`txformer/hub_cards/`).
+SOURCE_TEMPLATE = Path(__file__).resolve().parent.parent / "hub_cards" / TEMPLATE_NAME
+MODEL_CARD_TEMPLATE = (
+    SOURCE_TEMPLATE if SOURCE_TEMPLATE.exists() else Path(__file__).resolve().parent / "hub_cards" / TEMPLATE_NAME
+)
 README_FILE = "README.md"
 GITIGNORE_FILE = ".gitignore"
 RESULTS_FILE = "all_results.json"

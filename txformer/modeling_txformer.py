@@ -280,6 +280,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
         past_state: TxFormerState | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_last_hidden_state: bool = True,
         **kwargs,
     ) -> TxFormerModelOutput:
         r"""
@@ -293,6 +294,9 @@ class TxFormerModel(TxFormerPreTrainedModel):
             1 for real events, 0 for padding (right padding). Defaults to all events real.
         past_state ([`TxFormerState`], *optional*):
             ∞-former only: the state returned by a previous call, to continue reading the same histories.
+        output_last_hidden_state (`bool`, defaults to `True`):
+            ∞-former only: `False` skips the per-event outputs (`last_hidden_state` is then None, unless
+            `output_hidden_states`), so that memory does not grow with the history length. The classifier passes it.
         """
         self._check_inputs(input_ids, numeric_values, event_time, attention_mask)
         if attention_mask is None:
@@ -310,6 +314,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
                 past_state,
                 output_attentions,
                 output_hidden_states,
+                return_event_states=output_last_hidden_state or output_hidden_states,
             )
         if past_state is not None:
             raise ValueError(
@@ -384,42 +389,30 @@ class TxFormerModel(TxFormerPreTrainedModel):
         past_state: TxFormerState | None,
         output_attentions: bool,
         output_hidden_states: bool,
+        return_event_states: bool,
     ) -> TxFormerModelOutput:
         """∞-former: read each history segment by segment, carrying the long-term memory.
 
         Histories are aligned to their end (the right padding is moved to the left), so the last segment of every row
-        holds its `segment_length` most recent events and earlier segments carry the rest into the memory. When
-        `ltm_detach_memory` is set, earlier segments run without gradient: training memory does not grow with length.
+        holds its `segment_length` most recent events and earlier segments carry the rest into the memory. Each
+        segment is gathered from the inputs when it is read, and when `ltm_detach_memory` is set, earlier segments run
+        without gradient: with `return_event_states=False`, memory does not grow with the history length.
         """
         segment_length = self.config.segment_length
         batch_size, length = event_time.shape
         num_segments = max(1, math.ceil(length / segment_length))
-        padded_length = num_segments * segment_length
         num_real = attention_mask.sum(dim=1)
-        # left_index[b, j]: position in the right-padded input of slot j of the end-aligned layout.
-        shift = padded_length - num_real
-        slots = torch.arange(padded_length, device=event_time.device)
-        left_index = (slots[None, :] - shift[:, None]).clamp(min=0, max=length - 1)
-        aligned_mask = slots[None, :] >= shift[:, None]
-
-        def align(tensor: torch.Tensor) -> torch.Tensor:
-            index = left_index.view(batch_size, padded_length, *([1] * (tensor.dim() - 2)))
-            gathered = tensor.gather(1, index.expand(-1, -1, *tensor.shape[2:]))
-            mask = aligned_mask.view(batch_size, padded_length, *([1] * (tensor.dim() - 2)))
-            return gathered.masked_fill(~mask, 0)
+        # Slot j of the end-aligned layout holds input position j - shift (slots before shift are padding).
+        shift = num_segments * segment_length - num_real
 
         state = past_state or TxFormerState()
         if state.num_events is not None and state.num_events.shape[0] != batch_size:
             raise ValueError(
                 f"past_state holds the memory of {state.num_events.shape[0]} rows, the batch has {batch_size}."
             )
-        input_ids, numeric_values = align(input_ids), align(numeric_values)
         # Padding slots (all at the left) take the time of the event read last, or of the row's first event, so no
         # gap is invented between padding and the first real event.
-        first_real_time = event_time[:, 0]
-        reference_time = first_real_time if state.last_event_time is None else state.last_event_time
-        event_time = torch.where(aligned_mask, align(event_time), reference_time[:, None])
-
+        previous_event_time = event_time[:, 0] if state.last_event_time is None else state.last_event_time
         hidden_size = self.config.hidden_size
         pooled_sum = (
             state.pooled_sum if state.pooled_sum is not None else event_time.new_zeros(batch_size, hidden_size)
@@ -432,16 +425,19 @@ class TxFormerModel(TxFormerPreTrainedModel):
 
         segment_outputs, segment_hidden_states, segment_attentions, aux_loss = [], [], [], None
         for segment_index in range(num_segments):
-            start = segment_index * segment_length
-            window = slice(start, start + segment_length)
-            segment_mask = aligned_mask[:, window]
-            previous_event_time = reference_time if start == 0 else event_time[:, start - 1]
+            slots = torch.arange(segment_index * segment_length, (segment_index + 1) * segment_length)
+            slots = slots.to(event_time.device)
+            segment_mask = slots[None, :] >= shift[:, None]
+            index = (slots[None, :] - shift[:, None]).clamp(min=0, max=length - 1)
+            segment_time = torch.where(
+                segment_mask, gather_events(event_time, index, segment_mask), previous_event_time[:, None]
+            )
             keeps_graph = not self.config.ltm_detach_memory or segment_index == num_segments - 1
             with torch.set_grad_enabled(torch.is_grad_enabled() and keeps_graph):
                 hidden_states, hidden_tuple, attentions, layer_states, aux_loss = self._encode(
-                    input_ids[:, window],
-                    numeric_values[:, window],
-                    event_time[:, window],
+                    gather_events(input_ids, index, segment_mask),
+                    gather_events(numeric_values, index, segment_mask),
+                    segment_time,
                     segment_mask,
                     previous_event_time,
                     layer_states,
@@ -450,10 +446,12 @@ class TxFormerModel(TxFormerPreTrainedModel):
                 )
             if self.config.ltm_detach_memory:
                 layer_states = tuple(layer_state.detach() for layer_state in layer_states)
+            previous_event_time = segment_time[:, -1]
             pooled_sum = pooled_sum + masked_sum(hidden_states, segment_mask)
             last_hidden = torch.where(segment_mask[:, -1:], hidden_states[:, -1], last_hidden)
-            segment_outputs.append(hidden_states)
-            segment_hidden_states.append(hidden_tuple)
+            if return_event_states:
+                segment_outputs.append(hidden_states)
+                segment_hidden_states.append(hidden_tuple)
             segment_attentions.append(attentions)
         events_read = events_read + num_real
 
@@ -461,22 +459,21 @@ class TxFormerModel(TxFormerPreTrainedModel):
             pooled = pooled_sum / events_read.clamp(min=1)[:, None].to(pooled_sum.dtype)
         else:
             pooled = last_hidden
-        # Back to the caller's right-padded layout.
-        right_index = (torch.arange(length, device=event_time.device)[None, :] + shift[:, None]).clamp(
-            max=padded_length - 1
-        )
+        last_hidden_state, all_hidden_states, all_attentions = None, None, None
+        if return_event_states:
+            # Back to the caller's right-padded layout.
+            right_index = torch.arange(length, device=event_time.device)[None, :] + shift[:, None]
+            right_index = right_index.clamp(max=num_segments * segment_length - 1)
 
-        def unalign(tensor: torch.Tensor) -> torch.Tensor:
-            restored = tensor.gather(1, right_index[..., None].expand(-1, -1, tensor.shape[-1]))
-            return restored.masked_fill(~attention_mask.bool()[..., None], 0)
+            def unalign(tensor: torch.Tensor) -> torch.Tensor:
+                restored = tensor.gather(1, right_index[..., None].expand(-1, -1, tensor.shape[-1]))
+                return restored.masked_fill(~attention_mask.bool()[..., None], 0)
 
-        last_hidden_state = unalign(torch.cat(segment_outputs, dim=1))
-        all_hidden_states = None
-        if output_hidden_states:
-            all_hidden_states = tuple(
-                unalign(torch.cat(per_layer, dim=1)) for per_layer in zip(*segment_hidden_states, strict=True)
-            )
-        all_attentions = None
+            last_hidden_state = unalign(torch.cat(segment_outputs, dim=1))
+            if output_hidden_states:
+                all_hidden_states = tuple(
+                    unalign(torch.cat(per_layer, dim=1)) for per_layer in zip(*segment_hidden_states, strict=True)
+                )
         if output_attentions:
             all_attentions = tuple(zip(*segment_attentions, strict=True))
         return TxFormerModelOutput(
@@ -489,7 +486,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
                 pooled_sum=pooled_sum,
                 num_events=events_read,
                 last_hidden_state=last_hidden,
-                last_event_time=event_time[:, -1],
+                last_event_time=previous_event_time,
             ),
             aux_loss=aux_loss,
         )
@@ -514,6 +511,14 @@ class TxFormerModel(TxFormerPreTrainedModel):
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} (batch, length, fields).")
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids must be integer indices, got {input_ids.dtype}.")
+
+
+def gather_events(events: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`events[b, index[b, j]]` for every slot `j` (`index`, `mask`: `[batch, slots]`), zero where `mask` is False."""
+    trailing = [1] * (events.dim() - 2)
+    batch_size, num_slots = index.shape
+    gathered = events.gather(1, index.view(batch_size, num_slots, *trailing).expand(-1, -1, *events.shape[2:]))
+    return gathered.masked_fill(~mask.view(batch_size, num_slots, *trailing), 0)
 
 
 def masked_sum(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -558,6 +563,7 @@ class TxFormerForSequenceClassification(TxFormerPreTrainedModel):
             past_state=past_state,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            output_last_hidden_state=False,
         )
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = None
