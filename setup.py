@@ -19,7 +19,7 @@ setup(
     package_data={"txformer.hub_cards": ["*.md"]},
     # torch is not pinned here: GPU users keep their own build. CPU-only machines: `make install` pins the CPU wheel.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         "transformers>=5.0,<6",
         "huggingface_hub>=1.0",
         "datasets>=3.0",

@@ -25,8 +25,23 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
     }
 
 
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of `[n, classes]` logits, in float64."""
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels).reshape(-1)
+    log_normalizer = np.logaddexp.reduce(logits, axis=1)
+    return float(np.mean(log_normalizer - logits[np.arange(len(labels)), labels]))
+
+
 def compute_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
-    """`Trainer` hook: metrics on the gathered predictions of every process."""
+    """`Trainer` hook: metrics on the gathered predictions of every process.
+
+    Also returns `loss`, which replaces the Trainer's `eval_loss`: the Trainer averages per-batch losses, in which the
+    rows duplicated to even out the last batch across processes count; this is the exact mean over the eval set.
+    """
     logits = eval_prediction.predictions
     logits = logits[0] if isinstance(logits, tuple) else logits
-    return classification_metrics(eval_prediction.label_ids, positive_class_probability(logits))
+    metrics = classification_metrics(eval_prediction.label_ids, positive_class_probability(logits))
+    if logits.ndim == 2 and logits.shape[1] > 1:
+        metrics["loss"] = cross_entropy(logits, eval_prediction.label_ids)
+    return metrics
