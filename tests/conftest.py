@@ -34,7 +34,10 @@ def random_batch(config: TxFormerConfig, lengths: list[int], seed: int = 0) -> d
     generator = torch.Generator().manual_seed(seed)
     batch_size, max_length = len(lengths), max(lengths)
     input_ids = torch.stack(
-        [torch.randint(1, size, (batch_size, max_length), generator=generator) for size in config.categorical_vocab_sizes],
+        [
+            torch.randint(1, size, (batch_size, max_length), generator=generator)
+            for size in config.categorical_vocab_sizes
+        ],
         dim=-1,
     )
     numeric_values = torch.randn(batch_size, max_length, len(config.numeric_fields), generator=generator) * 1e4

@@ -31,7 +31,24 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-class TxFormerSelfAttention(nn.Module):
+class Float32BuffersMixin(nn.Module):
+    """Keeps the buffers named in `float32_buffers` in float32 when the module is cast (`model.to(torch.bfloat16)`,
+    `.half()`): they hold constants (frequencies, bases, random projections) that a 16-bit rounding would distort.
+    Create them with `dtype=torch.float32`: `from_pretrained(..., dtype=...)` builds the model under that default."""
+
+    float32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse: bool = True):
+        originals = {name: self._buffers[name] for name in self.float32_buffers}
+        module = super()._apply(fn, recurse)
+        for name, original in originals.items():
+            moved = self._buffers[name]
+            if moved.dtype != torch.float32:
+                self._buffers[name] = original.to(device=moved.device, dtype=torch.float32)
+        return module
+
+
+class TxFormerSelfAttention(Float32BuffersMixin):
     """Multi-head self-attention over events. Owns the query/key/value/output projections; `attend` is the core
     that each attention kind replaces (here: exact attention dispatched by `config._attn_implementation`)."""
 

@@ -175,6 +175,19 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
     segment; the long-term part reads the memory of every segment read so far, the current one included (the memory
     is updated before it is read). Shares the query projection with the short-term part."""
 
+    # The basis arithmetic needs float32 (centre spacing ~1/64, σ² + s² ~ 1e-4).
+    float32_buffers = (
+        "basis_centers",
+        "basis_widths",
+        "segment_solution",
+        "segment_design",
+        "segment_prior",
+        "memory_solution",
+        "memory_design",
+        "memory_prior",
+        "sample_basis",
+    )
+
     def __init__(self, config: TxFormerConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.segment_length = config.segment_length
@@ -192,7 +205,7 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
         self.gate = (
             nn.Conv1d(config.hidden_size, config.hidden_size, kernel_size=3, padding=1) if config.ltm_gating else None
         )
-        # Derived from the config (not saved); kept in float32 whatever the module's dtype, see `_apply`.
+        # Derived from the config (not saved); kept in float32 whatever the module's dtype (`float32_buffers`).
         for name, shape in (
             ("basis_centers", (num_basis,)),
             ("basis_widths", (num_basis,)),
@@ -204,7 +217,7 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             ("memory_prior", (num_basis, num_basis)),
             ("sample_basis", (self.num_samples, num_basis)),
         ):
-            self.register_buffer(name, torch.empty(shape), persistent=False)
+            self.register_buffer(name, torch.empty(shape, dtype=torch.float32), persistent=False)
         self.reset_buffers()
 
     def compute_buffers(self) -> dict[str, torch.Tensor]:
@@ -251,17 +264,6 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
         for name, value in self.compute_buffers().items():
             buffer = getattr(self, name)
             init.copy_(buffer, value.to(device=buffer.device, dtype=buffer.dtype))
-
-    def _apply(self, fn, recurse: bool = True):
-        # `model.to(torch.bfloat16)` casts every floating buffer; the basis arithmetic needs float32 (centre spacing
-        # ~1/64, σ² + s² ~ 1e-4), so recompute the buffers in float32 on their new device.
-        module = super()._apply(fn, recurse)
-        if self.basis_centers.dtype != torch.float32:
-            for name in self.compute_buffers():
-                self._buffers[name] = torch.empty_like(self._buffers[name], dtype=torch.float32)
-            if self.basis_centers.device.type != "meta":
-                self.reset_buffers()
-        return module
 
     def forward(
         self,

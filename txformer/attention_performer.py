@@ -428,6 +428,8 @@ class TxFormerPerformerAttention(TxFormerSelfAttention):
     """Performer (FAVOR+) self-attention: the shared projections around `favor_attention`, with the random projection
     as a persistent float32 buffer (saved with the model) and a deterministic redraw policy for training."""
 
+    float32_buffers = ("projection_matrix",)
+
     def __init__(self, config: TxFormerConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.kernel = config.performer_kernel

@@ -1,5 +1,8 @@
 """TxFormer model configuration."""
 
+import dataclasses
+import difflib
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -118,6 +121,12 @@ class TxFormerConfig(PreTrainedConfig):
         if self.ltm_basis_widths is None:
             self.ltm_basis_widths = [0.01, 0.05]
         self.validate_architecture()  # raises a plain ValueError before the strict-dataclass wrapper does
+        fields = [field.name for field in dataclasses.fields(self)]
+        for key in kwargs:
+            # Unknown keys are kept as attributes (transformers' rule); a near miss of a field is a typo.
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
+            if close:
+                raise ValueError(f"Unknown config key {key!r}: did you mean {close[0]!r}?")
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):

@@ -11,7 +11,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from .attention_full import TxFormerSelfAttention
+from .attention_full import Float32BuffersMixin, TxFormerSelfAttention
 from .attention_infinity import InfinityMemoryState, TxFormerInfinityAttention
 from .attention_performer import TxFormerPerformerAttention
 from .configuration_txformer import TxFormerConfig
@@ -108,16 +108,21 @@ class TxFormerNumericEncoder(nn.Module):
         init.copy_(self.frequencies, frequencies.expand_as(self.frequencies))
 
 
-class TxFormerTimeEncoder(nn.Module):
+class TxFormerTimeEncoder(Float32BuffersMixin):
     """Encodes event times (days): cyclic features for each period (hour of day, day of week) and the gap to the
     previous event. No absolute position table, so no maximum length."""
+
+    # Rounded to bfloat16, 2π/day × day 400 is hours off.
+    float32_buffers = ("angular_frequencies",)
 
     def __init__(self, config: TxFormerConfig):
         super().__init__()
         self.periods_days = tuple(config.time_periods_days)
         self.num_harmonics = config.time_num_harmonics
         num_frequencies = len(self.periods_days) * self.num_harmonics
-        self.register_buffer("angular_frequencies", torch.empty(num_frequencies), persistent=False)
+        self.register_buffer(
+            "angular_frequencies", torch.empty(num_frequencies, dtype=torch.float32), persistent=False
+        )
         self.projection = nn.Linear(2 * num_frequencies + 1, config.hidden_size)
         self.reset_frequencies()
 
@@ -363,22 +368,26 @@ class TxFormerModel(TxFormerPreTrainedModel):
         attention_mask = torch.zeros(key_padding_mask.shape, dtype=hidden_states.dtype, device=hidden_states.device)
         attention_mask = attention_mask.masked_fill(~key_padding_mask, MASK_VALUE)[:, None, None, :]
         layer_states = layer_states or (None,) * len(self.layers)
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
         new_states, aux_losses = [], []
         for layer, layer_state in zip(self.layers, layer_states, strict=True):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
             hidden_states, attn_weights, new_state = layer(
                 hidden_states, attention_mask, key_padding_mask, past_state=layer_state
             )
             new_states.append(new_state)
             if getattr(new_state, "regularization_loss", None) is not None:
                 aux_losses.append(new_state.regularization_loss)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
             if output_attentions:
                 all_attentions += (attn_weights,)
+        # As in transformers' models: the last entry of `hidden_states` is the normed output.
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
-        return self.norm(hidden_states), all_hidden_states, all_attentions, tuple(new_states), aux_loss
+        return hidden_states, all_hidden_states, all_attentions, tuple(new_states), aux_loss
 
     def _forward_segments(
         self,
@@ -459,6 +468,8 @@ class TxFormerModel(TxFormerPreTrainedModel):
             pooled = pooled_sum / events_read.clamp(min=1)[:, None].to(pooled_sum.dtype)
         else:
             pooled = last_hidden
+        # The running sums are float32 (like `event_time`); the head takes the model's dtype.
+        pooled = pooled.to(self.norm.weight.dtype)
         last_hidden_state, all_hidden_states, all_attentions = None, None, None
         if return_event_states:
             # Back to the caller's right-padded layout.

@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.csv as pa_csv
+import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, HfArgumentParser
 
-from .data import EventVocabulary, TransactionCollator, build_customer_dataset
+from .data import EventVocabulary, TransactionCollator, build_customer_dataset, customer_table, read_customer_ids
+from .data.reader import list_offsets_and_values
+from .data.vocabulary import UNKNOWN_INDEX, VOCABULARY_FILE
 from .io_utils import atomic_write, atomic_write_json
 from .metrics import positive_class_probability
 
@@ -50,12 +52,26 @@ def read_preprocessing(model_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def read_customer_ids(path: str | Path) -> np.ndarray:
-    """The `customer_id` column of a CSV file."""
-    table = pa_csv.read_csv(path)
-    if "customer_id" not in table.column_names:
-        raise ValueError(f"{path} has no customer_id column (columns: {table.column_names}).")
-    return table.column("customer_id").to_numpy().astype(np.int64)
+def check_vocabulary_matches(vocabulary: EventVocabulary, config, model_dir: str | Path) -> None:
+    """The vocabulary must be the one the model was trained with: same fields, same sizes (a folder mixing files of
+    two runs would otherwise embed codes with another run's indices, or fail with an index error)."""
+    expected = [list(config.categorical_fields), list(config.categorical_vocab_sizes), list(config.numeric_fields)]
+    found = [vocabulary.categorical_fields, vocabulary.vocab_sizes, vocabulary.numeric_fields]
+    if found != expected:
+        raise ValueError(
+            f"{Path(model_dir) / VOCABULARY_FILE} (fields, sizes, numeric fields {found}) does not match the model's "
+            f"config.json ({expected}): the folder mixes files of different training runs."
+        )
+
+
+def unknown_code_shares(vocabulary: EventVocabulary, customers) -> dict[str, float]:
+    """Per categorical field, the share of events whose code the vocabulary does not know (encoded as unknown)."""
+    table = customer_table(customers.select_columns(vocabulary.categorical_fields))
+    shares = {}
+    for name in vocabulary.categorical_fields:
+        _, values = list_offsets_and_values(table.column(name))
+        shares[name] = pc.sum(pc.equal(values, UNKNOWN_INDEX)).as_py() / max(len(values), 1)
+    return shares
 
 
 @torch.no_grad()
@@ -81,13 +97,22 @@ def predict(args: PredictionArguments) -> Path:
     """Scores every customer of `args.transactions` (or exactly `args.customer_ids`) and writes the CSV."""
     preprocessing = read_preprocessing(args.model_dir)
     vocabulary = EventVocabulary.from_pretrained(args.model_dir)
+    wanted_ids = None if args.customer_ids is None else read_customer_ids(args.customer_ids)
     model = AutoModelForSequenceClassification.from_pretrained(
-        args.model_dir, trust_remote_code=args.trust_remote_code
+        args.model_dir, trust_remote_code=args.trust_remote_code, use_safetensors=True
     )
+    check_vocabulary_matches(vocabulary, model.config, args.model_dir)
     max_length = preprocessing.get("max_length") if args.max_length is None else (args.max_length or None)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    customers = vocabulary.encode(build_customer_dataset(args.transactions))
+    customers = vocabulary.encode(build_customer_dataset(args.transactions, customer_ids=wanted_ids))
+    unknown_shares = unknown_code_shares(vocabulary, customers)
+    logger.info("Share of events with codes unseen in training: %s", unknown_shares)
+    for name, share in unknown_shares.items():
+        if share == 1.0:
+            logger.warning(
+                "No %s code of %s is in the vocabulary: was it coded as in training?", name, args.transactions
+            )
     collator = TransactionCollator(
         categorical_fields=list(vocabulary.categorical_fields),
         numeric_fields=list(vocabulary.numeric_fields),
@@ -97,7 +122,7 @@ def predict(args: PredictionArguments) -> Path:
     probabilities = predict_probabilities(model, customers, collator, args.batch_size, device)
     scores = dict(zip(scored_ids.tolist(), probabilities, strict=True))
 
-    wanted_ids = scored_ids if args.customer_ids is None else read_customer_ids(args.customer_ids)
+    wanted_ids = scored_ids if wanted_ids is None else wanted_ids
     default_probability = float(preprocessing["label_prior"])
     without_history = [int(customer) for customer in wanted_ids if int(customer) not in scores]
     if without_history:
@@ -122,6 +147,7 @@ def predict(args: PredictionArguments) -> Path:
             "max_length": max_length,
             "default_probability": default_probability,
             "customers_without_transactions": without_history,
+            "unknown_code_share": unknown_shares,
         },
     )
     logger.info("Wrote %d predictions to %s", len(wanted_ids), output_file)

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.training_args import ParallelMode
 
 from . import TxFormerConfig, TxFormerForSequenceClassification
 from .callbacks import PerformerRedrawCallback
@@ -38,6 +40,10 @@ from .profiling import add_profiling_callback
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path(os.environ.get("TXFORMER_CACHE", Path.home() / ".cache" / "txformer"))
+RESULTS_FILE = "all_results.json"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# The Trainer writes a checkpoint's files in turn and trainer_state.json last.
+CHECKPOINT_STATE_FILE = "trainer_state.json"
 
 
 @dataclass
@@ -97,6 +103,32 @@ class TxFormerTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Keep the raw event columns: the collator builds the model inputs."}
     )
     seed: int = field(default=42, metadata={"help": "Seed of initialisation and shuffling."})
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Batch histories of similar length together (train_sampling_strategy='group_by_length'): little "
+            "padding on whole histories."
+        },
+    )
+    length_column_name: str = field(
+        default="num_events", metadata={"help": "Column of the history lengths, for length grouping."}
+    )
+
+    def __post_init__(self):
+        """On a machine without GPU (or other accelerator), a process of a multi-process launch trains on the CPU
+        with gloo; a process that still finds itself alone in such a launch is an error, not a silent lone run."""
+        launched_world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched_world_size > 1 and not torch.accelerator.is_available():
+            self.use_cpu = True
+            self.ddp_backend = self.ddp_backend or "gloo"
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
+        super().__post_init__()
+        if launched_world_size > 1 and self.parallel_mode == ParallelMode.NOT_PARALLEL:
+            raise ValueError(
+                f"This process was launched as one of WORLD_SIZE={launched_world_size} processes but is not part of a "
+                f"distributed run (device {self.device}): pass --use_cpu to train on the CPU, or launch on the GPUs."
+            )
 
 
 def prepare_datasets(data_args: DataArguments, training_args: TrainingArguments) -> dict:
@@ -131,7 +163,7 @@ def build_model(model_args: ModelArguments, vocabulary: EventVocabulary) -> TxFo
     """A fresh model whose event schema is the vocabulary's, or a trained one to continue from."""
     if model_args.model_name_or_path is not None:
         return TxFormerForSequenceClassification.from_pretrained(
-            model_args.model_name_or_path, attn_implementation=model_args.attn_implementation
+            model_args.model_name_or_path, attn_implementation=model_args.attn_implementation, use_safetensors=True
         )
     config = TxFormerConfig(
         categorical_fields=list(vocabulary.categorical_fields),
@@ -146,8 +178,40 @@ def build_model(model_args: ModelArguments, vocabulary: EventVocabulary) -> TxFo
     return AutoModelForSequenceClassification.from_config(config, attn_implementation=model_args.attn_implementation)
 
 
+def is_complete_checkpoint(folder: Path) -> bool:
+    """Whether the Trainer finished writing `folder`: its last file, trainer_state.json, reads back as JSON."""
+    try:
+        json.loads((folder / CHECKPOINT_STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint to resume from. `last` (or `true`) is the newest complete checkpoint of `output_dir`, so a run
+    killed while saving resumes from the checkpoint before; a given folder must be complete."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint.lower() in ("last", "true"):
+        folders = [path for path in Path(output_dir).glob("checkpoint-*") if CHECKPOINT_PATTERN.match(path.name)]
+        folders.sort(key=lambda path: int(CHECKPOINT_PATTERN.match(path.name).group(1)), reverse=True)
+        for folder in folders:
+            if is_complete_checkpoint(folder):
+                return str(folder)
+        raise ValueError(
+            f"--resume_from_checkpoint {resume_from_checkpoint}: {output_dir} has no complete checkpoint."
+        )
+    if not is_complete_checkpoint(Path(resume_from_checkpoint)):
+        raise ValueError(
+            f"{resume_from_checkpoint} is not a complete checkpoint (no readable {CHECKPOINT_STATE_FILE}; a run killed "
+            "while saving leaves such a folder): pass an earlier checkpoint, or `last` for the newest complete one."
+        )
+    return resume_from_checkpoint
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """Trains, evaluates on the held-out split and writes the model, vocabulary and metrics to `output_dir`."""
+    resume_from_checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     set_seed(training_args.seed)
     data = prepare_datasets(data_args, training_args)
     model = build_model(model_args, data["vocabulary"])
@@ -170,7 +234,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         callbacks=[PerformerRedrawCallback(), PushCodeFilesCallback(data["vocabulary"], preprocessing)],
     )
     add_profiling_callback(trainer)
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     metrics = {
         **train_result.metrics,
         **trainer.evaluate(),
@@ -181,12 +245,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         eval_ids = np.asarray(data["eval"]["customer_id"])
         for window, name in ((None, "all"), (64, "last_64"), (data_args.max_length, "last_max_length")):
             metrics[f"oracle_auroc_{name}"] = oracle_auroc(data["synthetic_dir"], eval_ids, last_n=window)
+    output_dir = Path(training_args.output_dir)
+    # On every process: under FSDP and DeepSpeed ZeRO-3 gathering the weights is collective; only the main one writes.
+    trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
-        output_dir = Path(training_args.output_dir)
-        trainer.save_model(output_dir)
         data["vocabulary"].save_pretrained(output_dir)
         atomic_write_json(output_dir / PREPROCESSING_FILE, preprocessing)
-        trainer.save_metrics("all", metrics)
+        atomic_write_json(output_dir / RESULTS_FILE, metrics)
         atomic_write_json(
             output_dir / "training_run.json",
             {

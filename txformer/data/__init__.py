@@ -6,6 +6,7 @@ from .reader import (
     TransactionDataError,
     build_customer_dataset,
     customer_table,
+    read_customer_ids,
     read_labels,
     read_transactions,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "generate_synthetic_data",
     "mean_feature_baseline_auroc",
     "oracle_auroc",
+    "read_customer_ids",
     "read_labels",
     "read_transactions",
     "stratified_split",

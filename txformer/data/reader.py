@@ -213,13 +213,30 @@ def read_labels(path: str | os.PathLike, label_column: str = "gender") -> pa.Tab
     not_binary = (labels != 0) & (labels != 1)
     if not_binary.any():
         raise _first_invalid_row(path, f"{label_column} {labels[not_binary][0]:g} is not 0 or 1", not_binary)
+    customer_ids = _unique_customer_ids(path, table)
+    return pa.table({"customer_id": pa.array(customer_ids, pa.int64()), "labels": pa.array(labels.astype(np.int64))})
+
+
+def read_customer_ids(path: str | os.PathLike) -> np.ndarray:
+    """The `customer_id` column of a CSV file (e.g. the Kaggle sample submission), in file order. A missing column,
+    an empty file, a missing, non-integer or repeated id raise `TransactionDataError` naming the line."""
+    path = _check_file(path)
+    table = _read_csv_strictly(path, {"customer_id": pa.int64()})
+    if table.num_rows == 0:
+        raise TransactionDataError(f"{path}: the file has a header but no customer ids.")
+    _require_values(path, table, ("customer_id",))
+    return _unique_customer_ids(path, table)
+
+
+def _unique_customer_ids(path: Path, table: pa.Table) -> np.ndarray:
+    """The `customer_id` column; an id that appears twice raises with the line of its second occurrence."""
     customer_ids = table.column("customer_id").to_numpy()
     order = np.argsort(customer_ids, kind="stable")
     repeated = np.zeros(len(customer_ids), dtype=bool)
     repeated[order[1:]] = customer_ids[order[1:]] == customer_ids[order[:-1]]
     if repeated.any():
         raise _first_invalid_row(path, f"customer_id {customer_ids[repeated][0]} appears more than once", repeated)
-    return pa.table({"customer_id": pa.array(customer_ids, pa.int64()), "labels": pa.array(labels.astype(np.int64))})
+    return customer_ids
 
 
 def sort_by_customer_and_time(transactions: pa.Table) -> pa.Table:
@@ -323,6 +340,11 @@ def build_customer_dataset(
         if not keep_unlabelled:
             num_customers = pc.count_distinct(transactions.column("customer_id")).as_py()
             transactions = _keep_customers(transactions, label_ids)
+            if transactions.num_rows == 0:
+                raise TransactionDataError(
+                    f"{transactions_path}: none of the {len(label_ids)} customers of {labels_path} has transactions "
+                    f"(e.g. {label_ids[:5].tolist()}): are these the matching files?"
+                )
             num_unlabelled = num_customers - pc.count_distinct(transactions.column("customer_id")).as_py()
             if num_unlabelled:
                 logger.info("%d customers of %s have no label and are left out.", num_unlabelled, transactions_path)
