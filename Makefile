@@ -21,8 +21,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/train.py $(ARGS)
 
+# Tiny models: one thread per process is faster than two threads fighting over the cores (and several test
+# processes run at once in the distributed tests).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check txformer scripts tests
@@ -30,3 +32,13 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+.PHONY: benchmark compare
+
+# Speed and memory against length of every attention kind (docs/benchmark.md); ARGS="--lengths ..." to change it.
+benchmark: $(STAMP)
+	$(BIN)/python scripts/benchmark.py $(ARGS)
+
+# Trains every attention kind at several contexts and seeds, writes docs/results.md (resumable: rerun to continue).
+compare: $(STAMP)
+	$(BIN)/python scripts/compare.py $(ARGS)
