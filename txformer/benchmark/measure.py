@@ -1,5 +1,6 @@
-"""Generic measurements: median time and peak memory of a forward + backward pass of a callable, and the achieved
-GEMM throughput of the machine (the roofline a GEMM-bound kernel is compared with)."""
+"""Generic measurements: median time and peak memory of a callable (e.g. a forward + backward pass or a training
+step), peak tensor memory from the profiler's allocation events, and the achieved GEMM throughput of the machine
+(the roofline a GEMM-bound kernel is compared with)."""
 
 import ctypes
 import ctypes.util
@@ -10,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch._C._profiler import _EventType
 
 
 BYTES_PER_MIB = 2**20
@@ -107,6 +109,37 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def measure_callable(
+    step: Callable[[], object],
+    device: torch.device,
+    repeats: int = 5,
+    warmup: int = 1,
+    prepare: Callable[[], object] | None = None,
+) -> Measurement:
+    """Time and peak memory of `step()`, median over `repeats` after `warmup` runs. `prepare()` runs before every run,
+    outside the clock and before the memory window opens (e.g. clearing gradients); `step`'s return value is dropped
+    inside the window, so what it allocates and frees counts in the peak."""
+    probe = peak_memory_probe(device)
+    for _ in range(max(warmup, 1)):
+        if prepare is not None:
+            prepare()
+        step()
+    times, peaks = [], []
+    for _ in range(repeats):
+        if prepare is not None:
+            prepare()
+        probe.reset()
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        peaks.append(probe.peak_mib())
+    if prepare is not None:
+        prepare()
+    return Measurement(statistics.median(times), times, statistics.median(peaks))
+
+
 def measure_forward_backward(
     function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], repeats: int = 5, warmup: int = 1
 ) -> Measurement:
@@ -115,28 +148,48 @@ def measure_forward_backward(
     The output gradient is drawn once, and the inputs' `.grad` are cleared before every run, so each run allocates
     the same tensors (its output, the saved activations and the input gradients): that is what the peak counts.
     """
-    device = inputs[0].device
-    probe = peak_memory_probe(device)
-    output_grad = None
-    for _ in range(max(warmup, 1)):
+    output_grad: list[torch.Tensor] = []
+
+    def step() -> None:
         output = function(*inputs)
-        output_grad = torch.randn_like(output) if output_grad is None else output_grad
-        output.backward(output_grad)
-        del output
-    times, peaks = [], []
-    for _ in range(repeats):
+        if not output_grad:
+            output_grad.append(torch.randn_like(output))
+        output.backward(output_grad[0])
+
+    def clear_grads() -> None:
         for tensor in inputs:
             tensor.grad = None
-        probe.reset()
+
+    return measure_callable(step, inputs[0].device, repeats, warmup, prepare=clear_grads)
+
+
+def tensor_peak_mib(step: Callable[[], object], device: torch.device) -> float:
+    """Peak memory held by tensors allocated during `step()` on `device` (MiB above the level before it), from the
+    allocation and free events of the PyTorch profiler (`profile_memory=True`).
+
+    Unlike the resident-set probe this counts tensor bytes only, exactly and whatever the allocator keeps cached, on
+    CPU as well as CUDA; it does not see memory outside tensors (Python objects, library workspaces). The profiler
+    slows the step down, so it is a separate, untimed run.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
+        step()
         synchronize(device)
-        start = time.perf_counter()
-        function(*inputs).backward(output_grad)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-        peaks.append(probe.peak_mib())
-    for tensor in inputs:
-        tensor.grad = None
-    return Measurement(statistics.median(times), times, statistics.median(peaks))
+    events = []
+    pending = list(profiler.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        node = pending.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == device.type:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        pending.extend(node.children)
+    events.sort()
+    level = peak = 0
+    for _, size in events:
+        level += size
+        peak = max(peak, level)
+    return peak / BYTES_PER_MIB
 
 
 def measure_matmul_flops(

@@ -1,0 +1,217 @@
+"""Benchmark and comparison-report logic: a tiny benchmark run writes its tables and plots, the time/memory budget
+and the ratios, the peak tensor memory, the performer-pytorch peer, and the comparison's grid, resumption and report
+(from fake finished runs; no training here)."""
+
+import csv
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from txformer.attention_performer import favor_attention
+from txformer.benchmark import compare
+from txformer.benchmark.compare import (
+    CompareConfig,
+    RunSpec,
+    micro_batch_size,
+    run_all,
+    train_command,
+    write_report,
+)
+from txformer.benchmark.measure import Measurement, tensor_peak_mib
+from txformer.benchmark.models import METHODS, benchmark_config, build_model
+from txformer.benchmark.report import write_results
+from txformer.benchmark.suite import (
+    CHECK_LEVEL,
+    LEVELS,
+    BenchmarkConfig,
+    BenchmarkRow,
+    Budget,
+    add_ratios,
+    run_benchmark,
+)
+
+
+TINY_MODEL = (
+    "hidden_size=16,num_attention_heads=2,intermediate_size=32,segment_length=8,ltm_num_basis=8,"
+    "ltm_num_samples=8,performer_num_random_features=16"
+)
+
+
+def test_tiny_benchmark_writes_every_point_and_output(tmp_path):
+    config = BenchmarkConfig(
+        lengths=[8, 16],
+        batch_size=2,
+        repeats=1,
+        config_overrides=TINY_MODEL,
+        check_lengths=[16, 40],
+        max_seconds=60,
+        check_max_seconds=60,
+    )
+    result = run_benchmark(config, log=lambda line: None)
+    methods = [name for name in METHODS if METHODS[name].available]
+    measured = {(row.level, row.method, row.length) for row in result.rows}
+    expected = {(level, method, length) for level in LEVELS for method in methods for length in (8, 16)}
+    expected |= {(CHECK_LEVEL, method, length) for method in config.check_methods for length in (16, 40)}
+    assert measured == expected
+    assert not result.skipped
+    check = [row for row in result.rows if row.level == CHECK_LEVEL]
+    assert all(row.tensor_peak_mib > 0 for row in check)
+
+    paths = write_results(result, config, "python scripts/benchmark.py --test", tmp_path)
+    with open(tmp_path / "benchmark.csv") as csv_file:
+        assert len(list(csv.DictReader(csv_file))) == len(expected)
+    markdown = (tmp_path / "benchmark.md").read_text()
+    assert "## Training step" in markdown and "## ∞-former check" in markdown
+    assert "∞-former time per event at L=40 / at L=16" in markdown
+    assert {path.name for path in paths if path.suffix == ".png"} == {
+        f"benchmark_{level}.png" for level in [*LEVELS, CHECK_LEVEL]
+    }
+    assert json.loads((tmp_path / "benchmark.json").read_text())["config"]["lengths"] == [8, 16]
+
+
+def test_budget_skips_lengths_by_growth_exponent():
+    budget = Budget(max_seconds=1.0, max_memory_mib=100.0)
+    point = Measurement(seconds=0.3, all_seconds=[0.3], peak_memory_mib=10.0)
+    for name in ("full_sdpa", "infinity", "full_eager"):
+        budget.record("train", METHODS[name], 100, point)
+    assert "predicted 1 s" in budget.reason_to_skip("train", METHODS["full_sdpa"], 200)  # 0.3 * 2² > 1
+    assert budget.reason_to_skip("train", METHODS["infinity"], 200) is None  # 0.3 * 2 < 1
+    budget.record("train", METHODS["full_eager"], 100, Measurement(0.01, [0.01], 10.0))
+    assert "MiB" in budget.reason_to_skip("train", METHODS["full_eager"], 400)  # 10 MiB * 4² > 100 MiB
+    # Once stopped, longer lengths stay stopped.
+    assert budget.reason_to_skip("train", METHODS["full_sdpa"], 150) is not None
+
+
+def test_ratios_against_exact_peer_and_first_length():
+    def row(method, length, seconds, memory):
+        return BenchmarkRow(
+            "train", method, length, 2, seconds, memory, 2 * length / seconds, 1e6 * seconds / length / 2
+        )
+
+    rows = [
+        row("full_sdpa", 100, 1.0, 10.0),
+        row("performer", 100, 2.0, 5.0),
+        row("performer_pytorch", 100, 4.0, 20.0),
+        row("performer", 200, 4.0, 10.0),
+        row("infinity", 100, 1.0, math.nan),
+    ]
+    add_ratios(rows)
+    performer = rows[1]
+    assert performer.time_vs_exact == 2.0 and performer.memory_vs_exact == 0.5
+    assert performer.time_vs_peer == 0.5 and performer.memory_vs_peer == 0.25
+    assert rows[3].us_per_event_vs_first == pytest.approx(1.0) and rows[3].memory_vs_first == 2.0
+    assert rows[3].time_vs_exact is None  # no SDPA point at 200
+    assert rows[4].memory_vs_exact is None  # unknown memory gives no ratio
+
+
+def test_tensor_peak_counts_live_tensor_bytes():
+    def step():
+        first = torch.ones(1024, 1024)  # 4 MiB
+        second = first + 1  # 8 MiB live
+        del first
+        third = second * 2  # still 8 MiB live
+        return third.sum()
+
+    assert tensor_peak_mib(step, torch.device("cpu")) == pytest.approx(8.0, abs=0.01)
+
+
+@pytest.mark.skipif(not METHODS["performer_pytorch"].available, reason="performer-pytorch not installed")
+def test_performer_pytorch_peer_is_our_layer_with_their_core():
+    config = benchmark_config(METHODS["performer_pytorch"], TINY_MODEL)
+    theirs = build_model(METHODS["performer_pytorch"], config, torch.device("cpu")).txformer.layers[0].self_attn
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (0.5 * torch.randn(2, 2, 12, 8, generator=generator) for _ in range(3))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 9:] = False
+    output, _ = theirs.attend(query, key, value, None, mask)
+    reference = favor_attention(query, key, value, theirs.projection_matrix, mask, compat_performer_pytorch=True)
+    torch.testing.assert_close(output, reference.transpose(1, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_grid_commands_and_resume_from_last_complete_checkpoint(tmp_path):
+    config = CompareConfig(runs=["full:64,256", "infinity:0"], seeds=[1, 2], output_dir=str(tmp_path))
+    specs = config.specs()
+    assert [spec.name for spec in specs[:3]] == ["full-64-seed1", "full-256-seed1", "infinity-whole-seed1"]
+    assert len(specs) == 6
+    assert micro_batch_size(RunSpec("full", 256, 1), config) == 64
+    assert micro_batch_size(RunSpec("infinity", 0, 1), config) == 8
+    command = train_command(RunSpec("infinity", 0, 1), config, ["--bf16"])
+    assert command[command.index("--max_length") + 1] == "0"
+    assert command[command.index("--gradient_accumulation_steps") + 1] == "8"
+    assert "--group_by_length" in command and command[-1] == "--bf16"
+    assert command[command.index("--save_strategy") + 1] == "no"
+
+    config.time_limit_minutes = 15
+    run_dir = tmp_path / "infinity-whole-seed1"
+    (run_dir / "checkpoint-10").mkdir(parents=True)
+    (run_dir / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    (run_dir / "checkpoint-20").mkdir()  # interrupted while saving: no trainer state
+    command = train_command(RunSpec("infinity", 0, 1), config, [])
+    assert command[command.index("--resume_from_checkpoint") + 1] == str(run_dir / "checkpoint-10")
+
+
+def test_finished_runs_are_skipped(tmp_path):
+    config = CompareConfig(runs=["full:64,256"], seeds=[1], output_dir=str(tmp_path))
+    (tmp_path / "full-64-seed1").mkdir()
+    (tmp_path / "full-64-seed1" / "all_results.json").write_text("{}")
+    ran = []
+    unfinished = run_all(config, [], log=lambda line: None, runner=lambda spec, *args: ran.append(spec) or False)
+    assert [spec.name for spec in ran] == ["full-256-seed1"]
+    assert unfinished == ran
+
+
+def test_time_limit_stops_a_run_and_records_it(tmp_path, monkeypatch):
+    config = CompareConfig(runs=["full:64"], seeds=[1], output_dir=str(tmp_path), time_limit_minutes=0.02)
+    monkeypatch.setattr(compare, "train_command", lambda *args: [sys.executable, "-c", "import time; time.sleep(60)"])
+    assert not compare.run_one(RunSpec("full", 64, 1), config, [], log=lambda line: None)
+    record = json.loads((tmp_path / "full-64-seed1" / "compare_run.json").read_text())
+    assert record["calls"][0]["return_code"] is None and record["calls"][0]["wall_time_s"] < 30
+
+
+def fake_run(run_dir, auroc, accuracy, oracle_window, tokens_per_s):
+    run_dir.mkdir(parents=True)
+    metrics = {
+        "eval_auroc": auroc,
+        "eval_accuracy": accuracy,
+        "oracle_auroc_all": 0.87,
+        "oracle_auroc_last_max_length": oracle_window,
+    }
+    (run_dir / "all_results.json").write_text(json.dumps(metrics))
+    steps = [
+        {
+            "step": step,
+            "step_time_s": 1.0,
+            "tokens": tokens_per_s,
+            "tokens_per_s": tokens_per_s,
+            "peak_memory_mib": 900 + step,
+        }
+        for step in (1, 2, 3)
+    ]
+    (run_dir / "profile_steps.jsonl").write_text("".join(json.dumps(step) + "\n" for step in steps))
+
+
+def test_report_aggregates_seeds_and_states_the_infinity_goals(tmp_path):
+    output_dir = tmp_path / "runs"
+    fake_run(output_dir / "full-256-seed1", 0.83, 0.77, 0.84, 20000)
+    fake_run(output_dir / "full-256-seed2", 0.85, 0.79, 0.84, 22000)
+    fake_run(output_dir / "infinity-whole-seed1", 0.86, 0.78, 0.87, 5000)
+    fake_run(output_dir / "infinity-whole-seed2", 0.84, 0.80, 0.87, 7000)
+    config = CompareConfig(
+        runs=["full:256,1024", "infinity:0"],
+        seeds=[1, 2],
+        output_dir=str(output_dir),
+        report=str(tmp_path / "results.md"),
+        figures_dir=str(tmp_path / "figures"),
+    )
+    unfinished = [spec for spec in config.specs() if spec.max_length == 1024]
+    report = write_report(config, unfinished, "python scripts/compare.py").read_text()
+    assert "| full | last 256 | 2 | 0.8400 ± 0.0141 | 0.7800 ± 0.0141 | 0.8400 | 0.0300 | 21,000 | 903 |" in report
+    assert "| infinity | whole history | 2 | 0.8500 ± 0.0141 |" in report
+    assert "a gap of 0.0200: **within 0.03**" in report
+    assert "AUROC difference +0.0300, -0.0100 (mean +0.0100; ∞-former higher in 1 of 2)" in report
+    assert "- full, last 1,024, seed 1" in report
+    assert (tmp_path / "figures" / "results_auroc_vs_context.png").exists()
+    assert "(figures/results_cost_vs_context.png)" in report

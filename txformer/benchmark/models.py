@@ -1,0 +1,133 @@
+"""The methods the benchmark compares, and how each is built: a TxFormer model (or one of its attention layers) of
+every attention kind, plus the peers (exact SDPA, a naive softmax attention, performer-pytorch's `FastAttention`)
+inside the same model, so that only the attention differs."""
+
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from ..attention_performer import TxFormerPerformerAttention
+from ..configuration_txformer import TxFormerConfig
+from ..modeling_txformer import TxFormerForSequenceClassification
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of attending.
+
+    Args:
+        name: key used on the command line and in the CSV.
+        label: how tables and plots name it.
+        attention_type: the config's `attention_type`.
+        attn_implementation: the backend of exact attention (`"sdpa"` or `"eager"`).
+        time_exponent: how its time grows with the length (2: quadratic, 1: linear), to skip lengths that would run
+            past the time budget.
+        memory_exponent: the same for its memory (2: the eager score matrix).
+        requires: a package that must be installed (a peer), or None.
+    """
+
+    name: str
+    label: str
+    attention_type: str
+    attn_implementation: str = "sdpa"
+    time_exponent: int = 1
+    memory_exponent: int = 1
+    requires: str | None = None
+
+    @property
+    def available(self) -> bool:
+        """Whether its package is installed."""
+        return self.requires is None or importlib.util.find_spec(self.requires) is not None
+
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method("full_sdpa", "full (exact, SDPA)", "full", "sdpa", time_exponent=2),
+        Method("full_eager", "full (naive softmax, eager)", "full", "eager", time_exponent=2, memory_exponent=2),
+        Method("performer", "performer (FAVOR+, ours)", "performer"),
+        Method("performer_pytorch", "performer-pytorch FastAttention", "performer", requires="performer_pytorch"),
+        Method("infinity", "infinity (∞-former)", "infinity"),
+    )
+}
+# The reference every other method is compared with at the same length, and ours against its public peer.
+EXACT_REFERENCE = "full_sdpa"
+PEERS = {"performer": "performer_pytorch"}
+
+
+def peer_versions() -> dict[str, str | None]:
+    """Installed versions of the peer packages (None: not installed)."""
+    versions = {}
+    for package in sorted({method.requires for method in METHODS.values() if method.requires}):
+        try:
+            versions[package] = importlib.metadata.version(package.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+class PerformerPytorchAttention(TxFormerPerformerAttention):
+    """Our Performer layer (same projections, same random features) with performer-pytorch's `FastAttention` as
+    its core, padding handled as performer-pytorch's `SelfAttention` does (padded values zeroed)."""
+
+    def __init__(self, config: TxFormerConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        from performer_pytorch import FastAttention
+
+        self.fast_attention = FastAttention(
+            dim_heads=self.head_dim,
+            nb_features=config.performer_num_random_features,
+            ortho_scaling=config.performer_orthogonal_scaling,
+        )
+        self.fast_attention.projection_matrix.copy_(self.projection_matrix)
+
+    def attend(self, query, key, value, attention_mask, key_padding_mask, **kwargs):
+        value = value.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+        return self.fast_attention(query, key, value).transpose(1, 2), None
+
+
+def benchmark_config(method: Method, overrides: str = "") -> TxFormerConfig:
+    """The default TxFormer config (the one `scripts/train.py` trains) for a method, with `overrides` in the form of
+    `--config_overrides` ("hidden_size=128,num_hidden_layers=4")."""
+    config = TxFormerConfig(attention_type=method.attention_type, num_labels=2)
+    if overrides:
+        config.update_from_string(overrides)
+        config.validate_architecture()
+    return config
+
+
+def build_model(method: Method, config: TxFormerConfig, device: torch.device) -> TxFormerForSequenceClassification:
+    """A freshly initialised classifier of the method on `device` (float32 weights; autocast sets the compute dtype)."""
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=method.attn_implementation)
+    if method.name == "performer_pytorch":
+        for layer in model.txformer.layers:
+            ours = layer.self_attn
+            theirs = PerformerPytorchAttention(config, ours.layer_idx)
+            theirs.load_state_dict(ours.state_dict(), strict=False)
+            theirs.fast_attention.projection_matrix.copy_(ours.projection_matrix)
+            layer.self_attn = theirs
+    return model.to(device)
+
+
+def synthetic_batch(
+    config: TxFormerConfig, batch_size: int, length: int, device: torch.device, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """A batch of `batch_size` histories of exactly `length` events (no padding) with random fields and labels."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.stack(
+        [torch.randint(2, size, (batch_size, length), generator=generator) for size in config.categorical_vocab_sizes],
+        dim=-1,
+    )
+    amounts = torch.randn(batch_size, length, len(config.numeric_fields), generator=generator) * 1e3
+    event_time = torch.cumsum(torch.rand(batch_size, length, generator=generator), dim=1)
+    batch = {
+        "input_ids": input_ids,
+        "numeric_values": amounts,
+        "event_time": event_time,
+        "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
+        "labels": torch.randint(0, 2, (batch_size,), generator=generator),
+    }
+    return {key: value.to(device) for key, value in batch.items()}
