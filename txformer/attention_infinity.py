@@ -10,7 +10,7 @@ explicit, per-row state ([`InfinityMemoryState`]), passed in and returned, never
 """
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -157,16 +157,6 @@ class InfinityMemoryState:
             coefficients=self.coefficients.detach(),
             has_memory=self.has_memory,
             attention_mass=None if self.attention_mass is None else self.attention_mass.detach(),
-        )
-
-    def select(self, rows: torch.Tensor) -> "InfinityMemoryState":
-        """The memory of some rows (an index or boolean tensor over the batch)."""
-        return replace(
-            self,
-            coefficients=self.coefficients[rows],
-            has_memory=self.has_memory[rows],
-            attention_mass=None if self.attention_mass is None else self.attention_mass[rows],
-            regularization_loss=None,
         )
 
 

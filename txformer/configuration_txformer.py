@@ -3,8 +3,8 @@
 import dataclasses
 import difflib
 
-from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.configuration_utils import strict  # huggingface_hub.dataclasses.strict, as transformers uses it
 
 
 ATTENTION_TYPES = ("full", "performer", "infinity")
