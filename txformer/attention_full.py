@@ -31,6 +31,22 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def rotate_half(states: torch.Tensor) -> torch.Tensor:
+    """`[x1, x2] -> [-x2, x1]` over the last dimension (the rotation by 90° of each rotary pair)."""
+    first, second = states.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding (Su et al., RoFormer) of `query`/`key` `[batch, heads, length, head_dim]` with
+    `cos`/`sin` broadcastable to them. The product of a rotated query and key depends only on their distance, so it
+    works unchanged in front of any kernel: SDPA, FAVOR+ features, the ∞-former's short-term attention."""
+    cos, sin = cos.to(query.dtype), sin.to(query.dtype)
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+
 class Float32BuffersMixin(nn.Module):
     """Keeps the buffers named in `float32_buffers` in float32 when the module is cast (`model.to(torch.bfloat16)`,
     `.half()`): they hold constants (frequencies, bases, random projections) that a 16-bit rounding would distort.
@@ -71,21 +87,30 @@ class TxFormerSelfAttention(Float32BuffersMixin):
         batch_size, length, _ = states.shape
         return states.view(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query, key and value `[batch, heads, length, head_dim]` of `hidden_states` `[batch, length, hidden]`."""
+        query = self.split_heads(self.q_proj(hidden_states))
+        key = self.split_heads(self.k_proj(hidden_states))
+        value = self.split_heads(self.v_proj(hidden_states))
+        return query, key, value
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
         key_padding_mask: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_state: None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         """Attend over `hidden_states` `[batch, length, hidden]`. `attention_mask` is the additive key mask
         `[batch, 1, 1, length]` used by exact attention, `key_padding_mask` the boolean `[batch, length]` mask
-        (True = real event) used by the other kinds. Returns the output, the weights (eager only) and the state
-        carried to the next segment (stateless kinds: None)."""
-        query = self.split_heads(self.q_proj(hidden_states))
-        key = self.split_heads(self.k_proj(hidden_states))
-        value = self.split_heads(self.v_proj(hidden_states))
+        (True = real event) used by the other kinds, `position_embeddings` the rotary `(cos, sin)` (None: no order
+        signal). Returns the output, the weights (eager only) and the state carried to the next segment (stateless
+        kinds: None)."""
+        query, key, value = self.project(hidden_states)
+        if position_embeddings is not None:
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         attn_output, attn_weights = self.attend(query, key, value, attention_mask, key_padding_mask, **kwargs)
         attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(attn_output), attn_weights, None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
-from .attention_full import TxFormerSelfAttention
+from .attention_full import TxFormerSelfAttention, apply_rotary_pos_emb
 from .configuration_txformer import TxFormerConfig
 
 
@@ -260,6 +260,7 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
         key_padding_mask: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_state: InfinityMemoryState | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, InfinityMemoryState]:
@@ -273,10 +274,14 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             raise ValueError(
                 f"past_state holds the memory of {past_state.coefficients.shape[0]} rows, the batch has {batch_size}."
             )
-        query = self.split_heads(self.q_proj(hidden_states))
-        key = self.split_heads(self.k_proj(hidden_states))
-        value = self.split_heads(self.v_proj(hidden_states))
-        short_term, attn_weights = self.attend(query, key, value, attention_mask, key_padding_mask, **kwargs)
+        query, key, value = self.project(hidden_states)
+        # Rotary positions order the events inside the segment; the memory is read by content (unrotated query).
+        short_query, short_key = query, key
+        if position_embeddings is not None:
+            short_query, short_key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        short_term, attn_weights = self.attend(
+            short_query, short_key, value, attention_mask, key_padding_mask, **kwargs
+        )
         short_term = self.o_proj(short_term.reshape(batch_size, length, -1))
 
         state = self.update_memory(hidden_states, key_padding_mask, past_state)

@@ -9,6 +9,7 @@ from transformers.configuration_utils import strict  # huggingface_hub.dataclass
 
 ATTENTION_TYPES = ("full", "performer", "infinity")
 POOLING_TYPES = ("mean", "last")
+POSITION_EMBEDDING_TYPES = ("rotary", "none")
 PERFORMER_KERNELS = ("softmax", "relu")
 
 
@@ -35,6 +36,12 @@ class TxFormerConfig(PreTrainedConfig):
         hidden_dropout_prob, attention_dropout_prob, classifier_dropout: dropouts.
         layer_norm_eps, initializer_range: numerics of the norms and of the initialisation.
         pooling (`str`): `"mean"` over real events, or `"last"` real event.
+        position_embedding_type (`str`): `"rotary"`: rotary embeddings of the event index on queries and keys, so
+            attention sees which event comes before which, at any length and for every kind; `"none"`: attention
+            sees a set of events (only their times tell the order).
+        rope_theta (`float`): base of the rotary frequencies.
+        event_context_size (`int`): each event's embedding is mixed with those of the `event_context_size` events
+            before it (a causal convolution), so "code a followed by code b" is visible to every layer; 0 = off.
         attention_type (`str`): `"full"` (exact attention, `attn_implementation` picks SDPA or eager),
             `"performer"` (FAVOR+) or `"infinity"` (∞-former).
 
@@ -89,6 +96,9 @@ class TxFormerConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     pooling: str = "mean"
+    position_embedding_type: str = "rotary"
+    rope_theta: float = 10000.0
+    event_context_size: int = 2
     attention_type: str = "full"
 
     performer_num_random_features: int = 128
@@ -135,6 +145,11 @@ class TxFormerConfig(PreTrainedConfig):
             raise ValueError(f"Unknown attention_type {self.attention_type!r}; valid kinds: {list(ATTENTION_TYPES)}.")
         if self.pooling not in POOLING_TYPES:
             raise ValueError(f"Unknown pooling {self.pooling!r}; valid choices: {list(POOLING_TYPES)}.")
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"Unknown position_embedding_type {self.position_embedding_type!r}; valid choices: "
+                f"{list(POSITION_EMBEDDING_TYPES)}."
+            )
         if self.performer_kernel not in PERFORMER_KERNELS:
             raise ValueError(
                 f"Unknown performer_kernel {self.performer_kernel!r}; valid kernels: {list(PERFORMER_KERNELS)}."
@@ -144,6 +159,11 @@ class TxFormerConfig(PreTrainedConfig):
                 f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
                 f"({self.num_attention_heads})."
             )
+        head_dim = self.hidden_size // self.num_attention_heads
+        if self.position_embedding_type == "rotary" and head_dim % 2 != 0:
+            raise ValueError(f"Rotary positions need an even head dimension, got {head_dim}.")
+        if self.event_context_size < 0 or self.rope_theta <= 0:
+            raise ValueError("event_context_size must be >= 0 and rope_theta positive.")
         if len(self.categorical_vocab_sizes) != len(self.categorical_fields):
             raise ValueError(
                 f"categorical_vocab_sizes has {len(self.categorical_vocab_sizes)} entries for "

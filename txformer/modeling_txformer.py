@@ -35,7 +35,7 @@ def signed_log1p(values: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TxFormerState(ModelOutput):
-    """What an ∞-former model carries from one call to the next to read a history in parts (streaming).
+    """What an ∞-former model carries from one call (or segment) to the next to read a history in parts (streaming).
 
     Args:
         layer_states: the long-term memory of each layer.
@@ -43,6 +43,7 @@ class TxFormerState(ModelOutput):
         num_events: events read so far, `[batch]`.
         last_hidden_state: final hidden state of the last event read so far, `[batch, hidden]`.
         last_event_time: time (days) of the last event read so far, `[batch]`.
+        event_context: embeddings of the last `event_context_size` events read so far, `[batch, size, hidden]`.
     """
 
     layer_states: tuple[InfinityMemoryState | None, ...] | None = None
@@ -50,6 +51,7 @@ class TxFormerState(ModelOutput):
     num_events: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     last_event_time: torch.Tensor | None = None
+    event_context: torch.Tensor | None = None
 
 
 @dataclass
@@ -145,8 +147,62 @@ class TxFormerTimeEncoder(Float32BuffersMixin):
         return self.projection(features.to(self.projection.weight.dtype))
 
 
+class TxFormerRotaryEmbedding(Float32BuffersMixin):
+    """Cosines and sines of the rotary position embedding over the event index (`config.rope_theta` base)."""
+
+    float32_buffers = ("inv_freq",)
+
+    def __init__(self, config: TxFormerConfig):
+        super().__init__()
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.rope_theta = config.rope_theta
+        self.register_buffer("inv_freq", torch.empty(self.head_dim // 2, dtype=torch.float32), persistent=False)
+        self.reset_frequencies()
+
+    def reset_frequencies(self) -> None:
+        """θ^(-2i/d) for each rotary pair i, derived from the config."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
+        init.copy_(self.inv_freq, (self.rope_theta**-exponents).to(self.inv_freq.device))
+
+    def forward(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(cos, sin)` `[1, 1, length, head_dim]` for positions `0 .. length - 1`; only their differences matter."""
+        positions = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
+        angles = positions[:, None] * self.inv_freq[None, :]
+        angles = torch.cat([angles, angles], dim=-1)[None, None]
+        return angles.cos(), angles.sin()
+
+
+class TxFormerEventContext(nn.Module):
+    """Adds to each event a learned linear map of its own embedding and those of the `event_context_size` events
+    before it: a causal convolution over the history, so pairs like "code a followed by code b" are visible to every
+    layer of every attention kind. Padding contributes zeros; `event_context` carries the last events of a previous
+    segment or call."""
+
+    def __init__(self, config: TxFormerConfig):
+        super().__init__()
+        self.context_size = config.event_context_size
+        self.convolution = nn.Conv1d(config.hidden_size, config.hidden_size, kernel_size=self.context_size + 1)
+
+    def forward(
+        self, embeddings: torch.Tensor, event_mask: torch.Tensor, event_context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`embeddings` `[batch, length, hidden]`, `event_mask` `[batch, length]` (True = real event) and the
+        `[batch, context_size, hidden]` events before them (None: the history starts here). Returns the mixed
+        embeddings and the context for the next segment (unchanged for rows without a real event here)."""
+        events = embeddings.masked_fill(~event_mask[..., None], 0.0)
+        if event_context is None:
+            event_context = events.new_zeros(events.shape[0], self.context_size, events.shape[-1])
+        window = torch.cat([event_context.to(events.dtype), events], dim=1)
+        mixed = self.convolution(window.transpose(1, 2)).transpose(1, 2)
+        next_context = torch.where(
+            event_mask.any(dim=1)[:, None, None], window[:, -self.context_size :], event_context
+        )
+        return embeddings + mixed, next_context
+
+
 class TxFormerEventEmbeddings(nn.Module):
-    """One vector per event: sum of the categorical field embeddings, the numeric and the time encodings."""
+    """One vector per event: sum of the categorical field embeddings, the numeric and the time encodings, mixed with
+    the events just before it (`event_context_size`)."""
 
     def __init__(self, config: TxFormerConfig):
         super().__init__()
@@ -156,6 +212,7 @@ class TxFormerEventEmbeddings(nn.Module):
         )
         self.numeric_encoder = TxFormerNumericEncoder(config)
         self.time_encoder = TxFormerTimeEncoder(config)
+        self.event_context = TxFormerEventContext(config) if config.event_context_size > 0 else None
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -164,12 +221,18 @@ class TxFormerEventEmbeddings(nn.Module):
         input_ids: torch.Tensor,
         numeric_values: torch.Tensor,
         event_time: torch.Tensor,
+        event_mask: torch.Tensor,
         previous_event_time: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        event_context: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The event embeddings `[batch, length, hidden]` and the context to carry to the next segment (None when
+        `event_context_size` is 0)."""
         embeddings = self.numeric_encoder(numeric_values) + self.time_encoder(event_time, previous_event_time)
         for field_index, embedding in enumerate(self.categorical_embeddings):
             embeddings = embeddings + embedding(input_ids[..., field_index])
-        return self.dropout(self.norm(embeddings))
+        if self.event_context is not None:
+            embeddings, event_context = self.event_context(embeddings, event_mask, event_context)
+        return self.dropout(self.norm(embeddings)), event_context
 
 
 class TxFormerMLP(nn.Module):
@@ -199,12 +262,14 @@ class TxFormerLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor,
         key_padding_mask: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_state: InfinityMemoryState | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, InfinityMemoryState | None]:
         attn_output, attn_weights, state = self.self_attn(
             self.attention_norm(hidden_states),
             attention_mask=attention_mask,
             key_padding_mask=key_padding_mask,
+            position_embeddings=position_embeddings,
             past_state=past_state,
         )
         hidden_states = hidden_states + self.dropout(attn_output)
@@ -225,7 +290,7 @@ class TxFormerPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, (TxFormerNumericEncoder, TxFormerTimeEncoder)):
+        if isinstance(module, (TxFormerNumericEncoder, TxFormerTimeEncoder, TxFormerRotaryEmbedding)):
             module.reset_frequencies()
         elif isinstance(module, TxFormerPerformerAttention):
             module.reset_projection()
@@ -271,6 +336,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
     def __init__(self, config: TxFormerConfig):
         super().__init__(config)
         self.embeddings = TxFormerEventEmbeddings(config)
+        self.rotary_emb = TxFormerRotaryEmbedding(config) if config.position_embedding_type == "rotary" else None
         self.layers = nn.ModuleList(TxFormerLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
@@ -327,16 +393,16 @@ class TxFormerModel(TxFormerPreTrainedModel):
             )
 
         key_padding_mask = attention_mask.bool()
-        hidden_states, all_hidden_states, all_attentions, _, _ = self._encode(
+        encoded = self._encode(
             input_ids,
             numeric_values,
             event_time,
             key_padding_mask,
-            None,
-            None,
+            TxFormerState(),
             output_attentions,
             output_hidden_states,
         )
+        hidden_states = encoded.last_hidden_state
         num_events = key_padding_mask.sum(dim=1)
         if self.config.pooling == "mean":
             pooled = masked_sum(hidden_states, key_padding_mask) / num_events.clamp(min=1)[:, None].to(
@@ -348,8 +414,8 @@ class TxFormerModel(TxFormerPreTrainedModel):
         return TxFormerModelOutput(
             last_hidden_state=hidden_states,
             pooler_output=pooled,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
         )
 
     def _encode(
@@ -358,16 +424,21 @@ class TxFormerModel(TxFormerPreTrainedModel):
         numeric_values: torch.Tensor,
         event_time: torch.Tensor,
         key_padding_mask: torch.Tensor,
-        previous_event_time: torch.Tensor | None,
-        layer_states: tuple[InfinityMemoryState | None, ...] | None,
+        state: TxFormerState,
         output_attentions: bool,
         output_hidden_states: bool,
-    ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple, torch.Tensor | None]:
-        """Embeddings, every layer and the final norm over one (segment of a) batch."""
-        hidden_states = self.embeddings(input_ids, numeric_values, event_time, previous_event_time)
+    ) -> TxFormerModelOutput:
+        """Embeddings, every layer and the final norm over one (segment of a) batch, continuing from `state` (its
+        `last_event_time`, `event_context` and `layer_states`; empty for a history read in one call). Returns the
+        hidden states, the per-layer outputs asked for, the state after this segment (`layer_states`,
+        `event_context`) and the attention's auxiliary loss."""
+        hidden_states, event_context = self.embeddings(
+            input_ids, numeric_values, event_time, key_padding_mask, state.last_event_time, state.event_context
+        )
         attention_mask = torch.zeros(key_padding_mask.shape, dtype=hidden_states.dtype, device=hidden_states.device)
         attention_mask = attention_mask.masked_fill(~key_padding_mask, MASK_VALUE)[:, None, None, :]
-        layer_states = layer_states or (None,) * len(self.layers)
+        position_embeddings = None if self.rotary_emb is None else self.rotary_emb(hidden_states.shape[1])
+        layer_states = state.layer_states or (None,) * len(self.layers)
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
         new_states, aux_losses = [], []
@@ -375,7 +446,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states, attn_weights, new_state = layer(
-                hidden_states, attention_mask, key_padding_mask, past_state=layer_state
+                hidden_states, attention_mask, key_padding_mask, position_embeddings, past_state=layer_state
             )
             new_states.append(new_state)
             if getattr(new_state, "regularization_loss", None) is not None:
@@ -386,8 +457,13 @@ class TxFormerModel(TxFormerPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
-        aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
-        return hidden_states, all_hidden_states, all_attentions, tuple(new_states), aux_loss
+        return TxFormerModelOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            past_state=TxFormerState(layer_states=tuple(new_states), event_context=event_context),
+            aux_loss=torch.stack(aux_losses).sum() if aux_losses else None,
+        )
 
     def _forward_segments(
         self,
@@ -430,7 +506,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
         last_hidden = state.last_hidden_state
         if last_hidden is None:
             last_hidden = event_time.new_zeros(batch_size, hidden_size)
-        layer_states = state.layer_states
+        layer_states, event_context = state.layer_states, state.event_context
 
         segment_outputs, segment_hidden_states, segment_attentions, aux_loss = [], [], [], None
         for segment_index in range(num_segments):
@@ -443,25 +519,29 @@ class TxFormerModel(TxFormerPreTrainedModel):
             )
             keeps_graph = not self.config.ltm_detach_memory or segment_index == num_segments - 1
             with torch.set_grad_enabled(torch.is_grad_enabled() and keeps_graph):
-                hidden_states, hidden_tuple, attentions, layer_states, aux_loss = self._encode(
+                encoded = self._encode(
                     gather_events(input_ids, index, segment_mask),
                     gather_events(numeric_values, index, segment_mask),
                     segment_time,
                     segment_mask,
-                    previous_event_time,
-                    layer_states,
+                    TxFormerState(
+                        layer_states=layer_states, event_context=event_context, last_event_time=previous_event_time
+                    ),
                     output_attentions,
                     output_hidden_states,
                 )
+            hidden_states, aux_loss = encoded.last_hidden_state, encoded.aux_loss
+            layer_states, event_context = encoded.past_state.layer_states, encoded.past_state.event_context
             if self.config.ltm_detach_memory:
                 layer_states = tuple(layer_state.detach() for layer_state in layer_states)
+                event_context = None if event_context is None else event_context.detach()
             previous_event_time = segment_time[:, -1]
             pooled_sum = pooled_sum + masked_sum(hidden_states, segment_mask)
             last_hidden = torch.where(segment_mask[:, -1:], hidden_states[:, -1], last_hidden)
             if return_event_states:
                 segment_outputs.append(hidden_states)
-                segment_hidden_states.append(hidden_tuple)
-            segment_attentions.append(attentions)
+                segment_hidden_states.append(encoded.hidden_states)
+            segment_attentions.append(encoded.attentions)
         events_read = events_read + num_real
 
         if self.config.pooling == "mean":
@@ -498,6 +578,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
                 num_events=events_read,
                 last_hidden_state=last_hidden,
                 last_event_time=previous_event_time,
+                event_context=event_context,
             ),
             aux_loss=aux_loss,
         )
