@@ -132,46 +132,63 @@ def test_performer_pytorch_peer_is_our_layer_with_their_core():
 
 
 def test_grid_commands_and_resume_from_last_complete_checkpoint(tmp_path):
-    config = CompareConfig(runs=["full:64,256", "infinity:0"], seeds=[1, 2], output_dir=str(tmp_path))
+    config = CompareConfig(
+        families=["independent:300", "order:200"], runs=["full:64,256", "infinity:0"], seeds=[1, 2],
+        output_dir=str(tmp_path),
+    )  # fmt: skip
     specs = config.specs()
-    assert [spec.name for spec in specs[:3]] == ["full-64-seed1", "full-256-seed1", "infinity-whole-seed1"]
-    assert len(specs) == 6
-    assert micro_batch_size(RunSpec("full", 256, 1), config) == 64
-    assert micro_batch_size(RunSpec("infinity", 0, 1), config) == 8
-    command = train_command(RunSpec("infinity", 0, 1), config, ["--bf16"])
+    assert [spec.name for spec in specs[:5]] == [
+        "independent/lightgbm-seed1",
+        "independent/full-64-seed1",
+        "independent/full-256-seed1",
+        "independent/infinity-whole-seed1",
+        "order/lightgbm-seed1",
+    ]
+    assert len(specs) == 16
+    assert micro_batch_size(RunSpec("order", "full", 256, 1), config) == 64
+    assert micro_batch_size(RunSpec("order", "infinity", 0, 1), config) == 8
+    command = train_command(RunSpec("order", "infinity", 0, 1), config, ["--bf16"])
+    assert command[0] == "txformer-train" and command[-1] == "--bf16"
     assert command[command.index("--max_length") + 1] == "0"
+    assert command[command.index("--synthetic_family") + 1] == "order"
+    assert command[command.index("--synthetic_num_customers") + 1] == "200"
     assert command[command.index("--gradient_accumulation_steps") + 1] == "8"
-    assert "--group_by_length" in command and command[-1] == "--bf16"
-    assert command[command.index("--save_strategy") + 1] == "no"
+    assert "--group_by_length" in command and "--resume_from_checkpoint" not in command
+    baseline = train_command(RunSpec("order", "lightgbm", 0, 2), config, ["--bf16"])
+    assert baseline[0] == "txformer-baseline" and "--bf16" not in baseline
+    assert baseline[baseline.index("--output_dir") + 1] == str(tmp_path / "order" / "lightgbm-seed2")
 
-    config.time_limit_minutes = 15
-    run_dir = tmp_path / "infinity-whole-seed1"
+    run_dir = tmp_path / "order" / "infinity-whole-seed1"
     (run_dir / "checkpoint-10").mkdir(parents=True)
     (run_dir / "checkpoint-10" / "trainer_state.json").write_text("{}")
     (run_dir / "checkpoint-20").mkdir()  # interrupted while saving: no trainer state
-    command = train_command(RunSpec("infinity", 0, 1), config, [])
+    command = train_command(RunSpec("order", "infinity", 0, 1), config, [])
     assert command[command.index("--resume_from_checkpoint") + 1] == str(run_dir / "checkpoint-10")
+    with pytest.raises(ValueError, match="FAMILY:CUSTOMERS"):
+        CompareConfig(families=["order"]).specs()
 
 
 def test_finished_runs_are_skipped(tmp_path):
-    config = CompareConfig(runs=["full:64,256"], seeds=[1], output_dir=str(tmp_path))
-    (tmp_path / "full-64-seed1").mkdir()
-    (tmp_path / "full-64-seed1" / "all_results.json").write_text("{}")
+    config = CompareConfig(families=["order:100"], runs=["full:64,256"], seeds=[1], output_dir=str(tmp_path))
+    (tmp_path / "order" / "full-64-seed1").mkdir(parents=True)
+    (tmp_path / "order" / "full-64-seed1" / "all_results.json").write_text("{}")
+    (tmp_path / "order" / "lightgbm-seed1").mkdir(parents=True)
+    (tmp_path / "order" / "lightgbm-seed1" / "baseline_results.json").write_text("{}")
     ran = []
     unfinished = run_all(config, [], log=lambda line: None, runner=lambda spec, *args: ran.append(spec) or False)
-    assert [spec.name for spec in ran] == ["full-256-seed1"]
+    assert [spec.name for spec in ran] == ["order/full-256-seed1"]
     assert unfinished == ran
 
 
 def test_time_limit_stops_a_run_and_records_it(tmp_path, monkeypatch):
     config = CompareConfig(runs=["full:64"], seeds=[1], output_dir=str(tmp_path), time_limit_minutes=0.02)
     monkeypatch.setattr(compare, "train_command", lambda *args: [sys.executable, "-c", "import time; time.sleep(60)"])
-    assert not compare.run_one(RunSpec("full", 64, 1), config, [], log=lambda line: None)
-    record = json.loads((tmp_path / "full-64-seed1" / "compare_run.json").read_text())
+    assert not compare.run_one(RunSpec("order", "full", 64, 1), config, [], log=lambda line: None)
+    record = json.loads((tmp_path / "order" / "full-64-seed1" / "compare_run.json").read_text())
     assert record["calls"][0]["return_code"] is None and record["calls"][0]["wall_time_s"] < 30
 
 
-def fake_run(run_dir, auroc, accuracy, oracle_window, tokens_per_s):
+def fake_run(run_dir, auroc, accuracy, oracle_window, tokens_per_s, results_file="all_results.json"):
     run_dir.mkdir(parents=True)
     metrics = {
         "eval_auroc": auroc,
@@ -179,7 +196,7 @@ def fake_run(run_dir, auroc, accuracy, oracle_window, tokens_per_s):
         "oracle_auroc_all": 0.87,
         "oracle_auroc_last_max_length": oracle_window,
     }
-    (run_dir / "all_results.json").write_text(json.dumps(metrics))
+    (run_dir / results_file).write_text(json.dumps(metrics))
     steps = [
         {
             "step": step,
@@ -191,15 +208,21 @@ def fake_run(run_dir, auroc, accuracy, oracle_window, tokens_per_s):
         for step in (1, 2, 3)
     ]
     (run_dir / "profile_steps.jsonl").write_text("".join(json.dumps(step) + "\n" for step in steps))
+    history = [{"step": 10, "loss": 0.69}, {"step": 20, "loss": 0.6, "eval_auroc": auroc}]
+    (run_dir / "trainer_state.json").write_text(json.dumps({"log_history": history}))
 
 
-def test_report_aggregates_seeds_and_states_the_infinity_goals(tmp_path):
+def test_report_aggregates_seeds_and_states_the_goals_per_family(tmp_path):
     output_dir = tmp_path / "runs"
-    fake_run(output_dir / "full-256-seed1", 0.83, 0.77, 0.84, 20000)
-    fake_run(output_dir / "full-256-seed2", 0.85, 0.79, 0.84, 22000)
-    fake_run(output_dir / "infinity-whole-seed1", 0.86, 0.78, 0.87, 5000)
-    fake_run(output_dir / "infinity-whole-seed2", 0.84, 0.80, 0.87, 7000)
+    for family in ("independent", "order"):
+        fake_run(output_dir / family / "lightgbm-seed1", 0.80, 0.70, None, 0, "baseline_results.json")
+        fake_run(output_dir / family / "lightgbm-seed2", 0.82, 0.72, None, 0, "baseline_results.json")
+    fake_run(output_dir / "order" / "full-256-seed1", 0.83, 0.77, 0.84, 20000)
+    fake_run(output_dir / "order" / "full-256-seed2", 0.85, 0.79, 0.84, 22000)
+    fake_run(output_dir / "order" / "infinity-whole-seed1", 0.80, 0.78, 0.87, 5000)
+    fake_run(output_dir / "order" / "infinity-whole-seed2", 0.80, 0.80, 0.87, 7000)
     config = CompareConfig(
+        families=["independent:300", "order:200"],
         runs=["full:256,1024", "infinity:0"],
         seeds=[1, 2],
         output_dir=str(output_dir),
@@ -208,10 +231,20 @@ def test_report_aggregates_seeds_and_states_the_infinity_goals(tmp_path):
     )
     unfinished = [spec for spec in config.specs() if spec.max_length == 1024]
     report = write_report(config, unfinished, "python scripts/compare.py").read_text()
-    assert "| full | last 256 | 2 | 0.8400 ± 0.0141 | 0.7800 ± 0.0141 | 0.8400 | 0.0300 | 21,000 | 903 |" in report
-    assert "| infinity | whole history | 2 | 0.8500 ± 0.0141 |" in report
-    assert "a gap of 0.0200: **within 0.03**" in report
-    assert "AUROC difference +0.0300, -0.0100 (mean +0.0100; ∞-former higher in 1 of 2)" in report
-    assert "- full, last 1,024, seed 1" in report
-    assert (tmp_path / "figures" / "results_auroc_vs_context.png").exists()
-    assert "(figures/results_cost_vs_context.png)" in report
+    assert "## The `order` family (200 customers)" in report
+    assert (
+        "| full | last 256 | 2 | 0.8400 ± 0.0141 | 0.7800 ± 0.0141 | 0.8400 | 0.0000 | +0.0300 | 21,000 | 903 |"
+        in report
+    )
+    assert "| lightgbm | aggregates of the whole history | 2 | 0.8100 ± 0.0141 |" in report
+    assert "| Bayes oracle | whole history | | 0.8700 |" in report
+    assert "- full, best at last 256: AUROC 0.8400 ± 0.0141; beats the baseline by +0.0300; 0.0000 below" in report
+    assert (
+        "- infinity, best at whole history: AUROC 0.8000 ± 0.0000; **does not beat** the baseline by -0.0100; 0.0700"
+        in report
+    )
+    assert "**not within** 0.02" in report
+    assert "- order: full, last 1,024, seed 1" in report
+    for name in ("order_auroc_vs_context", "order_learning_curves", "independent_auroc_vs_context"):
+        assert (tmp_path / "figures" / f"results_{name}.png").exists()
+    assert "(figures/results_order_learning_curves.png)" in report

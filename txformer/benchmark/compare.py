@@ -1,6 +1,7 @@
-"""The comparison report: train every attention kind at several context lengths and seeds (each run a
-`scripts/train.py` process with the profiling callback on, in its own folder), then aggregate AUROC, accuracy,
-throughput and memory next to the oracle AUROCs of the synthetic data into `docs/results.md` and plots.
+"""The comparison report: on each synthetic data family, train every attention kind at several context lengths and
+seeds (each run a `scripts/train.py` process with the default recipe and the profiling callback on, in its own
+folder) next to the LightGBM baseline on aggregates (`scripts/baseline.py`, same split and seeds), then aggregate
+AUROC, accuracy, throughput and memory next to the oracle AUROCs of the data into `docs/results.md` and plots.
 
 Runs are resumable: a folder with `all_results.json` is finished and skipped; with `time_limit_minutes`, a run that
 reaches the limit is stopped and continues from its last complete checkpoint at the next call (checkpoints are
@@ -15,7 +16,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,27 +30,43 @@ SUMMARY_FILE = "profile_summary.json"
 RUN_RECORD_FILE = "compare_run.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 WHOLE_HISTORY = 0
+BASELINE = "lightgbm"
+BASELINE_RESULTS_FILE = "baseline_results.json"
 BENCHMARK_DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmark.md"
+# The installed console scripts (setup.py), so that the comparison runs from a wheel as from a source tree.
+TRAIN_ENTRY_POINT = "txformer-train"
+BASELINE_ENTRY_POINT = "txformer-baseline"
 # Context length a whole history counts as when choosing the micro-batch size (the longest histories are grouped).
 WHOLE_HISTORY_BATCH_LENGTH = 8192
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: an attention kind, its context (`max_length`, 0 = whole histories) and a seed."""
+    """One run on a data family: an attention kind at its context (`max_length`, 0 = whole histories), or the
+    baseline (`attention_type == BASELINE`), and a seed."""
 
+    family: str
     attention_type: str
     max_length: int
     seed: int
 
     @property
     def name(self) -> str:
+        """The run's folder, relative to the output folder."""
+        if self.is_baseline:
+            return f"{self.family}/{BASELINE}-seed{self.seed}"
         context = "whole" if self.max_length == WHOLE_HISTORY else str(self.max_length)
-        return f"{self.attention_type}-{context}-seed{self.seed}"
+        return f"{self.family}/{self.attention_type}-{context}-seed{self.seed}"
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.attention_type == BASELINE
 
     @property
     def context(self) -> str:
         """How tables name the context."""
+        if self.is_baseline:
+            return "aggregates of the whole history"
         return "whole history" if self.max_length == WHOLE_HISTORY else f"last {self.max_length:,}"
 
 
@@ -58,15 +74,19 @@ class RunSpec:
 class CompareConfig:
     """The grid of runs and how they are trained (one command-line flag per field)."""
 
+    families: list[str] = field(
+        default_factory=lambda: ["independent:8000", "order:4000"],
+        metadata={"help": "FAMILY:CUSTOMERS per synthetic data family (`--synthetic_family` of scripts/train.py)."},
+    )
     runs: list[str] = field(
-        default_factory=lambda: ["full:64,256,1024", "performer:256,1024,4096", "infinity:0,1024"],
+        default_factory=lambda: ["full:256,1024", "performer:256,1024", "infinity:0"],
         metadata={"help": "KIND:LENGTH,LENGTH,... per attention kind; length 0 = whole histories."},
     )
-    seeds: list[int] = field(default_factory=lambda: [42, 43], metadata={"help": "Training seeds (init, order)."})
+    seeds: list[int] = field(default_factory=lambda: [42, 43, 44], metadata={"help": "Seeds (init, order)."})
+    baseline: bool = field(default=True, metadata={"help": "Also run the LightGBM baseline for each family and seed."})
     output_dir: str = field(default="outputs/compare", metadata={"help": "One folder per run inside."})
     report: str = field(default="docs/results.md", metadata={"help": "The Markdown report written at the end."})
     figures_dir: str = field(default="docs/figures", metadata={"help": "Where the report's PNG plots go."})
-    num_train_epochs: float = field(default=4.0, metadata={"help": "Epochs of every run."})
     effective_batch_size: int = field(default=64, metadata={"help": "Histories per optimizer step."})
     micro_batch_events: int = field(
         default=65536,
@@ -76,23 +96,40 @@ class CompareConfig:
         default=0.0,
         metadata={
             "help": "Stop a run after this long in one call and resume it from its last checkpoint at the next call "
-            "(0: no limit, no checkpoints)."
+            "(0: no limit)."
         },
     )
-    save_steps: int = field(default=25, metadata={"help": "Checkpoint interval when time_limit_minutes is set."})
     num_threads: int = field(default=0, metadata={"help": "OMP_NUM_THREADS of the runs (0: inherit)."})
     report_only: bool = field(default=False, metadata={"help": "Only aggregate the finished runs into the report."})
     dry_run: bool = field(default=False, metadata={"help": "Print the commands of the runs still to do, run none."})
 
+    def family_sizes(self) -> dict[str, int]:
+        """Customers of each family's generated data."""
+        sizes = {}
+        for item in self.families:
+            family, _, customers = item.partition(":")
+            if not customers.isdigit():
+                raise ValueError(f"Family {item!r} is not FAMILY:CUSTOMERS.")
+            sizes[family] = int(customers)
+        return sizes
+
     def specs(self) -> list[RunSpec]:
-        """Every run of the grid, seed-major (so that a first seed of every configuration finishes first)."""
+        """Every run of the grid, seed-major (so that a first seed of every configuration finishes first), the
+        baseline of a family and seed first."""
         grid = []
         for item in self.runs:
             kind, _, lengths = item.partition(":")
             if not lengths:
                 raise ValueError(f"Run {item!r} is not KIND:LENGTH[,LENGTH...].")
             grid += [(kind, int(length)) for length in lengths.split(",")]
-        return [RunSpec(kind, length, seed) for seed in self.seeds for kind, length in grid]
+        if self.baseline:
+            grid.insert(0, (BASELINE, WHOLE_HISTORY))
+        return [
+            RunSpec(family, kind, length, seed)
+            for seed in self.seeds
+            for family in self.family_sizes()
+            for kind, length in grid
+        ]
 
 
 def micro_batch_size(spec: RunSpec, config: CompareConfig) -> int:
@@ -117,39 +154,43 @@ def last_complete_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def data_args(spec: RunSpec, config: CompareConfig) -> list[str]:
+    """The data flags shared by the training and baseline commands of a run: its family, same split as every run."""
+    return [
+        "--synthetic_family", spec.family,
+        "--synthetic_num_customers", str(config.family_sizes()[spec.family]),
+        "--output_dir", str(Path(config.output_dir) / spec.name),
+    ]  # fmt: skip
+
+
 def train_command(spec: RunSpec, config: CompareConfig, extra_args: list[str]) -> list[str]:
-    """The `scripts/train.py` command of a run (resuming from its last checkpoint when there is one)."""
-    run_dir = Path(config.output_dir) / spec.name
+    """The command of a run: `txformer-baseline` for the baseline, else `txformer-train` with the default recipe
+    (resuming from its last complete checkpoint when there is one)."""
+    if spec.is_baseline:
+        return [BASELINE_ENTRY_POINT, *data_args(spec, config), "--seed", str(spec.seed)]
     micro = micro_batch_size(spec, config)
     command = [
-        sys.executable,
-        str(Path(__file__).resolve().parents[2] / "scripts" / "train.py"),
+        TRAIN_ENTRY_POINT,
+        *data_args(spec, config),
         "--attention_type", spec.attention_type,
         "--max_length", str(spec.max_length),
         "--seed", str(spec.seed),
-        "--output_dir", str(run_dir),
-        "--num_train_epochs", str(config.num_train_epochs),
         "--per_device_train_batch_size", str(micro),
         "--gradient_accumulation_steps", str(max(1, config.effective_batch_size // micro)),
         "--per_device_eval_batch_size", str(micro),
         "--group_by_length",
-        "--eval_strategy", "no",
         "--report_to", "none",
         "--disable_tqdm", "true",
     ]  # fmt: skip
-    if config.time_limit_minutes > 0:
-        command += ["--save_strategy", "steps", "--save_steps", str(config.save_steps), "--save_total_limit", "1"]
-        checkpoint = last_complete_checkpoint(run_dir)
-        if checkpoint is not None:
-            command += ["--resume_from_checkpoint", str(checkpoint)]
-    else:
-        command += ["--save_strategy", "no"]
+    checkpoint = last_complete_checkpoint(Path(config.output_dir) / spec.name)
+    if checkpoint is not None:
+        command += ["--resume_from_checkpoint", str(checkpoint)]
     return command + extra_args
 
 
 def is_finished(run_dir: Path) -> bool:
-    """A run is finished once the training script wrote its metrics."""
-    return (run_dir / RESULTS_FILE).exists()
+    """A run is finished once its script wrote its metrics."""
+    return (run_dir / RESULTS_FILE).exists() or (run_dir / BASELINE_RESULTS_FILE).exists()
 
 
 def run_one(spec: RunSpec, config: CompareConfig, extra_args: list[str], log: Callable[[str], None]) -> bool:
@@ -236,6 +277,7 @@ class RunResult:
     train_minutes: float | None
     wall_minutes: float | None
     hardware: dict | None
+    log_history: list[dict]
 
 
 def read_steps(path: Path) -> list[dict]:
@@ -251,10 +293,11 @@ def read_steps(path: Path) -> list[dict]:
 
 
 def read_run(run_dir: Path, spec: RunSpec) -> RunResult:
-    """The metrics of a finished run: held-out AUROC and accuracy, the oracles, and from the profiling callback's
-    steps file the throughput over all steps (real events / step time), the median per-step throughput and the peak
-    memory; the wall time from the run record."""
-    metrics = json.loads((run_dir / RESULTS_FILE).read_text())
+    """The metrics of a finished run: held-out AUROC and accuracy, the oracles, and for a model from the profiling
+    callback's steps file the throughput over all steps (real events / step time), the median per-step throughput and
+    the peak memory, and the Trainer's log history; the wall time from the run record."""
+    results_file = BASELINE_RESULTS_FILE if spec.is_baseline else RESULTS_FILE
+    metrics = json.loads((run_dir / results_file).read_text())
     steps = read_steps(run_dir / STEPS_FILE)
     counted = [step for step in steps if step.get("tokens") is not None]
     step_time = sum(step["step_time_s"] for step in counted)
@@ -262,18 +305,21 @@ def read_run(run_dir: Path, spec: RunSpec) -> RunResult:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     record_path = run_dir / RUN_RECORD_FILE
     calls = json.loads(record_path.read_text())["calls"] if record_path.exists() else []
+    state_path = run_dir / TRAINER_STATE_FILE
+    log_history = json.loads(state_path.read_text()).get("log_history", []) if state_path.exists() else []
     return RunResult(
         spec=spec,
         auroc=metrics["eval_auroc"],
         accuracy=metrics["eval_accuracy"],
         oracle_all=metrics.get("oracle_auroc_all"),
-        oracle_window=metrics.get("oracle_auroc_last_max_length"),
+        oracle_window=None if spec.is_baseline else metrics.get("oracle_auroc_last_max_length"),
         events_per_s=sum(step["tokens"] for step in counted) / step_time if step_time > 0 else None,
         events_per_s_median=statistics.median(step["tokens_per_s"] for step in counted) if counted else None,
         peak_memory_mib=max((step["peak_memory_mib"] for step in steps), default=None),
         train_minutes=sum(step["step_time_s"] for step in steps) / 60 if steps else None,
         wall_minutes=sum(call["wall_time_s"] for call in calls) / 60 if calls else None,
         hardware=summary.get("hardware"),
+        log_history=log_history,
     )
 
 
@@ -289,8 +335,9 @@ def collect_results(config: CompareConfig) -> list[RunResult]:
 
 @dataclass
 class GroupSummary:
-    """The seeds of one (kind, context) configuration."""
+    """The seeds of one (family, kind, context) configuration."""
 
+    family: str
     attention_type: str
     max_length: int
     seeds: list[int]
@@ -303,8 +350,12 @@ class GroupSummary:
     wall_minutes: float | None
 
     @property
-    def context(self) -> str:
-        return RunSpec(self.attention_type, self.max_length, 0).context
+    def spec(self) -> RunSpec:
+        return RunSpec(self.family, self.attention_type, self.max_length, 0)
+
+    @property
+    def mean_auroc(self) -> float:
+        return statistics.fmean(self.auroc)
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -313,32 +364,32 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 def summarize(results: list[RunResult]) -> list[GroupSummary]:
-    """One summary per (kind, context), in the order the grid lists them."""
-    groups: dict[tuple[str, int], list[RunResult]] = {}
+    """One summary per (family, kind, context), in the order the grid lists them."""
+    groups: dict[tuple[str, str, int], list[RunResult]] = {}
     for result in results:
-        groups.setdefault((result.spec.attention_type, result.spec.max_length), []).append(result)
+        key = (result.spec.family, result.spec.attention_type, result.spec.max_length)
+        groups.setdefault(key, []).append(result)
 
     def median_of(values: list[float | None]) -> float | None:
         known = [value for value in values if value is not None]
         return statistics.median(known) if known else None
 
-    summaries = []
-    for (kind, length), runs in groups.items():
-        summaries.append(
-            GroupSummary(
-                attention_type=kind,
-                max_length=length,
-                seeds=[run.spec.seed for run in runs],
-                auroc=[run.auroc for run in runs],
-                accuracy=[run.accuracy for run in runs],
-                oracle_all=runs[0].oracle_all,
-                oracle_window=runs[0].oracle_window,
-                events_per_s=median_of([run.events_per_s for run in runs]),
-                peak_memory_mib=max((run.peak_memory_mib for run in runs if run.peak_memory_mib), default=None),
-                wall_minutes=median_of([run.wall_minutes for run in runs]),
-            )
+    return [
+        GroupSummary(
+            family=family,
+            attention_type=kind,
+            max_length=length,
+            seeds=[run.spec.seed for run in runs],
+            auroc=[run.auroc for run in runs],
+            accuracy=[run.accuracy for run in runs],
+            oracle_all=runs[0].oracle_all,
+            oracle_window=runs[0].oracle_window,
+            events_per_s=median_of([run.events_per_s for run in runs]),
+            peak_memory_mib=max((run.peak_memory_mib for run in runs if run.peak_memory_mib), default=None),
+            wall_minutes=median_of([run.wall_minutes for run in runs]),
         )
-    return summaries
+        for (family, kind, length), runs in groups.items()
+    ]
 
 
 def _format_mean_std(values: list[float]) -> str:
@@ -351,115 +402,121 @@ def _optional(value: float | None, spec: str) -> str:
 
 
 def results_table(summaries: list[GroupSummary]) -> list[str]:
-    """The headline table."""
+    """The table of one family: every model configuration and the baseline."""
+    baseline = next((summary for summary in summaries if summary.spec.is_baseline), None)
     lines = [
-        "| attention | context | seeds | AUROC (mean ± std) | accuracy | oracle AUROC, same window | "
-        "gap to oracle, all events | train events/s | peak memory (MiB) | wall time per run (min) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | context | seeds | AUROC (mean ± std) | accuracy | oracle AUROC, same window | gap to it "
+        "| − baseline AUROC | train events/s | peak memory (MiB) | wall time per run (min) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for summary in summaries:
-        mean_auroc = statistics.fmean(summary.auroc)
-        gap = None if summary.oracle_all is None else summary.oracle_all - mean_auroc
+        gap = None if summary.oracle_window is None else summary.oracle_window - summary.mean_auroc
+        margin = None if baseline is None or summary is baseline else summary.mean_auroc - baseline.mean_auroc
         lines.append(
-            f"| {summary.attention_type} | {summary.context} | {len(summary.seeds)} | {_format_mean_std(summary.auroc)} "
-            f"| {_format_mean_std(summary.accuracy)} | {_optional(summary.oracle_window, '.4f')} "
-            f"| {_optional(gap, '.4f')} | {_optional(summary.events_per_s, ',.0f')} "
-            f"| {_optional(summary.peak_memory_mib, ',.0f')} | {_optional(summary.wall_minutes, '.1f')} |"
+            f"| {summary.attention_type} | {summary.spec.context} | {len(summary.seeds)} "
+            f"| {_format_mean_std(summary.auroc)} | {_format_mean_std(summary.accuracy)} "
+            f"| {_optional(summary.oracle_window, '.4f')} | {_optional(gap, '.4f')} | {_optional(margin, '+.4f')} "
+            f"| {_optional(summary.events_per_s, ',.0f')} | {_optional(summary.peak_memory_mib, ',.0f')} "
+            f"| {_optional(summary.wall_minutes, '.1f')} |"
         )
+    oracle_all = next((summary.oracle_all for summary in summaries if summary.oracle_all is not None), None)
+    if oracle_all is not None:
+        lines.append(f"| Bayes oracle | whole history | | {oracle_all:.4f} | | | | | | | |")
     return lines
 
 
-def infinity_verdict(summaries: list[GroupSummary], results: list[RunResult], tolerance: float = 0.03) -> list[str]:
-    """Issue 4's quality goals, from the runs that exist: the ∞-former on whole histories against full attention at
-    each of its contexts (on the seeds both have), and against the whole-history oracle."""
-    by_spec = {(result.spec.attention_type, result.spec.max_length, result.spec.seed): result for result in results}
-    infinity = next((s for s in summaries if s.attention_type == "infinity" and s.max_length == WHOLE_HISTORY), None)
-    if infinity is None:
-        return ["No finished ∞-former whole-history run yet: no verdict."]
-    mean_auroc = statistics.fmean(infinity.auroc)
+def quality_verdict(summaries: list[GroupSummary], tolerance: float = 0.02) -> list[str]:
+    """The quality goals of one family, from the runs that exist: each kind at its best context against the
+    baseline (mean over seeds) and against the oracle of its window."""
+    baseline = next((summary for summary in summaries if summary.spec.is_baseline), None)
+    models = [summary for summary in summaries if not summary.spec.is_baseline]
     lines = []
-    if infinity.oracle_all is not None:
-        gap = infinity.oracle_all - mean_auroc
-        verdict = "within" if gap <= tolerance else "not within"
-        lines.append(
-            f"- ∞-former, whole histories: AUROC {_format_mean_std(infinity.auroc)} over seeds {infinity.seeds}; the "
-            f"whole-history oracle is {infinity.oracle_all:.4f}, a gap of {gap:.4f}: **{verdict} {tolerance}**."
-        )
-    for full in (s for s in summaries if s.attention_type == "full"):
-        seeds = [seed for seed in infinity.seeds if seed in full.seeds]
-        if not seeds:
-            continue
-        differences = [
-            by_spec[("infinity", WHOLE_HISTORY, seed)].auroc - by_spec[("full", full.max_length, seed)].auroc
-            for seed in seeds
-        ]
-        mean, _ = mean_std(differences)
-        wins = sum(difference > 0 for difference in differences)
-        lines.append(
-            f"- against full attention on the {full.context} events, same seeds {seeds}: AUROC difference "
-            f"{', '.join(f'{d:+.4f}' for d in differences)} (mean {mean:+.4f}; ∞-former higher in {wins} of "
-            f"{len(seeds)})."
-        )
-    return lines
+    for kind in dict.fromkeys(summary.attention_type for summary in models):
+        best = max((summary for summary in models if summary.attention_type == kind), key=lambda s: s.mean_auroc)
+        parts = [f"- {kind}, best at {best.spec.context}: AUROC {_format_mean_std(best.auroc)}"]
+        if baseline is not None:
+            margin = best.mean_auroc - baseline.mean_auroc
+            parts.append(f"{'beats' if margin > 0 else '**does not beat**'} the baseline by {margin:+.4f}")
+        if best.oracle_window is not None:
+            gap = best.oracle_window - best.mean_auroc
+            parts.append(
+                f"{gap:.4f} below its window's oracle ({'within' if gap <= tolerance else '**not within**'} "
+                f"{tolerance})"
+            )
+        lines.append("; ".join(parts) + ".")
+    return lines or ["No finished model run yet: no verdict."]
 
 
-def plot_results(summaries: list[GroupSummary], figures_dir: Path) -> list[Path]:
-    """AUROC against context length (whole histories at the right end) with the oracles, and cost against length."""
+def plot_family(summaries: list[GroupSummary], results: list[RunResult], family: str, figures_dir: Path) -> list[Path]:
+    """Two figures of one family: AUROC against context (whole histories at the right end) with the oracle of each
+    window and the baseline, and the learning curves (train loss, validation AUROC) of the first seed of each model
+    next to the baseline's held-out AUROC."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
     figures_dir.mkdir(parents=True, exist_ok=True)
-    finite = sorted({s.max_length for s in summaries if s.max_length != WHOLE_HISTORY}) or [256]
+    models = [summary for summary in summaries if not summary.spec.is_baseline]
+    baseline = next((summary for summary in summaries if summary.spec.is_baseline), None)
+    finite = sorted({s.max_length for s in models if s.max_length != WHOLE_HISTORY}) or [256]
     whole_x = finite[-1] * 4
 
     def x_of(summary: GroupSummary) -> int:
         return whole_x if summary.max_length == WHOLE_HISTORY else summary.max_length
 
-    kinds = list(dict.fromkeys(s.attention_type for s in summaries))
     figure, axis = pyplot.subplots(figsize=(7, 4.5))
-    for kind in kinds:
-        points = sorted((s for s in summaries if s.attention_type == kind), key=x_of)
-        means = [statistics.fmean(s.auroc) for s in points]
+    for kind in dict.fromkeys(s.attention_type for s in models):
+        points = sorted((s for s in models if s.attention_type == kind), key=x_of)
         errors = [mean_std(s.auroc)[1] or 0.0 for s in points]
-        axis.errorbar([x_of(s) for s in points], means, yerr=errors, marker="o", capsize=3, label=kind)
-    oracle_points = sorted(
-        {(x_of(s), s.oracle_window) for s in summaries if s.oracle_window is not None}, key=lambda point: point[0]
-    )
-    if oracle_points:
-        axis.plot(*zip(*oracle_points, strict=True), "k--", linewidth=1, label="oracle, same window")
+        axis.errorbar(
+            [x_of(s) for s in points], [s.mean_auroc for s in points], yerr=errors, marker="o", capsize=3, label=kind
+        )
+    oracle_points = sorted({(x_of(s), s.oracle_window) for s in models if s.oracle_window is not None})
     oracle_all = next((s.oracle_all for s in summaries if s.oracle_all is not None), None)
     if oracle_all is not None:
-        axis.axhline(oracle_all, color="k", linestyle=":", linewidth=1, label="oracle, all events")
+        oracle_points = sorted({*oracle_points, (whole_x, oracle_all)})
+    if oracle_points:
+        axis.plot(*zip(*oracle_points, strict=True), "k--", linewidth=1, label="Bayes oracle, same window")
+    if baseline is not None:
+        axis.axhline(baseline.mean_auroc, color="tab:gray", linestyle="-.", linewidth=1, label="LightGBM, aggregates")
     ticks = [*finite, whole_x]
     axis.set_xscale("log", base=2)
     axis.set_xticks(ticks, [*(str(length) for length in finite), "whole"])
-    axis.set(xlabel="context (most recent events)", ylabel="held-out AUROC")
+    axis.set(xlabel="context (most recent events)", ylabel="held-out AUROC", title=f"{family} family")
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    auroc_path = figures_dir / "results_auroc_vs_context.png"
+    auroc_path = figures_dir / f"results_{family}_auroc_vs_context.png"
     figure.savefig(auroc_path, dpi=90)
     pyplot.close(figure)
 
-    figure, (speed_axis, memory_axis) = pyplot.subplots(1, 2, figsize=(10, 4))
-    for kind in kinds:
-        points = sorted((s for s in summaries if s.attention_type == kind), key=x_of)
-        xs = [x_of(s) for s in points]
-        speed_axis.plot(xs, [s.events_per_s or math.nan for s in points], marker="o", label=kind)
-        memory_axis.plot(xs, [s.peak_memory_mib or math.nan for s in points], marker="o", label=kind)
-    for axis, label in ((speed_axis, "training events/s"), (memory_axis, "peak memory of the process (MiB)")):
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(ticks, [*(str(length) for length in finite), "whole"])
-        axis.set(xlabel="context (most recent events)", ylabel=label)
+    figure, (loss_axis, auroc_axis) = pyplot.subplots(1, 2, figsize=(11, 4))
+    first_seed = {}
+    for result in results:
+        if result.spec.family == family and not result.spec.is_baseline and result.log_history:
+            first_seed.setdefault((result.spec.attention_type, result.spec.max_length), result)
+    for result in first_seed.values():
+        label = f"{result.spec.attention_type}, {result.spec.context}"
+        losses = [(entry["step"], entry["loss"]) for entry in result.log_history if "loss" in entry]
+        validation = [(entry["step"], entry["eval_auroc"]) for entry in result.log_history if "eval_auroc" in entry]
+        if losses:
+            loss_axis.plot(*zip(*losses, strict=True), label=label)
+        if validation:
+            auroc_axis.plot(*zip(*validation, strict=True), marker=".", label=label)
+    if baseline is not None:
+        auroc_axis.axhline(baseline.mean_auroc, color="tab:gray", linestyle="-.", label="LightGBM (held-out)")
+    loss_axis.axhline(math.log(2), color="k", linestyle=":", linewidth=1, label="chance (ln 2)")
+    loss_axis.set(xlabel="optimizer step", ylabel="training loss", title=f"{family}: training loss")
+    auroc_axis.set(xlabel="optimizer step", ylabel="validation AUROC", title=f"{family}: validation AUROC")
+    for axis in (loss_axis, auroc_axis):
         axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=7)
     figure.tight_layout()
-    cost_path = figures_dir / "results_cost_vs_context.png"
-    figure.savefig(cost_path, dpi=90)
+    curves_path = figures_dir / f"results_{family}_learning_curves.png"
+    figure.savefig(curves_path, dpi=90)
     pyplot.close(figure)
-    return [auroc_path, cost_path]
+    return [auroc_path, curves_path]
 
 
 def format_report(
@@ -467,10 +524,10 @@ def format_report(
     results: list[RunResult],
     unfinished: list[RunSpec],
     command: str,
-    figure_paths: list[Path],
+    figure_paths: dict[str, list[Path]],
     report_path: Path,
 ) -> str:
-    """`docs/results.md`."""
+    """`docs/results.md`: a section per family, with its table, verdict and figures."""
     summaries = summarize(results)
     hardware = next((result.hardware for result in results if result.hardware), None) or {}
     machine = (
@@ -478,44 +535,55 @@ def format_report(
         f"{(hardware.get('memory_total_mib') or 0) / 1024:.0f} GiB, GPUs: {hardware.get('gpu_names') or 'none'}"
     )
     lines = [
-        "# Results: quality and cost of each attention kind",
+        "# Results: quality and cost of each attention kind, against the baseline and the oracle",
         "",
         "Generated by `scripts/compare.py` (do not edit by hand); rerun to update. Command:",
         "",
         f"```bash\n{command}\n```",
         "",
-        f"Machine of the runs: {machine}. Every run trains the default model (hidden 64, 2 layers) with "
-        f"`scripts/train.py` on the default synthetic data (8,000 customers, of which the labelled ones are split "
-        f"90/10 into training and held out), {config.num_train_epochs:g} epochs, {config.effective_batch_size} "
-        "histories per optimizer step, length-grouped batches (`--group_by_length`), the profiling callback on; the "
-        "seeds vary initialisation and order, not the data. AUROC and accuracy are on the held-out customers. The "
-        "oracles are the exact Bayes posteriors of the generator on the same customers: with the same window of "
-        "most recent events as the model, and with all events. Events/s: real (non-padding) events over step time, "
-        "all steps. Peak memory: the training process's peak resident set (CPU) or CUDA allocation, as the profiling "
-        "callback records it (on CPU it includes the dataset and the Python process). The speed and memory of each "
-        "kind against length, measured alone and side by side with its peers, are in "
-        f"[docs/benchmark.md]({os.path.relpath(BENCHMARK_DOC, report_path.parent)}).",
-        "",
-        *results_table(summaries),
-        "",
-        "## The ∞-former goals (issue 4)",
-        "",
-        *infinity_verdict(summaries, results),
+        f"Machine of the runs: {machine}. Every model run trains the default model with the default recipe of "
+        f"`scripts/train.py` (budget in optimizer steps, early stopping on a validation split carved from the training "
+        f"customers, best checkpoint restored; [docs/recipe.md](recipe.md)), {config.effective_batch_size} histories "
+        "per optimizer step, length-grouped batches, the profiling callback on. The baseline is `scripts/baseline.py` "
+        "(LightGBM on per-customer aggregates of the whole history; [docs/baseline.md](baseline.md)). Models and "
+        "baseline see the same held-out customers (labelled customers split 90/10, split seed 42); the run seeds vary "
+        "initialisation and order, not the data. The oracles are the exact Bayes posteriors of the generator on the "
+        "same customers ([docs/data.md](data.md)), with the model's window of most recent events and with whole "
+        "histories. Events/s: real (non-padding) events over step time. Peak memory: the training process's peak "
+        "resident set (CPU) or CUDA allocation, as the profiling callback records it. Speed and memory of each kind "
+        f"against length: [docs/benchmark.md]({os.path.relpath(BENCHMARK_DOC, report_path.parent)}).",
         "",
     ]
-    relative = [os.path.relpath(path, report_path.parent) for path in figure_paths]
-    lines += [f"![{Path(path).stem}]({path})" for path in relative]
+    for family in dict.fromkeys(summary.family for summary in summaries):
+        family_summaries = [summary for summary in summaries if summary.family == family]
+        lines += [
+            f"## The `{family}` family ({config.family_sizes().get(family, '?'):,} customers)",
+            "",
+            *results_table(family_summaries),
+            "",
+            *quality_verdict(family_summaries),
+            "",
+        ]
+        relative = [os.path.relpath(path, report_path.parent) for path in figure_paths.get(family, [])]
+        lines += [f"![{Path(path).stem}]({path})" for path in relative]
+        lines.append("")
     if unfinished:
-        lines += ["", "## Not run yet", ""]
-        lines += [f"- {spec.attention_type}, {spec.context}, seed {spec.seed}" for spec in unfinished]
-    return "\n".join(lines) + "\n"
+        lines += ["## Not run yet", ""]
+        lines += [f"- {spec.family}: {spec.attention_type}, {spec.context}, seed {spec.seed}" for spec in unfinished]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def write_report(config: CompareConfig, unfinished: list[RunSpec], command: str) -> Path:
     """Collects the finished runs and writes the report and its plots."""
     results = collect_results(config)
+    summaries = summarize(results)
     report_path = Path(config.report)
-    figure_paths = plot_results(summarize(results), Path(config.figures_dir)) if results else []
+    figure_paths = {
+        family: plot_family(
+            [summary for summary in summaries if summary.family == family], results, family, Path(config.figures_dir)
+        )
+        for family in dict.fromkeys(summary.family for summary in summaries)
+    }
     report = format_report(config, results, unfinished, command, figure_paths, report_path)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(report, encoding="utf-8")
