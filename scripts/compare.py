@@ -1,20 +1,22 @@
 #!/usr/bin/env python
-"""Train every attention kind at several context lengths and seeds on the synthetic default data, then write
-`docs/results.md` (AUROC mean ± std, accuracy, the oracles, throughput, memory) and its plots. Resumable: finished
+"""On each synthetic data family, train every attention kind at several context lengths and seeds, and the LightGBM
+baseline on the same split, then write `docs/results.md` (AUROC mean ± std, accuracy, the oracles, the margin over
+the baseline, throughput, memory) and its plots. Resumable: finished
 runs (a folder with all_results.json) are skipped, so rerunning continues where it stopped. Arguments after `--` go
 to every `scripts/train.py` run.
 
-    python scripts/compare.py                                          # the default grid, 2 seeds (hours on a CPU)
-    python scripts/compare.py --runs full:256 infinity:0 --seeds 42 43 # the ∞-former's key comparison
+    python scripts/compare.py                                          # the default grid, 3 seeds (hours on a CPU)
+    python scripts/compare.py --families order:4000 --runs full:256 --seeds 42   # one family, one configuration
+    python scripts/compare.py --no_baseline                            # models only
     python scripts/compare.py --time_limit_minutes 15                  # at most 15 min per run per call (resumes)
     python scripts/compare.py --report_only                            # rewrite the report from finished runs
     python scripts/compare.py --runs full:256 -- --bf16 --transactions t.csv --labels g.csv   # flags for train.py
 """
 
-import argparse
 import shlex
 import sys
-from dataclasses import fields
+
+from transformers import HfArgumentParser
 
 from txformer.benchmark.compare import CompareConfig, collect_results, run_all, write_report
 
@@ -24,19 +26,8 @@ def parse_args() -> tuple[CompareConfig, list[str]]:
     argv = sys.argv[1:]
     extra_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    defaults = CompareConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for config_field in fields(CompareConfig):
-        default = getattr(defaults, config_field.name)
-        help_text = f"{config_field.metadata['help']} Default: {default}."
-        if isinstance(default, list):
-            item_type = str if isinstance(default[0], str) else int
-            parser.add_argument(f"--{config_field.name}", type=item_type, nargs="+", default=default, help=help_text)
-        elif isinstance(default, bool):
-            parser.add_argument(f"--{config_field.name}", action="store_true", help=help_text)
-        else:
-            parser.add_argument(f"--{config_field.name}", type=type(default), default=default, help=help_text)
-    return CompareConfig(**vars(parser.parse_args(argv))), extra_args
+    (config,) = HfArgumentParser(CompareConfig).parse_args_into_dataclasses(args=argv)
+    return config, extra_args
 
 
 def main() -> None:
