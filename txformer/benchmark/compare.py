@@ -16,6 +16,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -154,6 +155,12 @@ def last_complete_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def entry_point(name: str) -> str:
+    """The console script `name` of the running Python environment (next to its interpreter), else from `PATH`."""
+    sibling = Path(sys.executable).with_name(name)
+    return str(sibling) if sibling.exists() else shutil.which(name) or name
+
+
 def data_args(spec: RunSpec, config: CompareConfig) -> list[str]:
     """The data flags shared by the training and baseline commands of a run: its family, same split as every run."""
     return [
@@ -167,10 +174,10 @@ def train_command(spec: RunSpec, config: CompareConfig, extra_args: list[str]) -
     """The command of a run: `txformer-baseline` for the baseline, else `txformer-train` with the default recipe
     (resuming from its last complete checkpoint when there is one)."""
     if spec.is_baseline:
-        return [BASELINE_ENTRY_POINT, *data_args(spec, config), "--seed", str(spec.seed)]
+        return [entry_point(BASELINE_ENTRY_POINT), *data_args(spec, config), "--seed", str(spec.seed)]
     micro = micro_batch_size(spec, config)
     command = [
-        TRAIN_ENTRY_POINT,
+        entry_point(TRAIN_ENTRY_POINT),
         *data_args(spec, config),
         "--attention_type", spec.attention_type,
         "--max_length", str(spec.max_length),
