@@ -1,5 +1,6 @@
 """TxFormer model configuration."""
 
+import contextvars
 import dataclasses
 import difflib
 
@@ -11,6 +12,9 @@ ATTENTION_TYPES = ("full", "performer", "infinity")
 POOLING_TYPES = ("mean", "last")
 POSITION_EMBEDDING_TYPES = ("rotary", "none")
 PERFORMER_KERNELS = ("softmax", "relu")
+# Set while a saved config is read back: its unknown keys are kept as they are (a newer version or a library helper
+# may have written them), not checked for typos as the keys a user passes are.
+_READING_SAVED_CONFIG = contextvars.ContextVar("txformer_reading_saved_config", default=False)
 
 
 @strict
@@ -131,13 +135,24 @@ class TxFormerConfig(PreTrainedConfig):
         if self.ltm_basis_widths is None:
             self.ltm_basis_widths = [0.01, 0.05]
         self.validate_architecture()  # raises a plain ValueError before the strict-dataclass wrapper does
-        fields = [field.name for field in dataclasses.fields(self)]
-        for key in kwargs:
-            # Unknown keys are kept as attributes (transformers' rule); a near miss of a field is a typo.
-            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
-            if close:
-                raise ValueError(f"Unknown config key {key!r}: did you mean {close[0]!r}?")
+        if not _READING_SAVED_CONFIG.get():
+            fields = [field.name for field in dataclasses.fields(self)]
+            for key in kwargs:
+                # Unknown keys are kept as attributes (transformers' rule); a near miss of a field is a typo.
+                close = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
+                if close:
+                    raise ValueError(f"Unknown config key {key!r}: did you mean {close[0]!r}?")
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "TxFormerConfig":
+        """As [`PreTrainedConfig.from_dict`]; keys of a saved config that this version does not define are kept as
+        attributes without the typo check that the keys a user passes get."""
+        token = _READING_SAVED_CONFIG.set(True)
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        finally:
+            _READING_SAVED_CONFIG.reset(token)
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation: checks sizes and choices."""

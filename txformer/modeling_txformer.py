@@ -10,6 +10,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .attention_full import Float32BuffersMixin, TxFormerSelfAttention
 from .attention_infinity import InfinityMemoryState, TxFormerInfinityAttention
@@ -173,8 +174,8 @@ class TxFormerRotaryEmbedding(Float32BuffersMixin):
 
 
 class TxFormerEventContext(nn.Module):
-    """Adds to each event a learned linear map of its own embedding and those of the `event_context_size` events
-    before it: a causal convolution over the history, so pairs like "code a followed by code b" are visible to every
+    """Adds to each event embedding a learned linear map of itself and the `event_context_size` events before it: a
+    causal convolution over the history, so pairs like "code a followed by code b" are visible to every
     layer of every attention kind. Padding contributes zeros; `event_context` carries the last events of a previous
     segment or call."""
 
@@ -182,6 +183,7 @@ class TxFormerEventContext(nn.Module):
         super().__init__()
         self.context_size = config.event_context_size
         self.convolution = nn.Conv1d(config.hidden_size, config.hidden_size, kernel_size=self.context_size + 1)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
         self, embeddings: torch.Tensor, event_mask: torch.Tensor, event_context: torch.Tensor | None = None
@@ -197,12 +199,11 @@ class TxFormerEventContext(nn.Module):
         next_context = torch.where(
             event_mask.any(dim=1)[:, None, None], window[:, -self.context_size :], event_context
         )
-        return embeddings + mixed, next_context
+        return self.norm(embeddings + mixed), next_context
 
 
 class TxFormerEventEmbeddings(nn.Module):
-    """One vector per event: sum of the categorical field embeddings, the numeric and the time encodings, mixed with
-    the events just before it (`event_context_size`)."""
+    """One vector per event: sum of the categorical field embeddings, the numeric and the time encodings."""
 
     def __init__(self, config: TxFormerConfig):
         super().__init__()
@@ -212,7 +213,6 @@ class TxFormerEventEmbeddings(nn.Module):
         )
         self.numeric_encoder = TxFormerNumericEncoder(config)
         self.time_encoder = TxFormerTimeEncoder(config)
-        self.event_context = TxFormerEventContext(config) if config.event_context_size > 0 else None
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -221,18 +221,12 @@ class TxFormerEventEmbeddings(nn.Module):
         input_ids: torch.Tensor,
         numeric_values: torch.Tensor,
         event_time: torch.Tensor,
-        event_mask: torch.Tensor,
         previous_event_time: torch.Tensor | None = None,
-        event_context: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The event embeddings `[batch, length, hidden]` and the context to carry to the next segment (None when
-        `event_context_size` is 0)."""
+    ) -> torch.Tensor:
         embeddings = self.numeric_encoder(numeric_values) + self.time_encoder(event_time, previous_event_time)
         for field_index, embedding in enumerate(self.categorical_embeddings):
             embeddings = embeddings + embedding(input_ids[..., field_index])
-        if self.event_context is not None:
-            embeddings, event_context = self.event_context(embeddings, event_mask, event_context)
-        return self.dropout(self.norm(embeddings)), event_context
+        return self.dropout(self.norm(embeddings))
 
 
 class TxFormerMLP(nn.Module):
@@ -336,12 +330,21 @@ class TxFormerModel(TxFormerPreTrainedModel):
     def __init__(self, config: TxFormerConfig):
         super().__init__(config)
         self.embeddings = TxFormerEventEmbeddings(config)
+        self.event_context = TxFormerEventContext(config) if config.event_context_size > 0 else None
         self.rotary_emb = TxFormerRotaryEmbedding(config) if config.position_embedding_type == "rotary" else None
         self.layers = nn.ModuleList(TxFormerLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
 
+    def get_input_embeddings(self) -> TxFormerEventEmbeddings:
+        """The event embeddings (what `enable_input_require_grads` hooks for gradient checkpointing and adapters)."""
+        return self.embeddings
+
+    def set_input_embeddings(self, value: TxFormerEventEmbeddings) -> None:
+        self.embeddings = value
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -432,9 +435,10 @@ class TxFormerModel(TxFormerPreTrainedModel):
         `last_event_time`, `event_context` and `layer_states`; empty for a history read in one call). Returns the
         hidden states, the per-layer outputs asked for, the state after this segment (`layer_states`,
         `event_context`) and the attention's auxiliary loss."""
-        hidden_states, event_context = self.embeddings(
-            input_ids, numeric_values, event_time, key_padding_mask, state.last_event_time, state.event_context
-        )
+        hidden_states = self.embeddings(input_ids, numeric_values, event_time, state.last_event_time)
+        event_context = None
+        if self.event_context is not None:
+            hidden_states, event_context = self.event_context(hidden_states, key_padding_mask, state.event_context)
         attention_mask = torch.zeros(key_padding_mask.shape, dtype=hidden_states.dtype, device=hidden_states.device)
         attention_mask = attention_mask.masked_fill(~key_padding_mask, MASK_VALUE)[:, None, None, :]
         position_embeddings = None if self.rotary_emb is None else self.rotary_emb(hidden_states.shape[1])
@@ -630,6 +634,7 @@ class TxFormerForSequenceClassification(TxFormerPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -656,6 +661,7 @@ class TxFormerForSequenceClassification(TxFormerPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             output_last_hidden_state=False,
+            return_dict=True,
         )
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = None
