@@ -169,7 +169,7 @@ run_step tests 100 env OMP_NUM_THREADS=1 "$PYTHON" -m pytest -q "${PARALLEL[@]}"
     "--junitxml=$OUTPUT_DIR/tests.junit.xml" tests
 
 # Histories of about 4k to 16k events at the default --max-length (5th to 95th percentile: 0.56 to 1.8 × median).
-run_step data 25 "$PYTHON" -c "from txformer.data import SyntheticConfig, generate_synthetic_data; \
+run_step data 40 "$PYTHON" -c "from txformer.data import SyntheticConfig, generate_synthetic_data; \
 generate_synthetic_data('$DATA', num_customers=128, seed=0, \
 config=SyntheticConfig(median_length=$((MAX_LENGTH / 2)), length_log_std=0.35))"
 
