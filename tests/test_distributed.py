@@ -1,6 +1,8 @@
-"""Distributed training for real: `accelerate launch --config_file configs/cpu_2proc.yaml` starts two CPU processes
-(gloo) that run `scripts/train.py` once per attention kind; each run must match one process with the same global
-batch (losses, gradient norms, saved weights, evaluation on the gathered predictions) and profile both ranks.
+"""Distributed training for real: two CPU processes (gloo) run `scripts/train.py` once per attention kind, launched
+either on one machine (`accelerate launch --config_file configs/cpu_2proc.yaml`) or as two simulated machines on
+localhost with one process each (`configs/multi_node.yaml`, one launcher per machine rank); each run must match one
+process with the same global batch (losses, gradient norms, saved weights, evaluation on the gathered predictions)
+and profile both ranks.
 
 Run as a script (`accelerate launch ... tests/test_distributed.py DATA_DIR OUTPUT_ROOT`), this file is the launched
 program: it runs `scripts/train.py` with `train_arguments(...)` for every attention kind in one pair of processes,
@@ -12,8 +14,10 @@ import json
 import os
 import runpy
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,11 @@ from txformer.configuration_txformer import ATTENTION_TYPES
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
 CPU_CONFIG = REPO / "configs" / "cpu_2proc.yaml"
+MULTI_NODE_CONFIG = REPO / "configs" / "multi_node.yaml"
 WORLD_SIZE = 2
+# Where the launched processes ran: one machine with both, or two simulated machines (loopback) with one each.
+LAYOUTS = {"one_machine": (1, WORLD_SIZE), "two_machines": (WORLD_SIZE, 1)}
+LAUNCH_TIMEOUT_S = 300
 PER_DEVICE_BATCH = 4
 MAX_STEPS = 4
 EVAL_BATCH = 4
@@ -67,49 +75,117 @@ def train_arguments(data_dir: Path, output_dir: Path, attention_type: str, per_d
         "--output_dir", str(output_dir),
         # Each rank keeps the Performer projections it redraws itself (as under FSDP), not rank 0's copy.
         "--ddp_broadcast_buffers", "false",
+        # The CPU on a GPU machine too (the launches hide the GPUs): both runs compute alike.
+        "--use_cpu", "true",
     ]  # fmt: skip
 
 
 def run_kinds_in_launched_processes(data_dir: Path, output_root: Path) -> None:
-    """The launched program: `scripts/train.py` once per attention kind, `PER_DEVICE_BATCH` rows per process."""
+    """The launched program: `scripts/train.py` once per attention kind, `PER_DEVICE_BATCH` rows per process; each
+    process first records where torchrun placed it (`placement.rank<r>.json`)."""
+    placement = {key: int(os.environ[key]) for key in ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    (output_root / f"placement.rank{placement['RANK']}.json").write_text(json.dumps(placement))
     for attention_type in ATTENTION_TYPES:
         arguments = train_arguments(data_dir, output_root / attention_type, attention_type, PER_DEVICE_BATCH)
         sys.argv = [str(TRAIN_SCRIPT), *arguments]
         runpy.run_path(str(TRAIN_SCRIPT), run_name="__main__")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """Output roots of every kind trained by two processes (`accelerate launch` with `configs/cpu_2proc.yaml`,
-    `PER_DEVICE_BATCH` rows each) and by this process (`txformer.training.main`, as `scripts/train.py`, with the
-    global batch), on tiny synthetic data with short histories (about 48 events) so that batches hold padding and
-    truncated rows. The reference runs here while the launched processes start."""
+def free_port() -> int:
+    """A TCP port that is free on the loopback interface now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_commands(layout: str, data_dir: Path, output_root: Path) -> list[list[str]]:
+    """The `accelerate launch` commands of a layout, one per machine. Two machines take `configs/multi_node.yaml`
+    with the fields that a user edits per machine given as flags: both on localhost, one process each, float32."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    program = [__file__, str(data_dir), str(output_root)]
+    if layout == "one_machine":
+        return [[*launch, "--config_file", str(CPU_CONFIG), *program]]
+    num_machines, _ = LAYOUTS[layout]
+    port = str(free_port())
+    return [
+        [
+            *launch,
+            "--config_file",
+            str(MULTI_NODE_CONFIG),
+            "--num_machines",
+            str(num_machines),
+            "--num_processes",
+            str(WORLD_SIZE),
+            "--machine_rank",
+            str(machine_rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "--mixed_precision",
+            "no",
+            *program,
+        ]  # fmt: skip
+        for machine_rank in range(num_machines)
+    ]
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def runs(request, tmp_path_factory) -> dict[str, Path]:
+    """Output roots of every kind trained by two processes (`PER_DEVICE_BATCH` rows each) launched in the layout
+    `request.param`, and by this process (`txformer.training.main`, as `scripts/train.py`, with the global batch),
+    on tiny synthetic data with short histories (about 48 events) so that batches hold padding and truncated rows.
+    The reference runs here while the launched processes start."""
     from txformer.data import SyntheticConfig, generate_synthetic_data
 
     data_dir, one_process, two_processes = (tmp_path_factory.mktemp(name) for name in ("data", "one", "two"))
     generate_synthetic_data(data_dir, num_customers=64, seed=3, config=SyntheticConfig(median_length=48.0))
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG),
-        __file__, str(data_dir), str(two_processes),
-    ]  # fmt: skip
     environment = {key: value for key, value in os.environ.items() if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    log_path = two_processes / "launch.log"
-    with open(log_path, "w") as log:
-        launch = subprocess.Popen(
-            command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            from txformer.training import main
+    # The checkout under test, not another copy installed in the environment; the CPU, even on a GPU machine.
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")]))
+    environment["CUDA_VISIBLE_DEVICES"] = ""
+    launches, log_paths = [], []
+    try:
+        for machine_rank, command in enumerate(launch_commands(request.param, data_dir, two_processes)):
+            log_paths.append(two_processes / f"launch.machine{machine_rank}.log")
+            with open(log_paths[-1], "w") as log:
+                launches.append(
+                    subprocess.Popen(
+                        command,
+                        cwd=REPO,
+                        env=environment,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        from txformer.training import main
 
-            for attention_type in ATTENTION_TYPES:
-                output_dir = one_process / attention_type
-                main(train_arguments(data_dir, output_dir, attention_type, WORLD_SIZE * PER_DEVICE_BATCH))
-            returncode = launch.wait(timeout=300)
-        finally:
+        for attention_type in ATTENTION_TYPES:
+            output_dir = one_process / attention_type
+            main(train_arguments(data_dir, output_dir, attention_type, WORLD_SIZE * PER_DEVICE_BATCH))
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        returncodes = [launch.wait(timeout=max(deadline - time.monotonic(), 1)) for launch in launches]
+    finally:
+        for launch in launches:
             if launch.poll() is None:
                 os.killpg(launch.pid, signal.SIGKILL)  # the launcher and the processes it started
-    assert returncode == 0, log_path.read_text()[-6000:]
-    return {"one": one_process, "two": two_processes}
+    assert returncodes == [0] * len(launches), "\n".join(path.read_text()[-6000:] for path in log_paths)
+    return {"one": one_process, "two": two_processes, "layout": request.param}
+
+
+def test_processes_ran_on_the_machines_of_the_layout(runs):
+    """Two machines are two torchrun agents (node ranks 0 and 1) with one process each, joined over loopback."""
+    num_machines, processes_per_machine = LAYOUTS[runs["layout"]]
+    placements = [json.loads((runs["two"] / f"placement.rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    assert [placement["GROUP_RANK"] for placement in placements] == [
+        rank // processes_per_machine for rank in range(WORLD_SIZE)
+    ]
+    assert {placement["GROUP_RANK"] for placement in placements} == set(range(num_machines))
+    assert [placement["LOCAL_RANK"] for placement in placements] == [
+        rank % processes_per_machine for rank in range(WORLD_SIZE)
+    ]
+    assert all(placement["LOCAL_WORLD_SIZE"] == processes_per_machine for placement in placements)
 
 
 def training_logs(output_dir: Path) -> list[dict]:
