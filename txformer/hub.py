@@ -22,14 +22,14 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.dynamic_module_utils import get_relative_import_files, get_relative_imports
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
-from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from transformers.trainer_utils import HubStrategy
+from transformers.utils import CONFIG_NAME, FEATURE_EXTRACTOR_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from . import __version__
 from .configuration_txformer import TxFormerConfig
-from .data import VOCABULARY_FILE, EventVocabulary
-from .io_utils import atomic_write, atomic_write_json
-from .prediction import PREPROCESSING_FILE
+from .io_utils import atomic_write
+from .pipeline_txformer import PIPELINE_TASK
+from .prediction import PREPROCESSING_FILE, upgrade_model_folder
 from .profiling import SUMMARY_FILE as PROFILE_SUMMARY_FILE
 
 
@@ -58,7 +58,7 @@ MODEL_LICENSE = "apache-2.0"
 PIPELINE_TAG = "tabular-classification"
 TASK_NAME = "Customer gender from bank-transaction history"
 REPO_PLACEHOLDER = "<namespace>/<repository>"
-DEFAULT_COMMIT_MESSAGE = "Upload txformer model: weights, code, vocabulary, preprocessing, metrics and card"
+DEFAULT_COMMIT_MESSAGE = "Upload txformer model: weights, code, processor, metrics and card"
 ATTENTION_TAGS = {"full": "full-attention", "performer": "performer", "infinity": "infinity-former"}
 ATTENTION_SUMMARIES = {
     "full": "exact softmax attention over every kept event (memory grows with the square of the history length); "
@@ -133,7 +133,27 @@ def _code_files(output_dir: Path, problems: list[str]) -> list[str]:
         for name in REQUIRED_AUTO_CLASSES
         if name not in auto_map
     ]
-    pending = sorted({f"{reference.split('.')[0]}.py" for reference in auto_map.values()})
+    references = list(auto_map.values())
+    custom_pipelines = config.get("custom_pipelines") or {}
+    if PIPELINE_TASK in custom_pipelines:
+        references.append(custom_pipelines[PIPELINE_TASK]["impl"])
+    else:
+        problems.append(
+            f"{CONFIG_NAME} custom_pipelines entry {PIPELINE_TASK} (set model.config.custom_pipelines = "
+            "txformer.pipeline_txformer.custom_pipelines() before saving)"
+        )
+    processor = _read_json(output_dir / FEATURE_EXTRACTOR_NAME)
+    if processor is None:
+        problems.append(f"{FEATURE_EXTRACTOR_NAME} (the TxFormerProcessor: vocabulary and preprocessing settings)")
+    else:
+        processor_map = processor.get("auto_map") or {}
+        problems += [
+            f"{FEATURE_EXTRACTOR_NAME} auto_map entry {name} (save with txformer imported)"
+            for name in ("AutoFeatureExtractor", "AutoProcessor")
+            if name not in processor_map
+        ]
+        references += list(processor_map.values())
+    pending = sorted({f"{reference.split('.')[0]}.py" for reference in references})
     found: list[str] = []
     while pending:
         name = pending.pop()
@@ -154,12 +174,8 @@ def files_to_push(output_dir: str | Path) -> list[Path]:
     if not output_dir.is_dir():
         raise IncompleteModelFolderError(f"{output_dir} is not a folder.")
     problems: list[str] = []
-    names = [CONFIG_NAME, *_weight_files(output_dir, problems), *_code_files(output_dir, problems)]
-    for name in (VOCABULARY_FILE, PREPROCESSING_FILE):
-        if (output_dir / name).is_file():
-            names.append(name)
-        else:
-            problems.append(name)
+    names = [CONFIG_NAME, FEATURE_EXTRACTOR_NAME, *_weight_files(output_dir, problems)]
+    names += _code_files(output_dir, problems)
     if problems:
         raise IncompleteModelFolderError(
             f"{output_dir} is not a complete txformer output folder; missing: {'; '.join(problems)}."
@@ -254,7 +270,10 @@ def render_model_card(
     results = _read_json(output_dir / RESULTS_FILE) or {}
     training_run = _read_json(output_dir / TRAINING_RUN_FILE)
     data_args = (training_run or {}).get("data_args") or {}
-    preprocessing = _read_json(output_dir / PREPROCESSING_FILE) or {}
+    # The processor's settings; a folder of the older layout keeps them in `preprocessing.json`.
+    preprocessing = (
+        _read_json(output_dir / FEATURE_EXTRACTOR_NAME) or _read_json(output_dir / PREPROCESSING_FILE) or {}
+    )
     profile = _read_json(output_dir / PROFILE_SUMMARY_FILE)
     data_source = _data_source(training_run)
     model_name = repo_id or output_dir.resolve().name
@@ -333,8 +352,11 @@ def push_folder_to_hub(
     api: HfApi | None = None,
 ) -> str:
     """Writes the model card as `README.md` into `output_dir`, then uploads exactly `files_to_push` and `README.md` to
-    `repo_id` in one commit (repository, and branch `revision`, created if missing); returns the commit URL."""
+    `repo_id` in one commit (repository, and branch `revision`, created if missing); returns the commit URL. A folder
+    of the older layout (`event_vocabulary.json`, `preprocessing.json`) gets its processor written first."""
     output_dir = Path(output_dir)
+    if output_dir.is_dir() and (output_dir / CONFIG_NAME).is_file():
+        upgrade_model_folder(output_dir)
     files = files_to_push(output_dir)
     card = render_model_card(output_dir, repo_id=repo_id)
     readme = atomic_write(output_dir / README_FILE, lambda file: file.write(str(card)))
@@ -374,37 +396,30 @@ def write_code_files(model: PreTrainedModel, folder: str | Path) -> list[Path]:
 class PushCodeFilesCallback(TrainerCallback):
     """Makes every commit of the Trainer's own pushes (`--push_to_hub`) a complete, pickle-free repository.
 
-    The Trainer uploads `args.output_dir`, into which it copies only the config and weights of the new checkpoint
-    (and writes `training_args.bin`), and `on_save` fires only after that upload has started. So at `on_push_begin`,
-    which precedes every upload, this writes the model code, the vocabulary, `preprocessing.json` and a `.gitignore`
-    that keeps pickles out of the commit into `args.output_dir`.
+    The Trainer uploads `args.output_dir`, into which it copies only the config and weights of the new checkpoint,
+    saves its `processing_class` (the `TxFormerProcessor`, with its code and the pipeline's) and writes
+    `training_args.bin`. So at `on_push_begin`, which precedes every upload, this writes the model code and a
+    `.gitignore` that keeps pickles out of the commit into `args.output_dir`.
     """
 
-    def __init__(self, vocabulary: EventVocabulary, preprocessing: dict[str, Any]):
-        self.vocabulary = vocabulary
-        self.preprocessing = dict(preprocessing)
-
-    def write_preprocessing_files(self, folder: str | Path) -> None:
-        """Writes `event_vocabulary.json` and `preprocessing.json` into `folder`."""
-        self.vocabulary.save_pretrained(folder)
-        atomic_write_json(Path(folder) / PREPROCESSING_FILE, self.preprocessing)
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        """Refuses the hub strategies that push checkpoint folders: they exist to ship optimizer, scheduler and RNG
-        pickles for resuming, which txformer repositories never hold."""
-        if args.push_to_hub and args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, processing_class=None, **kwargs
+    ):
+        """Refuses the hub strategies that push checkpoint folders (they exist to ship optimizer, scheduler and RNG
+        pickles for resuming, which txformer repositories never hold), and pushes without the processor."""
+        if not args.push_to_hub:
+            return
+        if args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
             raise ValueError(
                 f"--hub_strategy {args.hub_strategy.value} pushes checkpoint folders with optimizer, scheduler and RNG "
                 "pickles; txformer repositories hold no pickles. Use --hub_strategy every_save or end, and resume "
                 "from local checkpoints."
             )
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        """Adds the vocabulary and `preprocessing.json` to the new checkpoint, so it can be scored like the final
-        folder."""
-        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if args.should_save and checkpoint.is_dir():
-            self.write_preprocessing_files(checkpoint)
+        if processing_class is None:
+            raise ValueError(
+                "Pushing needs the TxFormerProcessor in every commit: pass processing_class=processor to the Trainer "
+                "(EventVocabulary.to_processor(max_length, label_prior))."
+            )
 
     def on_push_begin(
         self,
@@ -414,13 +429,12 @@ class PushCodeFilesCallback(TrainerCallback):
         model: PreTrainedModel,
         **kwargs,
     ):
-        """Writes the model code, vocabulary, `preprocessing.json` and the pickle-ignoring `.gitignore` into the
-        folder that the Trainer is about to upload."""
+        """Writes the model code and the pickle-ignoring `.gitignore` into the folder that the Trainer is about to
+        upload."""
         if not state.is_world_process_zero:
             return
         output_dir = Path(args.output_dir)
         write_code_files(model, output_dir)
-        self.write_preprocessing_files(output_dir)
         atomic_write(output_dir / GITIGNORE_FILE, lambda file: file.write(HUB_GITIGNORE))
 
 

@@ -1,16 +1,17 @@
 """Evaluation metrics computed offline (no `evaluate.load` of a Hub script)."""
 
 import numpy as np
+import torch
 from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 from transformers import EvalPrediction
 
+from .processing_txformer import probability_of_positive_class
+
 
 def positive_class_probability(logits: np.ndarray) -> np.ndarray:
-    """Probability of class 1 from `[n, 2]` logits (softmax) or `[n]`/`[n, 1]` logits (sigmoid)."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if logits.ndim == 2 and logits.shape[1] == 2:
-        return 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))
-    return 1.0 / (1.0 + np.exp(-logits.reshape(-1)))
+    """Probability of class 1 from `[n, 2]` logits (softmax) or `[n]`/`[n, 1]` logits (sigmoid), as the pipeline
+    computes it."""
+    return probability_of_positive_class(torch.as_tensor(np.asarray(logits, dtype=np.float64))).numpy()
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:

@@ -1,9 +1,16 @@
-"""Scoring raw transactions with a trained model folder: `customer_id,probability` (the Kaggle format)."""
+"""Scoring raw transactions with a trained model (a folder or a Hub repository): `customer_id,probability` (the
+Kaggle format) and a report of the run."""
 
 import csv
+import hashlib
+import io
 import json
 import logging
+import os
 import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,26 +18,38 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, HfArgumentParser
+from transformers import AutoModelForSequenceClassification, HfArgumentParser, PreTrainedModel
+from transformers.dynamic_module_utils import custom_object_save
+from transformers.utils import CONFIG_NAME, FEATURE_EXTRACTOR_NAME, cached_file
 
 from .data import EventVocabulary, TransactionCollator, build_customer_dataset, customer_table, read_customer_ids
 from .data.reader import list_offsets_and_values
 from .data.vocabulary import UNKNOWN_INDEX, VOCABULARY_FILE
 from .io_utils import atomic_write, atomic_write_json
 from .metrics import positive_class_probability
+from .pipeline_txformer import PIPELINE_TASK, TransactionClassificationPipeline, custom_pipelines
+from .processing_txformer import TxFormerProcessor
 
 
 logger = logging.getLogger(__name__)
 
+# Older folders keep the processor's content in two files: the vocabulary and this one.
 PREPROCESSING_FILE = "preprocessing.json"
+REPORT_SUFFIX = ".report.json"
 
 
 @dataclass
 class PredictionArguments:
     """What to score, with which model, and where to write the probabilities."""
 
-    model_dir: str = field(metadata={"help": "A trained output folder (model, vocabulary, preprocessing.json)."})
     transactions: str = field(metadata={"help": "transactions.csv in the real format."})
+    model: str | None = field(
+        default=None, metadata={"help": "A trained output folder, or a Hub repository id (pin it with --revision)."}
+    )
+    model_dir: str | None = field(default=None, metadata={"help": "Alias of --model (a trained output folder)."})
+    revision: str | None = field(
+        default=None, metadata={"help": "Hub revision (a commit hash pins exactly what runs); default: main."}
+    )
     output_file: str = field(default="predictions.csv", metadata={"help": "Where to write customer_id,probability."})
     customer_ids: str | None = field(
         default=None,
@@ -43,23 +62,100 @@ class PredictionArguments:
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, mps; default: cuda when available."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Load a folder whose package is not installed."})
 
+    def __post_init__(self):
+        if self.model is not None and self.model_dir is not None and self.model != self.model_dir:
+            raise ValueError(f"--model {self.model} and --model_dir {self.model_dir} differ; give one of them.")
+        self.model = self.model or self.model_dir
+        if self.model is None:
+            raise ValueError("Give --model: a trained output folder or a Hub repository id.")
 
-def read_preprocessing(model_dir: str | Path) -> dict:
-    """The preprocessing settings saved at training time (`max_length`, `label_prior`)."""
-    path = Path(model_dir) / PREPROCESSING_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: {model_dir} is not a complete txformer training output.")
-    return json.loads(path.read_text())
+
+def resolve_file(model: str, filename: str, revision: str | None = None) -> Path | None:
+    """The local path of `filename` in a folder or Hub repository (downloaded and cached), None if it has none."""
+    path = cached_file(
+        model,
+        filename,
+        revision=revision,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    return None if path is None else Path(path)
 
 
-def check_vocabulary_matches(vocabulary: EventVocabulary, config, model_dir: str | Path) -> None:
-    """The vocabulary must be the one the model was trained with: same fields, same sizes (a folder mixing files of
+def load_processor(model: str, revision: str | None = None) -> TxFormerProcessor:
+    """The processor saved with a model (`preprocessor_config.json`), or one built from the `event_vocabulary.json`
+    and `preprocessing.json` of a folder written by an older version."""
+    if resolve_file(model, FEATURE_EXTRACTOR_NAME, revision) is not None:
+        return TxFormerProcessor.from_pretrained(model, revision=revision)
+    legacy = {name: resolve_file(model, name, revision) for name in (VOCABULARY_FILE, PREPROCESSING_FILE)}
+    missing = [name for name, path in legacy.items() if path is None]
+    if missing:
+        raise FileNotFoundError(
+            f"{model}: {FEATURE_EXTRACTOR_NAME} is missing, and so is {' and '.join(missing)} of the older layout; "
+            "it is not a complete txformer training output."
+        )
+    logger.info("%s holds %s and %s (an older layout); building the processor from them.", model, *legacy)
+    vocabulary = EventVocabulary.from_dict(
+        json.loads(legacy[VOCABULARY_FILE].read_text()), source=str(legacy[VOCABULARY_FILE])
+    )
+    preprocessing = json.loads(legacy[PREPROCESSING_FILE].read_text())
+    return vocabulary.to_processor(preprocessing.get("max_length"), preprocessing.get("label_prior"))
+
+
+def upgrade_model_folder(folder: str | os.PathLike) -> TxFormerProcessor:
+    """Makes a trained folder serve `AutoProcessor` and `pipeline(model=folder, trust_remote_code=True)`: writes the
+    processor (built from `event_vocabulary.json` and `preprocessing.json` in a folder of the older layout) and the
+    pipeline entry of `config.json`, where they are missing; returns the processor."""
+    folder = Path(folder)
+    processor = load_processor(str(folder))
+    if not (folder / FEATURE_EXTRACTOR_NAME).is_file():
+        processor.save_pretrained(folder)
+        logger.info("Wrote the processor into %s (%s and its code).", folder, FEATURE_EXTRACTOR_NAME)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    if PIPELINE_TASK not in (config.get("custom_pipelines") or {}):
+        config["custom_pipelines"] = {**(config.get("custom_pipelines") or {}), **custom_pipelines()}
+        atomic_write_json(folder / CONFIG_NAME, config)
+        custom_object_save(TransactionClassificationPipeline, folder)
+        logger.info("Added the %s pipeline to %s.", PIPELINE_TASK, folder / CONFIG_NAME)
+    return processor
+
+
+def load_model(model: str, revision: str | None = None, trust_remote_code: bool = False, **kwargs) -> PreTrainedModel:
+    """The classifier of a trained folder or repository, safetensors only; a weight the config does not expect, or
+    one it expects and the file lacks, is an error (the folder mixes runs or is damaged), not a warning."""
+    loaded, loading_info = AutoModelForSequenceClassification.from_pretrained(
+        model,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        output_loading_info=True,
+        **kwargs,
+    )
+    problems = [
+        f"{what}: {', '.join(map(str, loading_info[key]))}"
+        for key, what in (
+            ("missing_keys", "missing from the weights"),
+            ("unexpected_keys", "not in the model"),
+            ("mismatched_keys", "of another shape"),
+        )
+        if loading_info.get(key)
+    ]
+    if problems:
+        raise ValueError(
+            f"{model}: the weights do not match config.json ({'; '.join(problems)}): the folder mixes files of "
+            "different training runs or is damaged."
+        )
+    return loaded
+
+
+def check_processor_matches(processor: TxFormerProcessor, config, model: str) -> None:
+    """The processor must be the one the model was trained with: same fields, same sizes (a folder mixing files of
     two runs would otherwise embed codes with another run's indices, or fail with an index error)."""
     expected = [list(config.categorical_fields), list(config.categorical_vocab_sizes), list(config.numeric_fields)]
-    found = [vocabulary.categorical_fields, vocabulary.vocab_sizes, vocabulary.numeric_fields]
+    found = [processor.categorical_fields, processor.vocab_sizes, processor.numeric_fields]
     if found != expected:
         raise ValueError(
-            f"{Path(model_dir) / VOCABULARY_FILE} (fields, sizes, numeric fields {found}) does not match the model's "
+            f"{model}: the vocabulary (fields, sizes, numeric fields {found}) does not match the model's "
             f"config.json ({expected}): the folder mixes files of different training runs."
         )
 
@@ -74,37 +170,82 @@ def unknown_code_shares(vocabulary: EventVocabulary, customers) -> dict[str, flo
     return shares
 
 
+def length_sorted_batches(
+    dataset, collator: TransactionCollator, batch_size: int, device: torch.device, desc: str
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """The model inputs of an encoded dataset (no labels) on `device`, with the rows they hold, behind a progress
+    bar. Histories are batched by length so little compute goes to padding."""
+    order = np.argsort(np.asarray(dataset["num_events"]), kind="stable")
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        rows = order[start : start + batch_size]
+        batch = collator([dataset[int(row)] for row in rows])
+        yield rows, {key: value.to(device) for key, value in batch.items() if key != "labels"}
+
+
 @torch.no_grad()
 def predict_probabilities(
     model: torch.nn.Module, dataset, collator: TransactionCollator, batch_size: int, device: torch.device
 ) -> np.ndarray:
-    """Probability of class 1 for every row of an encoded dataset, in its order. Histories are batched by length
-    so little compute goes to padding."""
-    lengths = np.asarray(dataset["num_events"])
-    order = np.argsort(lengths, kind="stable")
+    """Probability of class 1 for every row of an encoded dataset, in its order."""
     probabilities = np.empty(len(dataset), dtype=np.float64)
     model.eval().to(device)
-    for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch"):
-        rows = order[start : start + batch_size]
-        batch = collator([dataset[int(row)] for row in rows])
-        batch = {key: value.to(device) for key, value in batch.items() if key != "labels"}
-        logits = model(**batch).logits.float().cpu().numpy()
-        probabilities[rows] = positive_class_probability(logits)
+    for rows, batch in length_sorted_batches(dataset, collator, batch_size, device, desc="scoring"):
+        probabilities[rows] = positive_class_probability(model(**batch).logits.float().cpu().numpy())
     return probabilities
 
 
+def check_writable(output_file: str | os.PathLike) -> Path:
+    """Fails before any scoring when the output folder cannot be written."""
+    output_file = Path(output_file)
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryFile(dir=output_file.parent):
+            pass
+    except OSError as error:
+        raise OSError(f"{output_file}: cannot write into {output_file.parent} ({error.strerror}).") from error
+    return output_file
+
+
+def report_path(output_file: str | os.PathLike) -> Path:
+    """Where the report of a predictions file goes: next to it, `<name>.report.json`."""
+    output_file = Path(output_file)
+    return output_file.with_name(output_file.name + REPORT_SUFFIX)
+
+
+def write_predictions(output_file: str | os.PathLike, rows: list[tuple[int, float]], report: dict) -> Path:
+    """Writes the CSV and its report so that they never disagree: the old report is removed first, the CSV is
+    written (atomically), then the report (atomically) with the run id and the CSV's SHA-256. A run stopped
+    between the steps leaves a CSV without a report, never a report of another CSV."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["customer_id", "probability"])
+    writer.writerows((customer, f"{probability:.6f}") for customer, probability in rows)
+    text = buffer.getvalue()
+    report_file = report_path(output_file)
+    report_file.unlink(missing_ok=True)
+    output_file = atomic_write(output_file, lambda file: file.write(text))
+    report = {
+        **report,
+        "predictions_file": output_file.name,
+        "predictions_sha256": hashlib.sha256(text.encode()).hexdigest(),
+    }
+    atomic_write_json(report_file, report)
+    return output_file
+
+
 def predict(args: PredictionArguments) -> Path:
-    """Scores every customer of `args.transactions` (or exactly `args.customer_ids`) and writes the CSV."""
-    preprocessing = read_preprocessing(args.model_dir)
-    vocabulary = EventVocabulary.from_pretrained(args.model_dir)
+    """Scores every customer of `args.transactions` (or exactly `args.customer_ids`) and writes the CSV and its
+    report."""
+    run_id = uuid.uuid4().hex
     wanted_ids = None if args.customer_ids is None else read_customer_ids(args.customer_ids)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        args.model_dir, trust_remote_code=args.trust_remote_code, use_safetensors=True
-    )
-    check_vocabulary_matches(vocabulary, model.config, args.model_dir)
-    max_length = preprocessing.get("max_length") if args.max_length is None else (args.max_length or None)
+    check_writable(args.output_file)
+    processor = load_processor(args.model, args.revision)
+    model = load_model(args.model, args.revision, args.trust_remote_code)
+    check_processor_matches(processor, model.config, args.model)
+    max_length = processor.max_length if args.max_length is None else (args.max_length or None)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
+    vocabulary = EventVocabulary.from_processor(processor)
     customers = vocabulary.encode(build_customer_dataset(args.transactions, customer_ids=wanted_ids))
     unknown_shares = unknown_code_shares(vocabulary, customers)
     logger.info("Share of events with codes unseen in training: %s", unknown_shares)
@@ -113,36 +254,35 @@ def predict(args: PredictionArguments) -> Path:
             logger.warning(
                 "No %s code of %s is in the vocabulary: was it coded as in training?", name, args.transactions
             )
-    collator = TransactionCollator(
-        categorical_fields=list(vocabulary.categorical_fields),
-        numeric_fields=list(vocabulary.numeric_fields),
-        max_length=max_length,
-    )
+    collator = TransactionCollator(processor.categorical_fields, processor.numeric_fields, max_length=max_length)
     scored_ids = np.asarray(customers["customer_id"], dtype=np.int64)
     probabilities = predict_probabilities(model, customers, collator, args.batch_size, device)
     scores = dict(zip(scored_ids.tolist(), probabilities, strict=True))
 
     wanted_ids = scored_ids if wanted_ids is None else wanted_ids
-    default_probability = float(preprocessing["label_prior"])
+    default_probability = processor.label_prior
     without_history = [int(customer) for customer in wanted_ids if int(customer) not in scores]
+    if without_history and default_probability is None:
+        raise ValueError(
+            f"{len(without_history)} customers have no transactions (e.g. {without_history[:5]}) and the processor "
+            f"of {args.model} has no label_prior to score them with."
+        )
     if without_history:
         logger.warning(
             "%d customers have no transactions; they get the training prior %.4f (listed in the report).",
             len(without_history),
             default_probability,
         )
-
-    def write_rows(file) -> None:
-        writer = csv.writer(file)
-        writer.writerow(["customer_id", "probability"])
-        for customer in wanted_ids.tolist():
-            writer.writerow([customer, f"{scores.get(customer, default_probability):.6f}"])
-
-    output_file = atomic_write(args.output_file, write_rows)
-    atomic_write_json(
-        output_file.with_name(output_file.name + ".report.json"),
+    rows = [(customer, scores.get(customer, default_probability)) for customer in wanted_ids.tolist()]
+    output_file = write_predictions(
+        args.output_file,
+        rows,
         {
-            "model_dir": str(args.model_dir),
+            "run_id": run_id,
+            "model": str(args.model),
+            "revision": args.revision,
+            "model_commit": getattr(model.config, "_commit_hash", None),
+            "transactions": str(args.transactions),
             "num_scored": len(wanted_ids) - len(without_history),
             "max_length": max_length,
             "default_probability": default_probability,
@@ -150,12 +290,13 @@ def predict(args: PredictionArguments) -> Path:
             "unknown_code_share": unknown_shares,
         },
     )
-    logger.info("Wrote %d predictions to %s", len(wanted_ids), output_file)
+    logger.info("Wrote %d predictions to %s (run %s)", len(wanted_ids), output_file, run_id)
     return output_file
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """Command line: `python scripts/predict.py --model_dir DIR --transactions FILE [--output_file F]`."""
+    """Command line: `python scripts/predict.py --model DIR_OR_REPO [--revision SHA] --transactions FILE
+    [--output_file F]`."""
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
     )

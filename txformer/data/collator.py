@@ -1,13 +1,10 @@
 """Batching encoded customer histories into padded model inputs (a `DataCollator` for the HF `Trainer`)."""
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-
-DAYS_PER_WEEK = 7
+from ..processing_txformer import pad_histories
 
 
 @dataclass
@@ -29,75 +26,11 @@ class TransactionCollator:
             raise ValueError(f"pad_to_multiple_of must be positive or None, got {self.pad_to_multiple_of}.")
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        """Builds the padded batch with numpy, one vectorised pass per field."""
-        if not features:
-            raise ValueError("Cannot collate an empty list of customers.")
-        names = [*self.categorical_fields, *self.numeric_fields]
-        kept_lengths = np.empty(len(features), dtype=np.int64)
-        for row, feature in enumerate(features):
-            num_events = len(feature["event_time"])
-            if num_events == 0:
-                raise ValueError(f"Customer {_customer(feature, row)} has no events.")
-            for name in names:
-                if name not in feature:
-                    raise KeyError(
-                        f"Customer {_customer(feature, row)} has no field {name!r} (fields: {list(feature)})."
-                    )
-                if len(feature[name]) != num_events:
-                    raise ValueError(
-                        f"Customer {_customer(feature, row)}: {name} has {len(feature[name])} values, {num_events} events."
-                    )
-            kept_lengths[row] = num_events if self.max_length is None else min(num_events, self.max_length)
-
-        length = int(kept_lengths.max())
-        if self.pad_to_multiple_of is not None:
-            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        attention_mask = np.arange(length)[None, :] < kept_lengths[:, None]
-
-        def padded(name: str, dtype) -> np.ndarray:
-            # The most recent events are the last ones; the mask's True cells are filled row by row.
-            kept = [
-                np.asarray(feature[name], dtype=dtype)[-int(count) :]
-                for feature, count in zip(features, kept_lengths, strict=True)
-            ]
-            values = np.zeros((len(features), length), dtype=dtype)
-            values[attention_mask] = np.concatenate(kept)
-            return values
-
-        event_time = padded("event_time", np.float64)
-        amounts = np.zeros((len(features), length, len(self.numeric_fields)))
-        for index, name in enumerate(self.numeric_fields):
-            amounts[..., index] = padded(name, np.float64)
-        for values, what in ((event_time, "event_time"), (amounts, "numeric value")):
-            not_finite = ~np.isfinite(values)
-            if not_finite.any():
-                row = int(np.flatnonzero(not_finite.reshape(len(features), -1).any(axis=1))[0])
-                raise ValueError(f"Customer {_customer(features[row], row)} has a NaN or infinite {what}.")
-        # float32 keeps ~1 s resolution only near 0: shift each row by whole weeks before its first kept event, which
-        # leaves hour of day, day of week and gaps unchanged.
-        week_start = DAYS_PER_WEEK * np.floor(event_time[:, 0] / DAYS_PER_WEEK)
-        event_time = np.where(attention_mask, event_time - week_start[:, None], 0.0)
-
-        input_ids = np.zeros((len(features), length, len(self.categorical_fields)), dtype=np.int64)
-        for index, name in enumerate(self.categorical_fields):
-            input_ids[..., index] = padded(name, np.int64)
-        batch = {
-            "input_ids": torch.from_numpy(input_ids),
-            "numeric_values": torch.from_numpy(amounts.astype(np.float32)),
-            "event_time": torch.from_numpy(event_time.astype(np.float32)),
-            "attention_mask": torch.from_numpy(attention_mask.astype(np.int64)),
-        }
-        labels = [feature.get("labels") for feature in features]
-        if any(label is not None for label in labels):
-            unlabelled = [row for row, label in enumerate(labels) if label is None]
-            if unlabelled:
-                raise ValueError(
-                    f"Customer {_customer(features[unlabelled[0]], unlabelled[0])} has no label while others have."
-                )
-            batch["labels"] = torch.tensor(np.asarray(labels, dtype=np.int64))
-        return batch
-
-
-def _customer(feature: dict, row: int) -> str:
-    """How an error names a customer: its id, or its row in the batch."""
-    return str(feature["customer_id"]) if "customer_id" in feature else f"at batch row {row}"
+        """The padded batch, built as the processor builds it (`pad_histories`, one source for both)."""
+        return pad_histories(
+            features,
+            self.categorical_fields,
+            self.numeric_fields,
+            max_length=self.max_length,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )

@@ -14,6 +14,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
+# The same parsing rules as the processor that scores raw rows without this package.
+from ..processing_txformer import (
+    DATETIME_PATTERN,
+    FLOAT_PATTERN,
+    INTEGER_PATTERN,
+    MISSING_VALUE_STRINGS,
+    SECONDS_PER_DAY,
+)
+
 
 logger = logging.getLogger(__name__)
 
@@ -26,17 +35,10 @@ TRANSACTION_COLUMN_TYPES = {
     "amount": pa.float64(),
     "term_id": pa.string(),
 }
-# Spellings of a missing value. In `term_id` they mean "no terminal"; in every other column they are an error.
-MISSING_VALUE_STRINGS = ["", "nan", "NaN", "NAN", "null", "NULL", "None", "NA", "N/A"]
-DATETIME_PATTERN = r"^(?P<day>\d+) (?P<hour>\d{1,2}):(?P<minute>\d{2}):(?P<second>\d{2})$"
 DATETIME_FIELDS = ("day", "hour", "minute", "second")
-SECONDS_PER_DAY = 86400
 EVENT_COLUMNS = ("event_time", "mcc_code", "tr_type", "term_id", "amount")
 # A value pyarrow refused to convert is looked up again with these patterns to name its line.
-NUMBER_PATTERNS = {
-    pa.int64(): r"^[+-]?\d+$",
-    pa.float64(): r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|Inf|INF|infinity|Infinity)$",
-}
+NUMBER_PATTERNS = {pa.int64(): INTEGER_PATTERN, pa.float64(): FLOAT_PATTERN}
 
 
 class TransactionDataError(ValueError):
@@ -119,7 +121,7 @@ def _read_csv_strictly(path: Path, column_types: dict[str, pa.DataType]) -> pa.T
             convert_options=pa_csv.ConvertOptions(
                 column_types=types,
                 include_columns=list(column_types),
-                null_values=MISSING_VALUE_STRINGS,
+                null_values=list(MISSING_VALUE_STRINGS),
                 strings_can_be_null=True,
                 quoted_strings_can_be_null=True,
             ),

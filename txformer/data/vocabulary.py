@@ -12,15 +12,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..io_utils import atomic_write_json
+from ..processing_txformer import MISSING_INDEX, PAD_INDEX, UNKNOWN_INDEX, VOCABULARY_FORMAT_VERSION, TxFormerProcessor
 from .reader import customer_table, list_offsets_and_values
 
 
 VOCABULARY_FILE = "event_vocabulary.json"
-VOCABULARY_FORMAT_VERSION = 1
-PAD_INDEX = 0
-UNKNOWN_INDEX = 1
-# Only fields with string values (term_id) can be missing; they reserve this index for it.
-MISSING_INDEX = 2
+# What `TxFormerProcessor.save_pretrained` writes; it holds the vocabulary too.
+PROCESSOR_FILE = "preprocessor_config.json"
 DEFAULT_CATEGORICAL_FIELDS = ("mcc_code", "tr_type", "term_id")
 DEFAULT_NUMERIC_FIELDS = ("amount",)
 
@@ -196,23 +194,47 @@ class EventVocabulary:
             "categorical_fields": [vocabulary.to_dict() for vocabulary in self.fields],
         }
 
+    def to_processor(self, max_length: int | None, label_prior: float | None, **kwargs) -> TxFormerProcessor:
+        """The processor that turns raw transactions into model inputs with this vocabulary, keeping the most recent
+        `max_length` events (None = all); `label_prior` scores customers without transactions."""
+        return TxFormerProcessor(
+            event_vocabulary=self.to_dict(), max_length=max_length, label_prior=label_prior, **kwargs
+        )
+
+    @classmethod
+    def from_dict(cls, payload: dict, source: str = "event_vocabulary") -> "EventVocabulary":
+        """The vocabulary of a `to_dict` payload (`source` names it in errors)."""
+        if payload.get("format_version") != VOCABULARY_FORMAT_VERSION:
+            raise ValueError(
+                f"{source}: format_version {payload.get('format_version')}, expected {VOCABULARY_FORMAT_VERSION}."
+            )
+        fields = [FieldVocabulary(**description) for description in payload["categorical_fields"]]
+        return cls(fields, payload["numeric_fields"])
+
+    @classmethod
+    def from_processor(cls, processor: TxFormerProcessor) -> "EventVocabulary":
+        """The vocabulary a processor holds (for the vectorised `encode` of whole files)."""
+        return cls.from_dict(processor.event_vocabulary)
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Writes `event_vocabulary.json` into the folder (created if needed); returns its path."""
         return atomic_write_json(Path(save_directory) / VOCABULARY_FILE, self.to_dict())
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "EventVocabulary":
-        """Loads the vocabulary that `save_pretrained` wrote into `folder`."""
+        """Loads the vocabulary of a folder: `event_vocabulary.json` (`save_pretrained`), else the one in the
+        processor's `preprocessor_config.json`."""
         path = Path(folder) / VOCABULARY_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: {folder} holds no saved EventVocabulary (save_pretrained).")
-        payload = json.loads(path.read_text())
-        if payload.get("format_version") != VOCABULARY_FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: format_version {payload.get('format_version')}, expected {VOCABULARY_FORMAT_VERSION}."
+        if path.is_file():
+            return cls.from_dict(json.loads(path.read_text()), source=str(path))
+        processor_path = Path(folder) / PROCESSOR_FILE
+        if processor_path.is_file():
+            return cls.from_dict(
+                json.loads(processor_path.read_text())["event_vocabulary"], source=str(processor_path)
             )
-        fields = [FieldVocabulary(**description) for description in payload["categorical_fields"]]
-        return cls(fields, payload["numeric_fields"])
+        raise FileNotFoundError(
+            f"{path} not found: {folder} holds no saved EventVocabulary ({VOCABULARY_FILE} or {PROCESSOR_FILE})."
+        )
 
 
 def _check_columns(dataset: datasets.Dataset, names: Iterable[str]) -> None:
