@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Score raw transactions with a trained folder; writes `customer_id,probability` (the Kaggle format).
+"""Score raw transactions with a trained folder or a Hub repository; writes `customer_id,probability` (the Kaggle
+format) and `<output_file>.report.json`.
 
-    python scripts/predict.py --model_dir outputs/txformer --transactions transactions.csv \
+    python scripts/predict.py --model outputs/txformer --transactions transactions.csv \
         --customer_ids gender_test_kaggle_sample_submission.csv --output_file submission.csv
+    python scripts/predict.py --model <user>/<name> --revision <commit hash> --transactions transactions.csv
 """
 
 from txformer.prediction import main

@@ -20,7 +20,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, Re
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from transformers import Trainer, TrainingArguments
 
-from txformer import TxFormerForSequenceClassification
+from txformer import TxFormerForSequenceClassification, TxFormerProcessor
 from txformer.data import EventVocabulary, TransactionCollator, build_customer_dataset, generate_synthetic_data
 from txformer.hub import (
     IncompleteModelFolderError,
@@ -29,6 +29,7 @@ from txformer.hub import (
     push_folder_to_hub,
     render_model_card,
 )
+from txformer.pipeline_txformer import custom_pipelines
 from txformer.prediction import PredictionArguments, predict
 
 
@@ -105,14 +106,16 @@ def vocabulary(customers) -> EventVocabulary:
 
 
 def model_for(vocabulary: EventVocabulary) -> TxFormerForSequenceClassification:
-    """A tiny untrained classifier whose event schema is the vocabulary's."""
+    """A tiny untrained classifier whose event schema is the vocabulary's, which names the pipeline in its config."""
     torch.manual_seed(0)
     config = tiny_config(
         categorical_fields=list(vocabulary.categorical_fields),
         categorical_vocab_sizes=list(vocabulary.vocab_sizes),
         numeric_fields=list(vocabulary.numeric_fields),
     )
-    return TxFormerForSequenceClassification(config).eval()
+    model = TxFormerForSequenceClassification(config).eval()
+    model.config.custom_pipelines = custom_pipelines()
+    return model
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -125,8 +128,7 @@ def output_folder(tmp_path, vocabulary) -> Path:
     folder = tmp_path / "outputs"
     model = model_for(vocabulary)
     model.save_pretrained(folder)
-    vocabulary.save_pretrained(folder)
-    write_json(folder / "preprocessing.json", PREPROCESSING)
+    vocabulary.to_processor(**PREPROCESSING).save_pretrained(folder)
     write_json(folder / "all_results.json", RESULTS)
     write_json(folder / "training_run.json", training_run())
     write_json(folder / "profile_summary.json", PROFILE_SUMMARY)
@@ -142,11 +144,11 @@ def test_files_to_push_is_the_complete_set_and_holds_no_pickle(output_folder):
     names = {path.name for path in pushed}
     code_files = {path.name for path in output_folder.glob("*.py")}  # what save_pretrained copied
     assert {"modeling_txformer.py", "configuration_txformer.py", "attention_full.py"} <= code_files
+    assert {"processing_txformer.py", "pipeline_txformer.py"} <= code_files
     assert names == code_files | {
         "config.json",
         "model.safetensors",
-        "event_vocabulary.json",
-        "preprocessing.json",
+        "preprocessor_config.json",
         "all_results.json",
         "training_run.json",
         "profile_summary.json",
@@ -157,7 +159,14 @@ def test_files_to_push_is_the_complete_set_and_holds_no_pickle(output_folder):
 
 @pytest.mark.parametrize(
     "name",
-    ["event_vocabulary.json", "preprocessing.json", "model.safetensors", "modeling_txformer.py", "attention_full.py"],
+    [
+        "preprocessor_config.json",
+        "model.safetensors",
+        "modeling_txformer.py",
+        "attention_full.py",
+        "processing_txformer.py",
+        "pipeline_txformer.py",
+    ],
 )
 def test_a_missing_essential_file_is_refused_by_name(output_folder, name):
     (output_folder / name).unlink()
@@ -179,6 +188,31 @@ def test_a_config_without_auto_map_is_refused(output_folder):
     write_json(output_folder / "config.json", config)
     with pytest.raises(IncompleteModelFolderError, match="auto_map entry AutoModelForSequenceClassification"):
         files_to_push(output_folder)
+
+
+def test_a_config_without_the_pipeline_is_refused_and_a_push_adds_it(output_folder):
+    config = json.loads((output_folder / "config.json").read_text())
+    del config["custom_pipelines"]
+    write_json(output_folder / "config.json", config)
+    with pytest.raises(IncompleteModelFolderError, match="custom_pipelines entry transaction-classification"):
+        files_to_push(output_folder)
+    push_folder_to_hub(output_folder, REPO_ID, api=recording_hub_api())
+    assert "transaction-classification" in json.loads((output_folder / "config.json").read_text())["custom_pipelines"]
+
+
+def test_a_folder_of_the_older_layout_is_pushed_with_its_processor(output_folder, vocabulary):
+    processor = TxFormerProcessor.from_pretrained(output_folder)
+    (output_folder / "preprocessor_config.json").unlink()
+    vocabulary.save_pretrained(output_folder)
+    write_json(output_folder / "preprocessing.json", PREPROCESSING)
+    with pytest.raises(IncompleteModelFolderError, match="preprocessor_config.json"):
+        files_to_push(output_folder)
+    api = recording_hub_api()
+    push_folder_to_hub(output_folder, REPO_ID, api=api)
+    pushed = {operation.path_in_repo for operation in api.create_commit.call_args.kwargs["operations"]}
+    assert {"preprocessor_config.json", "processing_txformer.py", "pipeline_txformer.py"} <= pushed
+    assert not {"event_vocabulary.json", "preprocessing.json"} & pushed
+    assert TxFormerProcessor.from_pretrained(output_folder).event_vocabulary == processor.event_vocabulary
 
 
 def test_the_card_carries_the_measured_results_and_parses_back(output_folder):
@@ -212,7 +246,8 @@ def test_the_card_carries_the_measured_results_and_parses_back(output_folder):
         "trust_remote_code=True",
         'revision="<commit hash>"',
         "`attention_full.py`",
-        "scripts/predict.py --model_dir <local snapshot>",
+        f"scripts/predict.py --model {REPO_ID} --revision <commit hash>",
+        f'pipeline(model="{REPO_ID}", revision="<commit hash>", trust_remote_code=True)',
         "## Intended use, limitations and risks",
         "GDPR",
     ):
@@ -276,9 +311,9 @@ def test_push_uploads_exactly_the_file_set_and_card_in_one_commit(output_folder)
 
 
 def test_push_checks_the_folder_before_touching_the_hub(output_folder):
-    (output_folder / "event_vocabulary.json").unlink()
+    (output_folder / "preprocessor_config.json").unlink()
     api = recording_hub_api()
-    with pytest.raises(IncompleteModelFolderError, match="event_vocabulary.json"):
+    with pytest.raises(IncompleteModelFolderError, match="preprocessor_config.json"):
         push_folder_to_hub(output_folder, REPO_ID, api=api)
     assert api.method_calls == []
 
@@ -309,12 +344,12 @@ def test_push_script_offline_exits_with_one_clear_line(output_folder, tmp_path):
 
 
 def test_push_script_on_an_incomplete_folder_names_what_is_missing(output_folder, tmp_path):
-    (output_folder / "preprocessing.json").unlink()
+    (output_folder / "preprocessor_config.json").unlink()
     result = run_push_script(output_folder, tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("push_to_hub: ")
-    assert "preprocessing.json" in result.stderr
+    assert "preprocessor_config.json" in result.stderr
 
 
 def copy_pushed_files(output_folder: Path, destination: Path) -> Path:
@@ -386,7 +421,9 @@ def hub_ignores(gitignore: str, path: str) -> bool:
     )
 
 
-def train_with_recorded_pushes(tmp_path, monkeypatch, vocabulary, customers, callbacks, **arguments) -> list[dict]:
+def train_with_recorded_pushes(
+    tmp_path, monkeypatch, vocabulary, customers, callbacks, processor=None, **arguments
+) -> list[dict]:
     """Two optimizer steps with a checkpoint push after each and a final `push_to_hub`; the uploads are recorded at
     the Hub client the Trainer uses (the files `upload_folder` would send, after its ignore patterns)."""
     uploads = []
@@ -429,6 +466,7 @@ def train_with_recorded_pushes(tmp_path, monkeypatch, vocabulary, customers, cal
         args=args,
         train_dataset=vocabulary.encode(customers),
         data_collator=collator,
+        processing_class=processor,
         callbacks=callbacks,
     )
     trainer.train()
@@ -436,33 +474,47 @@ def train_with_recorded_pushes(tmp_path, monkeypatch, vocabulary, customers, cal
     return uploads
 
 
-def test_every_trainer_push_carries_code_vocabulary_and_preprocessing_but_no_pickle(
-    tmp_path, monkeypatch, vocabulary, customers
+@pytest.mark.parametrize("processor_given_to", ["trainer", "callback"])
+def test_every_trainer_push_carries_code_and_processor_but_no_pickle(
+    tmp_path, monkeypatch, vocabulary, customers, processor_given_to
 ):
-    callback = PushCodeFilesCallback(vocabulary, PREPROCESSING)
-    uploads = train_with_recorded_pushes(tmp_path, monkeypatch, vocabulary, customers, [callback])
+    if processor_given_to == "trainer":
+        callback, processor = PushCodeFilesCallback(), vocabulary.to_processor(**PREPROCESSING)
+    else:
+        callback, processor = PushCodeFilesCallback(vocabulary, PREPROCESSING), None
+    uploads = train_with_recorded_pushes(tmp_path, monkeypatch, vocabulary, customers, [callback], processor=processor)
     assert len(uploads) == 3  # after step 1, after step 2, end of training
     output_dir = tmp_path / "trainer_output"
     code_files = {path.name for path in (output_dir / "checkpoint-1").glob("*.py")}
     assert "attention_full.py" in code_files
-    required = code_files | {"config.json", "model.safetensors", "event_vocabulary.json", "preprocessing.json"}
+    assert {"processing_txformer.py", "pipeline_txformer.py"} <= code_files
+    required = code_files | {"config.json", "model.safetensors", "preprocessor_config.json"}
     for upload in uploads:
         assert required <= upload["kept"], required - upload["kept"]
         assert "training_args.bin" in upload["sent"]  # the Trainer writes it; the .gitignore keeps it out
         assert not any(Path(path).suffix in {".bin", ".pt", ".pth"} for path in upload["kept"])
     for checkpoint in ("checkpoint-1", "checkpoint-2"):
-        assert EventVocabulary.from_pretrained(output_dir / checkpoint).to_dict() == vocabulary.to_dict()
-        assert json.loads((output_dir / checkpoint / "preprocessing.json").read_text()) == PREPROCESSING
+        saved = TxFormerProcessor.from_pretrained(output_dir / checkpoint)
+        assert (saved.event_vocabulary, saved.max_length, saved.label_prior) == (
+            vocabulary.to_dict(),
+            PREPROCESSING["max_length"],
+            PREPROCESSING["label_prior"],
+        )
 
 
 def test_without_the_callback_the_trainer_pushes_incomplete_repositories(tmp_path, monkeypatch, vocabulary, customers):
     uploads = train_with_recorded_pushes(tmp_path, monkeypatch, vocabulary, customers, [])
     first = uploads[0]["kept"]
     assert "config.json" in first and "training_args.bin" in first
-    assert not {"modeling_txformer.py", "event_vocabulary.json", "preprocessing.json"} & first
+    assert not {"modeling_txformer.py", "preprocessor_config.json"} & first
+
+
+def test_pushing_without_the_processor_is_refused(tmp_path, monkeypatch, vocabulary, customers):
+    with pytest.raises(ValueError, match="processing_class=processor"):
+        train_with_recorded_pushes(tmp_path, monkeypatch, vocabulary, customers, [PushCodeFilesCallback()])
 
 
 def test_hub_strategies_that_push_optimizer_pickles_are_refused(tmp_path, monkeypatch, vocabulary, customers):
-    callback = PushCodeFilesCallback(vocabulary, PREPROCESSING)
+    callback = PushCodeFilesCallback()
     with pytest.raises(ValueError, match="hold no pickles"):
         train_with_recorded_pushes(tmp_path, monkeypatch, vocabulary, customers, [callback], hub_strategy="checkpoint")

@@ -111,6 +111,8 @@ def test_the_pipeline_takes_the_max_length_of_a_call(folders, synthetic_dir):
     transactions = str(synthetic_dir / "transactions.csv")
     default, longer = scorer(transactions), scorer(transactions, max_length=64)
     assert default != longer and scorer(transactions) == default
+    with pytest.raises(TypeError, match="max_lenght"):
+        scorer(transactions, max_lenght=64)
 
 
 def hub_cache_from_recorded_push(folder: Path, hub_cache: Path) -> None:

@@ -22,11 +22,12 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.dynamic_module_utils import get_relative_import_files, get_relative_imports
-from transformers.trainer_utils import HubStrategy
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils import CONFIG_NAME, FEATURE_EXTRACTOR_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from . import __version__
 from .configuration_txformer import TxFormerConfig
+from .data import VOCABULARY_FILE, EventVocabulary
 from .io_utils import atomic_write
 from .pipeline_txformer import PIPELINE_TASK
 from .prediction import PREPROCESSING_FILE, upgrade_model_folder
@@ -355,7 +356,10 @@ def push_folder_to_hub(
     `repo_id` in one commit (repository, and branch `revision`, created if missing); returns the commit URL. A folder
     of the older layout (`event_vocabulary.json`, `preprocessing.json`) gets its processor written first."""
     output_dir = Path(output_dir)
-    if output_dir.is_dir() and (output_dir / CONFIG_NAME).is_file():
+    has_processor = (output_dir / FEATURE_EXTRACTOR_NAME).is_file() or all(
+        (output_dir / name).is_file() for name in (VOCABULARY_FILE, PREPROCESSING_FILE)
+    )
+    if has_processor and (output_dir / CONFIG_NAME).is_file():
         upgrade_model_folder(output_dir)
     files = files_to_push(output_dir)
     card = render_model_card(output_dir, repo_id=repo_id)
@@ -400,13 +404,20 @@ class PushCodeFilesCallback(TrainerCallback):
     saves its `processing_class` (the `TxFormerProcessor`, with its code and the pipeline's) and writes
     `training_args.bin`. So at `on_push_begin`, which precedes every upload, this writes the model code and a
     `.gitignore` that keeps pickles out of the commit into `args.output_dir`.
+
+    Pass the processor to the Trainer as `processing_class`. Training code that does not can give the vocabulary
+    and the preprocessing settings here instead; the callback then writes the processor into every checkpoint and
+    push itself.
     """
+
+    def __init__(self, vocabulary: EventVocabulary | None = None, preprocessing: dict[str, Any] | None = None):
+        self.processor = None if vocabulary is None else vocabulary.to_processor(**(preprocessing or {}))
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, processing_class=None, **kwargs
     ):
         """Refuses the hub strategies that push checkpoint folders (they exist to ship optimizer, scheduler and RNG
-        pickles for resuming, which txformer repositories never hold), and pushes without the processor."""
+        pickles for resuming, which txformer repositories never hold), and pushes without a processor."""
         if not args.push_to_hub:
             return
         if args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
@@ -415,11 +426,18 @@ class PushCodeFilesCallback(TrainerCallback):
                 "pickles; txformer repositories hold no pickles. Use --hub_strategy every_save or end, and resume "
                 "from local checkpoints."
             )
-        if processing_class is None:
+        if processing_class is None and self.processor is None:
             raise ValueError(
                 "Pushing needs the TxFormerProcessor in every commit: pass processing_class=processor to the Trainer "
                 "(EventVocabulary.to_processor(max_length, label_prior))."
             )
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        """Adds the processor given to this callback to the new checkpoint, so it can be scored like the final
+        folder (the Trainer saves its own `processing_class` there)."""
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if self.processor is not None and args.should_save and checkpoint.is_dir():
+            self.processor.save_pretrained(checkpoint)
 
     def on_push_begin(
         self,
@@ -429,12 +447,14 @@ class PushCodeFilesCallback(TrainerCallback):
         model: PreTrainedModel,
         **kwargs,
     ):
-        """Writes the model code and the pickle-ignoring `.gitignore` into the folder that the Trainer is about to
-        upload."""
+        """Writes the model code, the processor given to this callback and the pickle-ignoring `.gitignore` into the
+        folder that the Trainer is about to upload."""
         if not state.is_world_process_zero:
             return
         output_dir = Path(args.output_dir)
         write_code_files(model, output_dir)
+        if self.processor is not None:
+            self.processor.save_pretrained(output_dir)
         atomic_write(output_dir / GITIGNORE_FILE, lambda file: file.write(HUB_GITIGNORE))
 
 

@@ -83,7 +83,8 @@ class TransactionClassificationPipeline(Pipeline):
         batch_size = batch_size or self._batch_size or DEFAULT_BATCH_SIZE
         histories = self.read_histories(transactions)
         if states is not None:
-            scorer = OnlineScorer(self.model, self.feature_extractor, **kwargs)
+            preprocess_parameters = {**self._preprocess_params, **self._sanitize_parameters(**kwargs)[0]}
+            scorer = OnlineScorer(self.model, self.feature_extractor, **preprocess_parameters)
             return scorer.score_and_update(histories, states, batch_size=batch_size)
         encoded = [self.feature_extractor.encode(history) for history in histories]
         # Batched by length so little compute goes to padding; the answers come back in customer order.
@@ -102,8 +103,9 @@ class TransactionClassificationPipeline(Pipeline):
             return self.feature_extractor.group_histories(rows, source=str(transactions), line_numbers=line_numbers)
         return self.feature_extractor.group_histories(transactions)
 
-    def _sanitize_parameters(self, max_length: int | None = -1, **kwargs):
-        return {"max_length": max_length}, {}, {}
+    def _sanitize_parameters(self, max_length: int | None = -1):
+        # -1: the processor's setting; only a given value overrides the one the pipeline was built with.
+        return ({} if max_length == -1 else {"max_length": max_length}), {}, {}
 
     def preprocess(self, history: Mapping[str, Any], max_length: int | None = -1) -> dict[str, Any]:
         inputs = dict(self.feature_extractor.pad([history], max_length=max_length))

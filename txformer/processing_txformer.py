@@ -206,17 +206,18 @@ class TxFormerProcessor(FeatureExtractionMixin):
         self.customer_id_field = customer_id_field
         self.datetime_field = datetime_field
         self.event_time_field = event_time_field
-        self._index_of_code = {}
-        self._value_types = {}
+        self._index_of_code, self._value_types, self._vocab_sizes = {}, {}, []
         for description in event_vocabulary["categorical_fields"]:
             value_type = description["value_type"]
             if value_type not in ("int", "string"):
                 raise ValueError(f"Field {description['name']!r}: value_type must be 'int' or 'string'.")
+            # Known codes follow padding, unknown and, in string fields, missing.
             first_index = MISSING_INDEX + 1 if value_type == "string" else MISSING_INDEX
             self._index_of_code[description["name"]] = {
                 code: first_index + position for position, code in enumerate(description["codes"])
             }
             self._value_types[description["name"]] = value_type
+            self._vocab_sizes.append(first_index + len(description["codes"]))
 
     @property
     def categorical_fields(self) -> list[str]:
@@ -231,10 +232,7 @@ class TxFormerProcessor(FeatureExtractionMixin):
     @property
     def vocab_sizes(self) -> list[int]:
         """Indices per categorical field, padding, unknown and missing included (the config's vocabulary sizes)."""
-        return [
-            (MISSING_INDEX + 1 if self._value_types[name] == "string" else MISSING_INDEX) + len(codes)
-            for name, codes in self._index_of_code.items()
-        ]
+        return list(self._vocab_sizes)
 
     def to_dict(self) -> dict[str, Any]:
         """What `save_pretrained` writes to `preprocessor_config.json` (derived lookups left out)."""
