@@ -147,17 +147,17 @@ class PretrainingDataArguments(DataArguments):
         default=None,
         metadata={"help": "transactions.csv (real format): every customer in it is used. Default: synthetic."},
     )
+    labels: str | None = field(default=None, metadata={"help": "Not used: pretraining refuses a labels file."})
     max_length: int | None = field(
         default=256,
         metadata={
-            "help": "Most recent events kept per history by the masked objective, and the window that fine-tuning "
-            "and embedding use (preprocessing.json); 0 = whole histories."
+            "help": "Most recent events kept per history by the masked objective; saved in preprocessing.json as "
+            "the window of scripts/embed.py; 0 = whole histories."
         },
     )
     eval_fraction: float = field(
         default=0.05, metadata={"help": "Share of customers held out for the eval loss (when --eval_strategy is set)."}
     )
-    max_train_customers: int | None = field(default=None, metadata={"help": "Subsample the training customers."})
     split_count: int = field(default=5, metadata={"help": "Contrastive: slices per customer."})
     slice_min_length: int = field(
         default=15, metadata={"help": "Contrastive: shortest slice; shorter histories are left out."}
