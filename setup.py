@@ -44,6 +44,8 @@ setup(
         "console_scripts": [
             "txformer-train=txformer.training:main",
             "txformer-predict=txformer.prediction:main",
+            "txformer-pretrain=txformer.pretraining:main",
+            "txformer-embed=txformer.embedding:main",
         ],
     },
 )

@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny config per attention kind and a padded batch built from it."""
+"""Shared fixtures: a tiny config per attention kind, a padded batch built from it, and a Python without txformer."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +67,25 @@ def select_rows(batch: dict[str, torch.Tensor], rows: list[int], length: int | N
 @pytest.fixture(params=ATTENTION_TYPES)
 def attention_type(request) -> str:
     return request.param
+
+
+def run_without_txformer(script: str, args: list[str], tmp_path: Path) -> str:
+    """Runs `script` in a fresh, offline Python where `txformer` cannot be imported (a remote-code user's environment),
+    with its own modules cache; returns the last line it printed, after checking that it succeeded."""
+    environment = {
+        **os.environ,
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": "",
+    }
+    blocker = 'import sys; sys.modules["txformer"] = None  # the package must not be importable here\n'
+    result = subprocess.run(
+        [sys.executable, "-c", blocker + script, *args],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]

@@ -1,9 +1,13 @@
 """txformer: Hugging Face-native transformers over long event sequences (bank transactions)."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+import transformers
+from transformers import AutoConfig
 
 from .configuration_txformer import TxFormerConfig
 from .modeling_txformer import (
+    AUTO_CLASSES,
+    TxFormerForContrastivePretraining,
+    TxFormerForMaskedEventModeling,
     TxFormerForSequenceClassification,
     TxFormerModel,
     TxFormerPreTrainedModel,
@@ -14,15 +18,16 @@ from .modeling_txformer import (
 __version__ = "0.1.0"
 
 AutoConfig.register(TxFormerConfig.model_type, TxFormerConfig)
-AutoModel.register(TxFormerConfig, TxFormerModel)
-AutoModelForSequenceClassification.register(TxFormerConfig, TxFormerForSequenceClassification)
 # save_pretrained then writes `auto_map` and copies the model files, so the folder loads with trust_remote_code.
 TxFormerConfig.register_for_auto_class()
-TxFormerModel.register_for_auto_class("AutoModel")
-TxFormerForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+for auto_class_name, model_class in AUTO_CLASSES.items():
+    getattr(transformers, auto_class_name).register(TxFormerConfig, model_class)
+    model_class.register_for_auto_class(auto_class_name)
 
 __all__ = [
     "TxFormerConfig",
+    "TxFormerForContrastivePretraining",
+    "TxFormerForMaskedEventModeling",
     "TxFormerForSequenceClassification",
     "TxFormerModel",
     "TxFormerPreTrainedModel",

@@ -29,6 +29,7 @@ from . import __version__
 from .configuration_txformer import TxFormerConfig
 from .data import VOCABULARY_FILE, EventVocabulary
 from .io_utils import atomic_write, atomic_write_json
+from .modeling_txformer import AUTO_CLASSES
 from .prediction import PREPROCESSING_FILE
 from .profiling import SUMMARY_FILE as PROFILE_SUMMARY_FILE
 
@@ -47,8 +48,8 @@ RESULTS_FILE = "all_results.json"
 TRAINING_RUN_FILE = "training_run.json"
 # Pushed when present: the sources of the card, so that readers can check every number it shows.
 OPTIONAL_FILES = (RESULTS_FILE, TRAINING_RUN_FILE, PROFILE_SUMMARY_FILE)
-# `from_pretrained(..., trust_remote_code=True)` resolves these two through `auto_map`.
-REQUIRED_AUTO_CLASSES = ("AutoConfig", "AutoModelForSequenceClassification")
+# `from_pretrained(..., trust_remote_code=True)` resolves the config, the encoder and every head through `auto_map`.
+REQUIRED_AUTO_CLASSES = ("AutoConfig", *AUTO_CLASSES)
 # The Hub leaves out of a commit the files that match the root `.gitignore` the commit carries (or, without one, the
 # hosted one). The Trainer's own pushes upload `training_args.bin`, a pickle, with every commit; this keeps it out.
 HUB_GITIGNORE = "# txformer repositories hold no pickles\n*.bin\n*.pt\n*.pth\n*.pkl\n*.pickle\ncheckpoint-*/\n"

@@ -8,13 +8,17 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[str]], Any], encoding: str = "utf-8") -> Path:
-    """Writes through `write(file)` to a temporary file next to `path`, then renames it over `path`."""
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[IO], Any], encoding: str = "utf-8", binary: bool = False
+) -> Path:
+    """Writes through `write(file)` to a temporary file next to `path`, then renames it over `path`. The file is
+    text (`encoding`), or bytes when `binary`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    options = {"mode": "wb"} if binary else {"mode": "w", "encoding": encoding, "newline": ""}
     try:
-        with os.fdopen(descriptor, "w", encoding=encoding, newline="") as file:
+        with os.fdopen(descriptor, **options) as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())

@@ -4,6 +4,7 @@ import csv
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,22 +75,27 @@ def unknown_code_shares(vocabulary: EventVocabulary, customers) -> dict[str, flo
     return shares
 
 
+def length_sorted_batches(
+    dataset, collator: TransactionCollator, batch_size: int, device: torch.device, desc: str
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """The model inputs of an encoded dataset (no labels) on `device`, with the rows they hold, behind a progress
+    bar. Histories are batched by length so little compute goes to padding."""
+    order = np.argsort(np.asarray(dataset["num_events"]), kind="stable")
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        rows = order[start : start + batch_size]
+        batch = collator([dataset[int(row)] for row in rows])
+        yield rows, {key: value.to(device) for key, value in batch.items() if key != "labels"}
+
+
 @torch.no_grad()
 def predict_probabilities(
     model: torch.nn.Module, dataset, collator: TransactionCollator, batch_size: int, device: torch.device
 ) -> np.ndarray:
-    """Probability of class 1 for every row of an encoded dataset, in its order. Histories are batched by length
-    so little compute goes to padding."""
-    lengths = np.asarray(dataset["num_events"])
-    order = np.argsort(lengths, kind="stable")
+    """Probability of class 1 for every row of an encoded dataset, in its order."""
     probabilities = np.empty(len(dataset), dtype=np.float64)
     model.eval().to(device)
-    for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch"):
-        rows = order[start : start + batch_size]
-        batch = collator([dataset[int(row)] for row in rows])
-        batch = {key: value.to(device) for key, value in batch.items() if key != "labels"}
-        logits = model(**batch).logits.float().cpu().numpy()
-        probabilities[rows] = positive_class_probability(logits)
+    for rows, batch in length_sorted_batches(dataset, collator, batch_size, device, desc="scoring"):
+        probabilities[rows] = positive_class_probability(model(**batch).logits.float().cpu().numpy())
     return probabilities
 
 
