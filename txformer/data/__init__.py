@@ -10,7 +10,7 @@ from .reader import (
     read_labels,
     read_transactions,
 )
-from .split import stratified_split
+from .split import split_for_evaluation, stratified_split
 from .synthetic import (
     SyntheticConfig,
     SyntheticDataInfo,
@@ -39,5 +39,6 @@ __all__ = [
     "read_customer_ids",
     "read_labels",
     "read_transactions",
+    "split_for_evaluation",
     "stratified_split",
 ]
