@@ -438,7 +438,9 @@ class LightGBMArguments:
     validation_fraction: float = field(
         default=0.1, metadata={"help": "Share of the training customers held apart for early stopping (stratified)."}
     )
-    num_threads: int = field(default=2, metadata={"help": "LightGBM threads."})
+    num_threads: int = field(
+        default=0, metadata={"help": "LightGBM threads; 0 = OpenMP's default (all cores, or OMP_NUM_THREADS)."}
+    )
 
     def params(self, seed: int) -> dict:
         """The `lightgbm.train` parameters: binary objective, AUROC monitored, deterministic given the seed."""
