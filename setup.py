@@ -29,6 +29,7 @@ setup(
         "numpy>=1.26",
         "scikit-learn>=1.3",
         "scipy>=1.10",
+        "lightgbm>=4.0",
         "tqdm>=4.66",
     ],
     extras_require={
@@ -46,6 +47,7 @@ setup(
             "txformer-predict=txformer.prediction:main",
             "txformer-pretrain=txformer.pretraining:main",
             "txformer-embed=txformer.embedding:main",
+            "txformer-baseline=txformer.baseline:main",
         ],
     },
 )

@@ -253,8 +253,12 @@ def test_command_line_end_to_end(synthetic_dir, tmp_path):
     path = tmp_path / "embeddings.parquet"
     write_embeddings(path, oracle["customer_ids"], np.column_stack([2 * labels + noise[:, 0], noise[:, 1:]]))
     output_dir = tmp_path / "embeddings"
-    metrics = main([*common, "--features", "embeddings", "--embeddings", str(path), "--output_dir", str(output_dir)])
+    metrics = main(
+        [*common, "--features", "embeddings", "--embeddings", str(path), "--output_dir", str(output_dir)]
+        + ["--max_length", "50"]
+    )
     assert metrics["num_features"] == 3 and metrics["eval_auroc"] > 0.7
+    assert 0.5 < metrics["oracle_auroc_last_max_length"] <= 1
 
 
 def test_embeddings_go_with_their_feature_sets():

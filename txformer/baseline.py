@@ -439,7 +439,11 @@ class LightGBMArguments:
         default=0.1, metadata={"help": "Share of the training customers held apart for early stopping (stratified)."}
     )
     num_threads: int = field(
-        default=0, metadata={"help": "LightGBM threads; 0 = OpenMP's default (all cores, or OMP_NUM_THREADS)."}
+        default=1,
+        metadata={
+            "help": "LightGBM threads (0 = all cores). One by default: spinning threads on busy cores are many times "
+            "slower, and one thread trains on ten thousand customers in about a minute."
+        },
     )
 
     def params(self, seed: int) -> dict:
@@ -457,7 +461,7 @@ class LightGBMArguments:
             "num_threads": self.num_threads,
             "seed": seed,
             "deterministic": True,
-            "force_row_wise": True,
+            "force_col_wise": True,
             "verbosity": -1,
         }
 
