@@ -19,6 +19,7 @@ from txformer.baseline import (
     read_customer_embeddings,
 )
 from txformer.data import build_customer_dataset, generate_synthetic_data, split_for_evaluation
+from txformer.embedding import embeddings_table
 from txformer.training import DataArguments, TxFormerTrainingArguments, prepare_datasets
 
 
@@ -162,9 +163,8 @@ def test_customer_aggregates_fits_on_the_dataset_when_no_featurizer_is_given():
 
 
 def write_embeddings(path, customer_ids, values) -> None:
-    columns = {"customer_id": pa.array(customer_ids, pa.int64())}
-    columns.update({f"emb_{index}": pa.array(values[:, index], pa.float32()) for index in range(values.shape[1])})
-    pq.write_table(pa.table(columns), path)
+    """A Parquet file as `scripts/embed.py` writes it."""
+    pq.write_table(embeddings_table(np.asarray(customer_ids), np.asarray(values, dtype=np.float32)), path)
 
 
 def test_embeddings_join_on_customer_id(tmp_path, featurizer):
