@@ -165,6 +165,14 @@ def test_grid_commands_and_resume_from_last_complete_checkpoint(tmp_path):
     (run_dir / "checkpoint-20").mkdir()  # interrupted while saving: no trainer state
     command = train_command(RunSpec("order", "infinity", 0, 1), config, [])
     assert command[command.index("--resume_from_checkpoint") + 1] == str(run_dir / "checkpoint-10")
+    scoped = CompareConfig(families=["order:200", "long:100"], runs=["full:256", "long/performer:4096"], seeds=[1])
+    assert [spec.name for spec in scoped.specs()] == [
+        "order/lightgbm-seed1",
+        "order/full-256-seed1",
+        "long/lightgbm-seed1",
+        "long/full-256-seed1",
+        "long/performer-4096-seed1",
+    ]
     with pytest.raises(ValueError, match="FAMILY:CUSTOMERS"):
         CompareConfig(families=["order"]).specs()
 

@@ -81,7 +81,10 @@ class CompareConfig:
     )
     runs: list[str] = field(
         default_factory=lambda: ["full:256,1024", "performer:256,1024", "infinity:0"],
-        metadata={"help": "KIND:LENGTH,LENGTH,... per attention kind; length 0 = whole histories."},
+        metadata={
+            "help": "[FAMILY/]KIND:LENGTH,LENGTH,... per attention kind (on every family, or on FAMILY only); "
+            "length 0 = whole histories."
+        },
     )
     seeds: list[int] = field(default_factory=lambda: [42, 43, 44], metadata={"help": "Seeds (init, order)."})
     baseline: bool = field(default=True, metadata={"help": "Also run the LightGBM baseline for each family and seed."})
@@ -119,17 +122,19 @@ class CompareConfig:
         baseline of a family and seed first."""
         grid = []
         for item in self.runs:
-            kind, _, lengths = item.partition(":")
+            scope, _, run = item.rpartition("/")
+            kind, _, lengths = run.partition(":")
             if not lengths:
-                raise ValueError(f"Run {item!r} is not KIND:LENGTH[,LENGTH...].")
-            grid += [(kind, int(length)) for length in lengths.split(",")]
+                raise ValueError(f"Run {item!r} is not [FAMILY/]KIND:LENGTH[,LENGTH...].")
+            grid += [(scope, kind, int(length)) for length in lengths.split(",")]
         if self.baseline:
-            grid.insert(0, (BASELINE, WHOLE_HISTORY))
+            grid.insert(0, ("", BASELINE, WHOLE_HISTORY))
         return [
             RunSpec(family, kind, length, seed)
             for seed in self.seeds
             for family in self.family_sizes()
-            for kind, length in grid
+            for scope, kind, length in grid
+            if scope in ("", family)
         ]
 
 
