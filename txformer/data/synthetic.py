@@ -580,8 +580,8 @@ def aggregate_baseline_auroc(
     data_dir: str | os.PathLike, train_ids, test_ids, last_n: int | None = None, seed: int = 0
 ) -> dict[str, float]:
     """Test AUROCs of a logistic regression and of gradient-boosted trees on order-free aggregates of the last
-    `last_n` events (all when None): code, type, hour and amount-decade shares, per-code mean log amounts and the
-    log length. What a model that ignores the order of events can reach."""
+    `last_n` events (all when None): code, type, hour and amount-decade shares, each code's log(1 + |amount|) summed
+    over the window and divided by its length, and the log length. What a model blind to the order of events gets."""
     features, labels, is_train = _baseline_data(data_dir, train_ids, test_ids, last_n, amounts_by_mcc=True)
     trees = HistGradientBoostingClassifier(learning_rate=0.05, max_iter=500, early_stopping=True, random_state=seed)
     trees.fit(features[is_train], labels[is_train])
