@@ -171,9 +171,11 @@ def test_oracle_errors(tiny, tmp_path):
         oracle_auroc(tiny.output_dir, [1])
 
 
-# The order family with short histories and frequent quirks; a stronger signal where a test needs a clear effect.
+# The order family with short histories, frequent quirks and amounts of a few cents (1 cent, the lowest amount,
+# included); a stronger signal where a test needs a clear effect.
 ORDER_TINY = OrderSyntheticConfig(
     median_length=40.0,
+    amount_median=0.1,
     heavy_fraction=0.0,
     second_60_fraction=0.05,
     swapped_pair_fraction=0.05,
@@ -257,8 +259,9 @@ def test_order_oracle_matches_a_loop_over_the_raw_file(order_tiny, last_n):
 
 
 def test_order_events_keep_the_generated_order(order_tiny):
-    lines = order_tiny.transactions_path.read_text().splitlines()
-    assert any(line.split(",")[1].endswith(":60") for line in lines[1:])
+    rows = [line.split(",") for line in order_tiny.transactions_path.read_text().splitlines()[1:]]
+    assert any(row[1].endswith(":60") for row in rows)
+    assert {"0.01", "-0.01"} & {row[4] for row in rows}
     histories = order_histories(order_tiny.output_dir)
     assert len(histories) == order_tiny.num_customers
     # Strictly increasing times: no tie the reader could order differently from the chain.

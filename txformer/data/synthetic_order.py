@@ -151,8 +151,8 @@ def amount_log_probability(parameters: dict, mcc_index: np.ndarray, cents: np.nd
         + (label - 0.5) * np.asarray(parameters["amount_label_shift"])[mcc_index]
     )
     std = np.asarray(parameters["amount_log_std"])[mcc_index]
-    with np.errstate(divide="ignore"):
-        lower = (np.log((cents - 0.5) / 100) - mean) / std
+    # The generator writes every draw below 1.5 cents as 1 cent.
+    lower = np.where(cents > 1, (np.log(np.maximum(cents, 1.5) - 0.5) - np.log(100) - mean) / std, -np.inf)
     upper = (np.log((cents + 0.5) / 100) - mean) / std
     # Phi(b) - Phi(a) from the tail that keeps precision: the upper one when the interval lies above the mean.
     flip = lower > 0
