@@ -12,9 +12,13 @@ from .reader import (
 )
 from .split import split_for_evaluation, stratified_split
 from .synthetic import (
+    LONG_HISTORY_CONFIG,
+    SYNTHETIC_FAMILIES,
+    OrderSyntheticConfig,
     SyntheticConfig,
     SyntheticDataInfo,
     SyntheticOracle,
+    aggregate_baseline_auroc,
     generate_synthetic_data,
     mean_feature_baseline_auroc,
     oracle_auroc,
@@ -23,14 +27,18 @@ from .vocabulary import VOCABULARY_FILE, EventVocabulary, FieldVocabulary
 
 
 __all__ = [
+    "LONG_HISTORY_CONFIG",
+    "SYNTHETIC_FAMILIES",
     "VOCABULARY_FILE",
     "EventVocabulary",
     "FieldVocabulary",
+    "OrderSyntheticConfig",
     "SyntheticConfig",
     "SyntheticDataInfo",
     "SyntheticOracle",
     "TransactionCollator",
     "TransactionDataError",
+    "aggregate_baseline_auroc",
     "build_customer_dataset",
     "customer_table",
     "generate_synthetic_data",
