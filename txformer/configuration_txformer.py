@@ -10,7 +10,7 @@ from transformers.configuration_utils import strict  # huggingface_hub.dataclass
 
 
 ATTENTION_TYPES = ("full", "performer", "infinity")
-POOLING_TYPES = ("mean", "last")
+POOLING_TYPES = ("mean", "mean_sum", "last")
 POSITION_EMBEDDING_TYPES = ("rotary", "none")
 PERFORMER_KERNELS = ("softmax", "relu")
 CONTRASTIVE_LOSSES = ("margin", "infonce")
@@ -45,7 +45,10 @@ class TxFormerConfig(PreTrainedConfig):
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act: transformer sizes.
         hidden_dropout_prob, attention_dropout_prob, classifier_dropout: dropouts.
         layer_norm_eps, initializer_range: numerics of the norms and of the initialisation.
-        pooling (`str`): `"mean"` over real events, or `"last"` real event.
+        pooling (`str`): `"mean"` over real events; `"mean_sum"`: the mean plus a learned share of the sum over real
+            events (scaled by `1 / pooling_sum_scale`), for evidence that accrues with the number of events; or the
+            `"last"` real event.
+        pooling_sum_scale (`float`): events that make the sum term of `"mean_sum"` count as much as the mean.
         position_embedding_type (`str`): `"rotary"`: rotary embeddings of the event index on queries and keys, so
             attention sees which event comes before which, at any length and for every kind; `"none"`: attention
             sees a set of events (only their times tell the order).
@@ -122,6 +125,7 @@ class TxFormerConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     pooling: str = "mean"
+    pooling_sum_scale: float = 256.0
     position_embedding_type: str = "rotary"
     rope_theta: float = 10000.0
     event_context_size: int = 2

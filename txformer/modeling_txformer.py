@@ -271,6 +271,31 @@ class TxFormerLayer(GradientCheckpointingLayer):
         return hidden_states, attn_weights, state
 
 
+class TxFormerPooler(nn.Module):
+    """One vector per history from the sum of its final event states and its number of events (`config.pooling`).
+
+    `"mean"` averages. `"mean_sum"` adds a learned share of the sum: `mean * (1 + sum_weight * n / pooling_sum_scale)`,
+    so that a linear head reads both the average event and evidence that accrues with the number of events n (where
+    every event adds to the log-odds, the Bayes posterior is a sum). `sum_weight` starts at 0, i.e. at `"mean"`.
+    `"last"` takes the state of the most recent event."""
+
+    def __init__(self, config: TxFormerConfig):
+        super().__init__()
+        self.pooling = config.pooling
+        self.sum_scale = config.pooling_sum_scale
+        self.sum_weight = nn.Parameter(torch.zeros(config.hidden_size)) if config.pooling == "mean_sum" else None
+
+    def forward(self, event_sum: torch.Tensor, num_events: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
+        """`event_sum`, `last_hidden`: `[batch, hidden]`; `num_events`: `[batch]` real events read."""
+        if self.pooling == "last":
+            return last_hidden
+        count = num_events.clamp(min=1)[:, None].to(event_sum.dtype)
+        pooled = event_sum / count
+        if self.sum_weight is not None:
+            pooled = pooled * (1 + self.sum_weight.to(pooled.dtype) * count / self.sum_scale)
+        return pooled
+
+
 class TxFormerPreTrainedModel(PreTrainedModel):
     config: TxFormerConfig
     config_class = TxFormerConfig
@@ -286,6 +311,8 @@ class TxFormerPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, (TxFormerNumericEncoder, TxFormerTimeEncoder, TxFormerRotaryEmbedding)):
             module.reset_frequencies()
+        elif isinstance(module, TxFormerPooler) and module.sum_weight is not None:
+            init.zeros_(module.sum_weight)
         elif isinstance(module, TxFormerPerformerAttention):
             module.reset_projection()
         elif isinstance(module, TxFormerInfinityAttention):
@@ -346,6 +373,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
         self.rotary_emb = TxFormerRotaryEmbedding(config) if config.position_embedding_type == "rotary" else None
         self.layers = nn.ModuleList(TxFormerLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pooler = TxFormerPooler(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -419,13 +447,9 @@ class TxFormerModel(TxFormerPreTrainedModel):
         )
         hidden_states = encoded.last_hidden_state
         num_events = key_padding_mask.sum(dim=1)
-        if self.config.pooling == "mean":
-            pooled = masked_sum(hidden_states, key_padding_mask) / num_events.clamp(min=1)[:, None].to(
-                hidden_states.dtype
-            )
-        else:
-            last_index = (num_events - 1).clamp(min=0)
-            pooled = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
+        last_index = (num_events - 1).clamp(min=0)
+        last_hidden = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
+        pooled = self.pooler(masked_sum(hidden_states, key_padding_mask), num_events, last_hidden)
         return TxFormerModelOutput(
             last_hidden_state=hidden_states,
             pooler_output=pooled,
@@ -560,12 +584,8 @@ class TxFormerModel(TxFormerPreTrainedModel):
             segment_attentions.append(encoded.attentions)
         events_read = events_read + num_real
 
-        if self.config.pooling == "mean":
-            pooled = pooled_sum / events_read.clamp(min=1)[:, None].to(pooled_sum.dtype)
-        else:
-            pooled = last_hidden
         # The running sums are float32 (like `event_time`); the head takes the model's dtype.
-        pooled = pooled.to(self.norm.weight.dtype)
+        pooled = self.pooler(pooled_sum, events_read, last_hidden).to(self.norm.weight.dtype)
         last_hidden_state, all_hidden_states, all_attentions = None, None, None
         if return_event_states:
             # Back to the caller's right-padded layout.
