@@ -173,28 +173,27 @@ def test_evaluating_without_a_validation_split_is_an_error(tmp_path):
 # Early stopping.
 
 
-def test_early_stopping_stops_and_restores_the_best_checkpoint(tmp_path, monkeypatch):
-    """Validation AUROCs scripted per evaluation: best at the second (step 4), then two worse ones stop the run."""
+@pytest.mark.parametrize("start, stop", [(0.0, 4), (0.5, 8)])
+def test_early_stopping_stops_and_restores_the_best_checkpoint(tmp_path, monkeypatch, start, stop):
+    """Validation AUROCs scripted per evaluation (every 2 steps of a budget of 16): the best is the first, and the
+    next one, not better, stops the run (patience 1), or the first one at half of the budget (start 0.5)."""
     from txformer import training
 
-    scripted = iter([0.6, 0.8, 0.7, 0.75, 0.9, 0.9])
+    scripted = iter([0.8] + [0.6] * 20)
 
     def scripted_metrics(eval_prediction):
         return {**compute_metrics(eval_prediction), "auroc": next(scripted)}
 
     monkeypatch.setattr(training, "compute_metrics", scripted_metrics)
     output_dir = tmp_path / "out"
-    metrics = main(
-        tiny_run_flags(
-            output_dir, tmp_path / "cache", "--max_steps=40", "--save_steps=2", "--early_stopping_patience=2"
-        )
-    )
-    assert metrics["train_steps"] == 8 and metrics["best_global_step"] == 4
-    state = json.loads((output_dir / "checkpoint-8" / "trainer_state.json").read_text())
+    flags = ["--max_steps=16", "--save_steps=2", "--early_stopping_patience=1", f"--early_stopping_start={start}"]
+    metrics = main(tiny_run_flags(output_dir, tmp_path / "cache", *flags))
+    assert metrics["train_steps"] == stop and metrics["best_global_step"] == 2
+    state = json.loads((output_dir / f"checkpoint-{stop}" / "trainer_state.json").read_text())
     evaluated = [entry["step"] for entry in state["log_history"] if "eval_validation_auroc" in entry]
-    assert evaluated == [2, 4, 6, 8]
-    final, best = load_file(output_dir / "model.safetensors"), load_file(output_dir / "checkpoint-4/model.safetensors")
-    last = load_file(output_dir / "checkpoint-8" / "model.safetensors")
+    assert evaluated == list(range(2, stop + 1, 2))
+    final, best = load_file(output_dir / "model.safetensors"), load_file(output_dir / "checkpoint-2/model.safetensors")
+    last = load_file(output_dir / f"checkpoint-{stop}" / "model.safetensors")
     assert all(torch.equal(final[name], best[name]) for name in best)
     assert not all(torch.equal(final[name], last[name]) for name in last)
     # The held-out split is evaluated once, after training, with the reported key names.

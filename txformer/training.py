@@ -19,6 +19,8 @@ from transformers import (
     EarlyStoppingCallback,
     HfArgumentParser,
     Trainer,
+    TrainerControl,
+    TrainerState,
     TrainingArguments,
     set_seed,
 )
@@ -137,17 +139,17 @@ class TxFormerTrainingArguments(TrainingArguments):
 
     The budget is counted in optimizer steps: `max(min_train_steps, ceil(num_train_epochs x steps per epoch))` unless
     `--max_steps` is given. Training evaluates on the validation split at every checkpoint (`save_steps`, a share of
-    the budget by default), stops after `early_stopping_patience` evaluations without a better validation AUROC, and
-    ends with the best checkpoint.
+    the budget by default), stops after `early_stopping_patience` evaluations without a better validation AUROC (not
+    before `early_stopping_start` of the budget), and ends with the best checkpoint.
     """
 
     output_dir: str | None = field(default="outputs/txformer", metadata={"help": "Output folder."})
     num_train_epochs: float = field(
-        default=8.0,
+        default=6.0,
         metadata={"help": "Budget in passes over the training customers (unless --max_steps): see min_train_steps."},
     )
     min_train_steps: int = field(
-        default=600,
+        default=500,
         metadata={
             "help": "Fewest optimizer steps of a run: the budget is max(min_train_steps, ceil(num_train_epochs x "
             "optimizer steps per epoch)); --max_steps, when given, replaces it."
@@ -182,6 +184,13 @@ class TxFormerTrainingArguments(TrainingArguments):
     early_stopping_patience: int = field(
         default=5,
         metadata={"help": "Stop after so many evaluations without a better metric_for_best_model; 0 = never."},
+    )
+    early_stopping_start: float = field(
+        default=0.5,
+        metadata={
+            "help": "Share of the step budget before which early stopping never stops training, so that a slow start "
+            "(validation AUROC at chance for a while, on weak-signal data) is not cut short."
+        },
     )
     logging_steps: float = field(default=20, metadata={"help": "Log every so many steps."})
     remove_unused_columns: bool = field(
@@ -220,18 +229,17 @@ class TxFormerTrainingArguments(TrainingArguments):
             self.train_sampling_strategy = "group_by_length"
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             raise ValueError(f"--max_tokens_per_batch must be positive, got {self.max_tokens_per_batch}.")
-        if self.min_train_steps < 1 or self.early_stopping_patience < 0:
+        if self.min_train_steps < 1 or self.early_stopping_patience < 0 or not 0 <= self.early_stopping_start <= 1:
             raise ValueError(
-                f"--min_train_steps must be positive ({self.min_train_steps}) and --early_stopping_patience at least 0 "
-                f"({self.early_stopping_patience})."
+                f"--min_train_steps must be positive ({self.min_train_steps}), --early_stopping_patience at least 0 "
+                f"({self.early_stopping_patience}) and --early_stopping_start in [0, 1] ({self.early_stopping_start})."
             )
         if self.eval_steps is None:
             self.eval_steps = self.save_steps
         elif self.save_steps == DEFAULT_SAVE_STEPS:
             self.save_steps = self.eval_steps
         if self.load_best_model_at_end is None:
-            evaluates = IntervalStrategy(self.eval_strategy) != IntervalStrategy.NO
-            self.load_best_model_at_end = evaluates and SaveStrategy(self.save_strategy) in (
+            self.load_best_model_at_end = self.evaluates and SaveStrategy(self.save_strategy) in (
                 SaveStrategy(self.eval_strategy),
                 SaveStrategy.BEST,
             )
@@ -264,6 +272,28 @@ def training_budget(args: TxFormerTrainingArguments, num_steps_per_epoch: int) -
     if args.max_steps > 0:
         return args.max_steps
     return max(args.min_train_steps, math.ceil(args.num_train_epochs * num_steps_per_epoch))
+
+
+class BudgetEarlyStoppingCallback(EarlyStoppingCallback):
+    """`EarlyStoppingCallback` that counts evaluations without improvement from the start but stops training only
+    once `start` of the step budget is done."""
+
+    def __init__(self, early_stopping_patience: int = 1, early_stopping_threshold: float = 0.0, start: float = 0.0):
+        super().__init__(early_stopping_patience, early_stopping_threshold)
+        self.start = start
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics, **kwargs):
+        """The parent's decision, withdrawn before `start` of `state.max_steps`."""
+        should_training_stop = control.should_training_stop
+        super().on_evaluate(args, state, control, metrics, **kwargs)
+        if state.global_step < self.start * state.max_steps:
+            control.should_training_stop = should_training_stop
+
+    def state(self) -> dict:
+        """The parent's exportable state, with `start`."""
+        state = super().state()
+        state["args"]["start"] = self.start
+        return state
 
 
 class TxFormerTrainer(Trainer):
@@ -448,7 +478,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     )
     callbacks = [PerformerRedrawCallback(), PushCodeFilesCallback(data["vocabulary"], preprocessing)]
     if training_args.evaluates and training_args.early_stopping_patience > 0:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience))
+        callbacks.append(
+            BudgetEarlyStoppingCallback(
+                training_args.early_stopping_patience, start=training_args.early_stopping_start
+            )
+        )
     trainer = TxFormerTrainer(
         model=model,
         args=training_args,
@@ -462,7 +496,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     add_profiling_callback(trainer)
     train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     # The evaluations below do not steer training.
-    trainer.remove_callback(EarlyStoppingCallback)
+    trainer.remove_callback(BudgetEarlyStoppingCallback)
     metrics = {
         **train_result.metrics,
         "train_steps": trainer.state.global_step,
