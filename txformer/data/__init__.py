@@ -1,5 +1,5 @@
 """Data pipeline: real-format transaction files to per-customer datasets, the event vocabulary, the batch collator,
-the stratified split and synthetic data with a known Bayes-optimal posterior."""
+the stratified split, token-budget batches and synthetic data with a known Bayes-optimal posterior."""
 
 from .collator import TransactionCollator
 from .reader import (
@@ -10,6 +10,7 @@ from .reader import (
     read_labels,
     read_transactions,
 )
+from .sampler import TokenBudgetBatchSampler
 from .split import split_for_evaluation, stratified_split
 from .synthetic import (
     LONG_HISTORY_CONFIG,
@@ -37,6 +38,7 @@ __all__ = [
     "SyntheticDataInfo",
     "SyntheticOracle",
     "TransactionCollator",
+    "TokenBudgetBatchSampler",
     "TransactionDataError",
     "aggregate_baseline_auroc",
     "build_customer_dataset",
