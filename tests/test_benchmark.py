@@ -205,7 +205,7 @@ def fake_run(run_dir, auroc, accuracy, oracle_window, tokens_per_s, results_file
         "oracle_auroc_all": 0.87,
         "oracle_auroc_last_max_length": oracle_window,
     }
-    (run_dir / results_file).write_text(json.dumps(metrics))
+    (run_dir / results_file).write_text(json.dumps({"metrics": metrics} if "baseline" in results_file else metrics))
     steps = [
         {
             "step": step,

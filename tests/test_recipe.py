@@ -29,10 +29,10 @@ from txformer.training import (
     ModelArguments,
     TxFormerTrainingArguments,
     build_model,
+    data_files,
     main,
     prepare_datasets,
     steps_per_epoch,
-    synthetic_generator_arguments,
     training_budget,
     validation_size,
 )
@@ -151,18 +151,23 @@ def test_validation_size_rule():
     assert validation_size(126, 0.1, 200) == 31
 
 
-def test_the_synthetic_family_and_labelled_share_name_the_cache_and_reach_the_generator():
+def test_the_synthetic_family_and_labelled_share_name_the_cache_and_reach_the_generator(tmp_path):
     default = DataArguments()
-    assert synthetic_generator_arguments(default) == {"num_customers": 8000, "seed": 0}
-    other = DataArguments(synthetic_family="order", synthetic_labelled_fraction=0.1)
-    assert synthetic_generator_arguments(other) == {
-        "num_customers": 8000,
-        "seed": 0,
-        "family": "order",
-        "labelled_fraction": 0.1,
-    }
+    other = DataArguments(
+        synthetic_family="order",
+        synthetic_labelled_fraction=0.5,
+        synthetic_num_customers=60,
+        data_cache_dir=str(tmp_path),
+    )
     assert default.synthetic_dir_name == "synthetic-independent-n8000-seed0"
-    assert other.synthetic_dir_name == "synthetic-order-n8000-seed0-labelled0.1"
+    assert other.synthetic_dir_name == "synthetic-order-n60-seed0-labelled0.5"
+    transactions, labels, synthetic_dir = data_files(other)
+    oracle = json.loads((synthetic_dir / "oracle.json").read_text())
+    assert (
+        synthetic_dir == tmp_path / other.synthetic_dir_name and transactions.parent == labels.parent == synthetic_dir
+    )
+    assert oracle["family"] == "order"
+    assert 20 <= len(labels.read_text().splitlines()) - 1 <= 40  # about half of the 60 customers
 
 
 def test_evaluating_without_a_validation_split_is_an_error(tmp_path):

@@ -23,7 +23,6 @@ from .data import (
     EventVocabulary,
     build_customer_dataset,
     customer_table,
-    generate_synthetic_data,
     oracle_auroc,
     split_for_evaluation,
     stratified_split,
@@ -31,7 +30,7 @@ from .data import (
 from .data.reader import SECONDS_PER_DAY, list_offsets_and_values
 from .io_utils import atomic_write, atomic_write_json
 from .metrics import classification_metrics
-from .training import DataArguments
+from .training import DataArguments, data_files
 
 
 logger = logging.getLogger(__name__)
@@ -435,9 +434,6 @@ class LightGBMArguments:
     feature_fraction: float = field(default=0.5, metadata={"help": "Share of features drawn for each tree."})
     lambda_l2: float = field(default=1.0, metadata={"help": "L2 penalty on leaf values."})
     early_stopping_rounds: int = field(default=100, metadata={"help": "Stop after so many rounds without gain."})
-    validation_fraction: float = field(
-        default=0.1, metadata={"help": "Share of the training customers held apart for early stopping (stratified)."}
-    )
     num_threads: int = field(
         default=1,
         metadata={
@@ -487,13 +483,14 @@ def train_baseline(
     max_events: int | None = None,
     lightgbm_args: LightGBMArguments | None = None,
     embeddings_source: str = "the embeddings",
+    validation_fraction: float = 0.1,
 ) -> BaselineResult:
     """Fits the features on `train`, carves a stratified validation part out of `train` for early stopping (the
     held-out customers never steer training), trains LightGBM and scores `held_out` with the model's metrics."""
     lightgbm_args = lightgbm_args or LightGBMArguments()
     started = time.perf_counter()
     featurizer = AggregateFeaturizer.fit(train, max_events) if feature_set != "embeddings" else None
-    fit_part, validation = stratified_split(train, test_size=lightgbm_args.validation_fraction, seed=seed)
+    fit_part, validation = stratified_split(train, test_size=validation_fraction, seed=seed)
     fit_features, validation_features, held_out_features = (
         build_features(part, feature_set, featurizer, embeddings, embeddings_source)
         for part in (fit_part, validation, held_out)
@@ -560,19 +557,10 @@ class BaselineArguments:
 
 
 def load_labelled_customers(data_args: DataArguments) -> tuple[datasets.Dataset, Path | None]:
-    """The labelled customers of the real files, or of the synthetic data (generated once into the cache folder
-    that training uses); also the synthetic folder (None for real data)."""
-    if data_args.transactions is not None:
-        return build_customer_dataset(data_args.transactions, data_args.labels), None
-    synthetic_dir = Path(data_args.data_cache_dir) / (
-        f"synthetic-n{data_args.synthetic_num_customers}-seed{data_args.synthetic_seed}"
-    )
-    if not (synthetic_dir / "oracle.json").exists():
-        generate_synthetic_data(
-            synthetic_dir, num_customers=data_args.synthetic_num_customers, seed=data_args.synthetic_seed
-        )
-    customers = build_customer_dataset(synthetic_dir / "transactions.csv", synthetic_dir / "gender_train.csv")
-    return customers, synthetic_dir
+    """The labelled customers of the data flags (real files, or the synthetic data that training uses) and the
+    synthetic folder (None for real data)."""
+    transactions, labels, synthetic_dir = data_files(data_args)
+    return build_customer_dataset(transactions, labels), synthetic_dir
 
 
 def run_baseline(data_args: DataArguments, baseline_args: BaselineArguments, lightgbm_args: LightGBMArguments) -> dict:
@@ -599,6 +587,7 @@ def run_baseline(data_args: DataArguments, baseline_args: BaselineArguments, lig
         max_events=data_args.max_length,
         lightgbm_args=lightgbm_args,
         embeddings_source=str(baseline_args.embeddings),
+        validation_fraction=data_args.validation_fraction,
     )
     metrics = {**result.metrics, "read_seconds": read_seconds}
     if synthetic_dir is not None:

@@ -22,12 +22,12 @@ from transformers import (
 
 from . import TxFormerConfig
 from .callbacks import PerformerRedrawCallback
-from .data import EventVocabulary, TransactionCollator, build_customer_dataset, generate_synthetic_data
+from .data import EventVocabulary, TransactionCollator, build_customer_dataset
 from .hub import RESULTS_FILE, TRAINING_RUN_FILE, PushCodeFilesCallback
 from .io_utils import atomic_write_json
 from .prediction import PREPROCESSING_FILE
 from .profiling import add_profiling_callback
-from .training import DataArguments, ModelArguments, TxFormerTrainingArguments, resolve_checkpoint
+from .training import DataArguments, ModelArguments, TxFormerTrainingArguments, data_files, resolve_checkpoint
 
 
 logger = logging.getLogger(__name__)
@@ -187,25 +187,12 @@ class PretrainingArguments(TxFormerTrainingArguments):
     )
 
 
-def synthetic_transactions(data_args: DataArguments, training_args: TrainingArguments) -> Path:
-    """The transactions of the synthetic data set named by `data_args`, generated into the cache if needed."""
-    synthetic_dir = Path(data_args.data_cache_dir) / (
-        f"synthetic-n{data_args.synthetic_num_customers}-seed{data_args.synthetic_seed}"
-    )
-    with training_args.main_process_first(desc="generating synthetic data"):
-        if not (synthetic_dir / "oracle.json").exists():
-            generate_synthetic_data(
-                synthetic_dir, num_customers=data_args.synthetic_num_customers, seed=data_args.synthetic_seed
-            )
-    return synthetic_dir / "transactions.csv"
-
-
 def prepare_pretraining_data(
     model_args: PretrainingModelArguments, data_args: PretrainingDataArguments, training_args: TrainingArguments
 ) -> dict:
     """Reads every customer of the transactions, fits the vocabulary on them (or takes the one of
     `model_name_or_path`), encodes them and holds out `eval_fraction` when evaluation is on."""
-    transactions = data_args.transactions or synthetic_transactions(data_args, training_args)
+    transactions, _, _ = data_files(data_args, training_args)
     customers = build_customer_dataset(transactions)
     if model_args.model_name_or_path is not None:
         vocabulary = EventVocabulary.from_pretrained(model_args.model_name_or_path)

@@ -1,5 +1,6 @@
 """Training entry point: data preparation, the HF `Trainer`, metrics and the output folder."""
 
+import contextlib
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from transformers.training_args import ParallelMode
 from . import TxFormerConfig, TxFormerForSequenceClassification
 from .callbacks import PerformerRedrawCallback
 from .data import (
+    SYNTHETIC_FAMILIES,
     VOCABULARY_FILE,
     EventVocabulary,
     TokenBudgetBatchSampler,
@@ -37,8 +39,10 @@ from .data import (
     build_customer_dataset,
     generate_synthetic_data,
     oracle_auroc,
+    split_for_evaluation,
     stratified_split,
 )
+from .data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
 from .hub import PushCodeFilesCallback, push_folder_to_hub
 from .io_utils import atomic_write_json
 from .metrics import compute_metrics
@@ -58,7 +62,6 @@ DEFAULT_SAVE_STEPS = 0.05
 VALIDATION_DATASET = "validation"
 # The validation split takes at most this share of the training customers, whatever its minimum size.
 MAX_VALIDATION_SHARE = 0.25
-DEFAULT_SYNTHETIC_FAMILY = "independent"
 
 
 @dataclass
@@ -91,8 +94,8 @@ class DataArguments:
     synthetic_num_customers: int = field(default=8000, metadata={"help": "Customers of the generated data."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the generated data."})
     synthetic_family: str = field(
-        default=DEFAULT_SYNTHETIC_FAMILY,
-        metadata={"help": "Generator family of the synthetic data (txformer.data.SYNTHETIC_FAMILIES)."},
+        default="independent",
+        metadata={"help": "Generator family of the synthetic data.", "choices": list(SYNTHETIC_FAMILIES)},
     )
     synthetic_labelled_fraction: float | None = field(
         default=None, metadata={"help": "Share of generated customers that get a label (default: all)."}
@@ -330,19 +333,11 @@ def prepare_datasets(
     """Reads (or generates) the data and splits the labelled customers: held-out (reported, never seen in training),
     then, from the training customers and when training evaluates, a validation split. Fits the vocabulary on the
     training part unless one is given, and encodes every part."""
-    oracle = None
-    transactions, labels = data_args.transactions, data_args.labels
-    if transactions is None:
-        synthetic_dir = Path(data_args.data_cache_dir) / data_args.synthetic_dir_name
-        with training_args.main_process_first(desc="generating synthetic data"):
-            if not (synthetic_dir / "oracle.json").exists():
-                generate_synthetic_data(synthetic_dir, **synthetic_generator_arguments(data_args))
-        transactions, labels = synthetic_dir / "transactions.csv", synthetic_dir / "gender_train.csv"
-        oracle = synthetic_dir
+    transactions, labels, synthetic_dir = data_files(data_args, training_args)
     customers = build_customer_dataset(transactions, labels)
-    train, held_out = stratified_split(customers, test_size=data_args.eval_fraction, seed=data_args.split_seed)
-    if data_args.max_train_customers is not None and data_args.max_train_customers < len(train):
-        train = train.shuffle(seed=data_args.split_seed).select(range(data_args.max_train_customers))
+    train, held_out = split_for_evaluation(
+        customers, data_args.eval_fraction, data_args.split_seed, data_args.max_train_customers
+    )
     validation = None
     if IntervalStrategy(training_args.eval_strategy) != IntervalStrategy.NO and data_args.validation_fraction > 0:
         num_validation = validation_size(len(train), data_args.validation_fraction, data_args.min_validation_customers)
@@ -354,20 +349,34 @@ def prepare_datasets(
         "validation": None if validation is None else vocabulary.encode(validation),
         "eval": vocabulary.encode(held_out),
         "vocabulary": vocabulary,
-        "synthetic_dir": oracle,
+        "synthetic_dir": synthetic_dir,
     }
 
 
-def synthetic_generator_arguments(data_args: DataArguments) -> dict:
-    """Keyword arguments of `generate_synthetic_data` for the data flags. The family and labelled share are passed
-    only when they differ from the defaults, so that a generator without these arguments still makes the default
-    data."""
-    arguments = {"num_customers": data_args.synthetic_num_customers, "seed": data_args.synthetic_seed}
-    if data_args.synthetic_family != DEFAULT_SYNTHETIC_FAMILY:
-        arguments["family"] = data_args.synthetic_family
-    if data_args.synthetic_labelled_fraction is not None:
-        arguments["labelled_fraction"] = data_args.synthetic_labelled_fraction
-    return arguments
+def data_files(
+    data_args: DataArguments, training_args: TrainingArguments | None = None
+) -> tuple[Path, Path | None, Path | None]:
+    """The transactions file, the labels file and, for synthetic data, its folder (with the oracle). Synthetic data
+    is generated once into the cache folder named by the data flags (the main process first, when `training_args`
+    is given, while the other processes of a launch wait)."""
+    if data_args.transactions is not None:
+        return Path(data_args.transactions), None if data_args.labels is None else Path(data_args.labels), None
+    synthetic_dir = Path(data_args.data_cache_dir) / data_args.synthetic_dir_name
+    waiting = (
+        training_args.main_process_first(desc="generating synthetic data")
+        if training_args is not None
+        else contextlib.nullcontext()
+    )
+    with waiting:
+        if not (synthetic_dir / ORACLE_FILE).exists():
+            generate_synthetic_data(
+                synthetic_dir,
+                num_customers=data_args.synthetic_num_customers,
+                seed=data_args.synthetic_seed,
+                family=data_args.synthetic_family,
+                labelled_fraction=data_args.synthetic_labelled_fraction,
+            )
+    return synthetic_dir / TRANSACTIONS_FILE, synthetic_dir / TRAIN_LABELS_FILE, synthetic_dir
 
 
 def validation_size(num_customers: int, fraction: float, minimum: int) -> int:

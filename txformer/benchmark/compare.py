@@ -308,8 +308,10 @@ def read_run(run_dir: Path, spec: RunSpec) -> RunResult:
     """The metrics of a finished run: held-out AUROC and accuracy, the oracles, and for a model from the profiling
     callback's steps file the throughput over all steps (real events / step time), the median per-step throughput and
     the peak memory, and the Trainer's log history; the wall time from the run record."""
-    results_file = BASELINE_RESULTS_FILE if spec.is_baseline else RESULTS_FILE
-    metrics = json.loads((run_dir / results_file).read_text())
+    if spec.is_baseline:
+        metrics = json.loads((run_dir / BASELINE_RESULTS_FILE).read_text())["metrics"]
+    else:
+        metrics = json.loads((run_dir / RESULTS_FILE).read_text())
     steps = read_steps(run_dir / STEPS_FILE)
     counted = [step for step in steps if step.get("tokens") is not None]
     step_time = sum(step["step_time_s"] for step in counted)
