@@ -42,8 +42,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "txformer-train=txformer.training:main",
-            "txformer-predict=txformer.prediction:main",
+            "txformer-train=txformer.cli:train_command",
+            "txformer-predict=txformer.cli:predict_command",
         ],
     },
 )

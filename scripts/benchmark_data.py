@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
+from txformer.cli import run_cli
 from txformer.data import (
     EventVocabulary,
     SyntheticOracle,
@@ -109,4 +110,4 @@ def report_learnability(root: Path, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
