@@ -43,11 +43,11 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "txformer-train=txformer.training:main",
-            "txformer-predict=txformer.prediction:main",
-            "txformer-pretrain=txformer.pretraining:main",
-            "txformer-embed=txformer.embedding:main",
-            "txformer-baseline=txformer.baseline:main",
+            "txformer-train=txformer.cli:train_command",
+            "txformer-predict=txformer.cli:predict_command",
+            "txformer-pretrain=txformer.cli:pretrain_command",
+            "txformer-embed=txformer.cli:embed_command",
+            "txformer-baseline=txformer.cli:baseline_command",
         ],
     },
 )

@@ -7,7 +7,8 @@ python scripts/baseline.py --features both --embeddings embeddings.parquet
 """
 
 from txformer.baseline import main
+from txformer.cli import run_cli
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

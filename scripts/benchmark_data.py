@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow.compute as pc
 from sklearn.metrics import roc_auc_score
 
+from txformer.cli import run_cli
 from txformer.data import (
     SYNTHETIC_FAMILIES,
     EventVocabulary,
@@ -193,4 +194,4 @@ def report_order_ablations(data_dir: Path, oracle: SyntheticOracle, seed: int) -
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -5,8 +5,9 @@ python scripts/embed.py --model_dir outputs/pretrain --transactions transactions
 python scripts/embed.py --model_dir outputs/pretrain --transactions transactions.csv --embedding contrastive
 """
 
+from txformer.cli import run_cli
 from txformer.embedding import main
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

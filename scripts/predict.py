@@ -5,8 +5,9 @@
         --customer_ids gender_test_kaggle_sample_submission.csv --output_file submission.csv
 """
 
+from txformer.cli import run_cli
 from txformer.prediction import main
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -8,8 +8,9 @@ python scripts/pretrain.py --transactions transactions.csv --output_dir outputs/
 python scripts/train.py --model_name_or_path outputs/pretrain --output_dir outputs/finetuned
 """
 
+from txformer.cli import run_cli
 from txformer.pretraining import main
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

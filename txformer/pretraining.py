@@ -20,14 +20,20 @@ from transformers import (
     set_seed,
 )
 
-from . import TxFormerConfig
 from .callbacks import PerformerRedrawCallback
 from .data import EventVocabulary, TransactionCollator, build_customer_dataset
 from .hub import RESULTS_FILE, TRAINING_RUN_FILE, PushCodeFilesCallback
 from .io_utils import atomic_write_json
 from .prediction import PREPROCESSING_FILE
 from .profiling import add_profiling_callback
-from .training import DataArguments, ModelArguments, TxFormerTrainingArguments, data_files, resolve_checkpoint
+from .training import (
+    DataArguments,
+    ModelArguments,
+    TxFormerTrainingArguments,
+    data_files,
+    new_config,
+    resolve_checkpoint,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -217,17 +223,7 @@ def build_pretraining_model(model_args: PretrainingModelArguments, vocabulary: E
         return auto_class.from_pretrained(
             model_args.model_name_or_path, attn_implementation=model_args.attn_implementation, use_safetensors=True
         )
-    config = TxFormerConfig(
-        categorical_fields=list(vocabulary.categorical_fields),
-        categorical_vocab_sizes=list(vocabulary.vocab_sizes),
-        numeric_fields=list(vocabulary.numeric_fields),
-        attention_type=model_args.attention_type,
-        num_labels=2,
-    )
-    if model_args.config_overrides:
-        config.update_from_string(model_args.config_overrides)
-        config.validate_architecture()
-        config.validate_pretraining()
+    config = new_config(model_args, vocabulary)
     return auto_class.from_config(config, attn_implementation=model_args.attn_implementation)
 
 

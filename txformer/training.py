@@ -30,6 +30,7 @@ from transformers.training_args import ParallelMode
 
 from . import TxFormerConfig, TxFormerForSequenceClassification
 from .callbacks import PerformerRedrawCallback
+from .cli import parse_config_overrides
 from .data import (
     SYNTHETIC_FAMILIES,
     VOCABULARY_FILE,
@@ -391,6 +392,24 @@ def pretrained_vocabulary(model_name_or_path: str | None) -> EventVocabulary | N
     return EventVocabulary.from_pretrained(model_name_or_path)
 
 
+def new_config(model_args: ModelArguments, vocabulary: EventVocabulary | None = None) -> TxFormerConfig:
+    """A fresh config from the model flags: the vocabulary's event schema (when given), the attention kind, two labels
+    and the `--config_overrides`, each checked against the field's type."""
+    schema = {}
+    if vocabulary is not None:
+        schema = dict(
+            categorical_fields=list(vocabulary.categorical_fields),
+            categorical_vocab_sizes=list(vocabulary.vocab_sizes),
+            numeric_fields=list(vocabulary.numeric_fields),
+        )
+    config = TxFormerConfig(**schema, attention_type=model_args.attention_type, num_labels=2)
+    if model_args.config_overrides:
+        config.update(parse_config_overrides(model_args.config_overrides, config))
+        config.validate_architecture()
+        config.validate_pretraining()
+    return config
+
+
 def build_model(model_args: ModelArguments, vocabulary: EventVocabulary) -> TxFormerForSequenceClassification:
     """A fresh model whose event schema is the vocabulary's, or a trained or pretrained one to fine-tune (a
     pretraining folder gets a newly initialised classifier head)."""
@@ -401,16 +420,7 @@ def build_model(model_args: ModelArguments, vocabulary: EventVocabulary) -> TxFo
             attn_implementation=model_args.attn_implementation,
             use_safetensors=True,
         )
-    config = TxFormerConfig(
-        categorical_fields=list(vocabulary.categorical_fields),
-        categorical_vocab_sizes=list(vocabulary.vocab_sizes),
-        numeric_fields=list(vocabulary.numeric_fields),
-        attention_type=model_args.attention_type,
-        num_labels=2,
-    )
-    if model_args.config_overrides:
-        config.update_from_string(model_args.config_overrides)
-        config.validate_architecture()
+    config = new_config(model_args, vocabulary)
     return AutoModelForSequenceClassification.from_config(config, attn_implementation=model_args.attn_implementation)
 
 

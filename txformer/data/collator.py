@@ -8,6 +8,8 @@ import torch
 
 
 DAYS_PER_WEEK = 7
+# The model computes in float32: a larger magnitude becomes infinite there, and NaN after the signed log.
+MAX_NUMERIC_MAGNITUDE = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -73,6 +75,13 @@ class TransactionCollator:
             if not_finite.any():
                 row = int(np.flatnonzero(not_finite.reshape(len(features), -1).any(axis=1))[0])
                 raise ValueError(f"Customer {_customer(features[row], row)} has a NaN or infinite {what}.")
+            too_large = np.abs(values) > MAX_NUMERIC_MAGNITUDE
+            if too_large.any():
+                row = int(np.flatnonzero(too_large.reshape(len(features), -1).any(axis=1))[0])
+                raise ValueError(
+                    f"Customer {_customer(features[row], row)}: {what} {values[too_large][0]:g} is beyond "
+                    f"±{MAX_NUMERIC_MAGNITUDE:g}, the float32 range of the model."
+                )
         # float32 keeps ~1 s resolution only near 0: shift each row by whole weeks before its first kept event, which
         # leaves hour of day, day of week and gaps unchanged.
         week_start = DAYS_PER_WEEK * np.floor(event_time[:, 0] / DAYS_PER_WEEK)
