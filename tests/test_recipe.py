@@ -4,6 +4,8 @@ a pretrained folder, and training batches that fill a token budget."""
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -326,3 +328,15 @@ def test_token_budget_training_and_resuming(tmp_path):
     main(tiny_run_flags(resumed, tmp_path / "cache", *flags, "--resume_from_checkpoint=last"))
     final, expected = load_file(resumed / "model.safetensors"), load_file(straight / "model.safetensors")
     assert all(torch.equal(final[name], expected[name]) for name in expected)
+
+
+def test_concurrent_generation_of_the_same_synthetic_data_is_safe(tmp_path):
+    script = (
+        "import sys; from txformer.training import DataArguments, data_files; "
+        f"data_files(DataArguments(synthetic_num_customers=50, data_cache_dir={str(tmp_path)!r}))"
+    )
+    processes = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE) for _ in range(3)]
+    errors = [process.communicate(timeout=120)[1].decode() for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0], errors
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["synthetic-independent-n50-seed0"]
+    assert (tmp_path / "synthetic-independent-n50-seed0" / "oracle.json").exists()

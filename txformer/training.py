@@ -6,7 +6,9 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -370,13 +372,26 @@ def data_files(
     )
     with waiting:
         if not (synthetic_dir / ORACLE_FILE).exists():
-            generate_synthetic_data(
-                synthetic_dir,
-                num_customers=data_args.synthetic_num_customers,
-                seed=data_args.synthetic_seed,
-                family=data_args.synthetic_family,
-                labelled_fraction=data_args.synthetic_labelled_fraction,
-            )
+            # Written in a folder of its own, then renamed into place: processes that generate the same data at once
+            # (several runs, or several machines on a shared cache) never see, or write into, a half-written folder.
+            synthetic_dir.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=synthetic_dir.parent, prefix=f".{synthetic_dir.name}."))
+            try:
+                generate_synthetic_data(
+                    staging,
+                    num_customers=data_args.synthetic_num_customers,
+                    seed=data_args.synthetic_seed,
+                    family=data_args.synthetic_family,
+                    labelled_fraction=data_args.synthetic_labelled_fraction,
+                )
+                if not (synthetic_dir / ORACLE_FILE).exists():  # a folder left half-written by an older version
+                    shutil.rmtree(synthetic_dir, ignore_errors=True)
+                os.replace(staging, synthetic_dir)  # fails when another process has just put its copy in place
+            except OSError:
+                if not (synthetic_dir / ORACLE_FILE).exists():
+                    raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     return synthetic_dir / TRANSACTIONS_FILE, synthetic_dir / TRAIN_LABELS_FILE, synthetic_dir
 
 
