@@ -5,7 +5,6 @@ import csv
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from transformers import HfArgumentParser
 
+from .cli import configure_logging
 from .data import (
     EventVocabulary,
     build_customer_dataset,
@@ -650,9 +650,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Command line: `python scripts/baseline.py [--transactions ... --labels ...] [--features both --embeddings F]`."""
     parser = HfArgumentParser((BaselineDataArguments, BaselineArguments, LightGBMArguments))
     data_args, baseline_args, lightgbm_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
-    )
+    configure_logging()
     metrics = run_baseline(data_args, baseline_args, lightgbm_args)
     print(f"\nBaseline held-out results ({baseline_args.output_dir}):")
     print(format_baseline_result(metrics, baseline_args.features))

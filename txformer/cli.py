@@ -1,8 +1,10 @@
-"""Command-line plumbing shared by the scripts: one-line errors for expected failures, and `--config_overrides`."""
+"""Command-line plumbing shared by the scripts: logging, one-line errors for expected failures, and
+`--config_overrides`."""
 
 import dataclasses
 import difflib
 import importlib
+import logging
 import math
 import os
 import sys
@@ -22,6 +24,23 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # Packages whose explicit `raise OSError(...)` reports a folder or file they cannot load (transformers' documented
 # error for a model folder without weights or config), not a bug.
 OS_ERROR_SOURCES = ("txformer", "transformers", "huggingface_hub")
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(training_args: Any = None) -> None:
+    """The package's log lines to stdout: INFO on the main process; on the other processes of a launch, the level
+    `TrainingArguments.get_process_log_level()` gives them (`--log_level_replica`, warning by default). Libraries
+    keep warnings only."""
+    logging.basicConfig(format=LOG_FORMAT, level=logging.WARNING, stream=sys.stdout)
+    level = logging.INFO
+    if training_args is not None and not training_args.should_log:
+        level = training_args.get_process_log_level()
+    logging.getLogger(PACKAGE_DIR.name).setLevel(level)
+    import transformers  # here, not on top: the console commands start faster without it
+
+    transformers.utils.logging.set_verbosity_warning()
 
 
 class ConfigOverrideError(ValueError):

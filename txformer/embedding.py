@@ -2,7 +2,6 @@
 for downstream models such as LightGBM."""
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, HfArgumentParser
 
+from .cli import configure_logging
 from .data import EventVocabulary, TransactionCollator, build_customer_dataset, read_customer_ids
 from .io_utils import atomic_write
 from .prediction import check_vocabulary_matches, length_sorted_batches, read_preprocessing
@@ -125,9 +125,7 @@ def embed(args: EmbeddingArguments) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     """Command line: `python scripts/embed.py --model_dir DIR --transactions FILE [--output_file F.parquet]`."""
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
-    )
+    configure_logging()
     (args,) = HfArgumentParser(EmbeddingArguments).parse_args_into_dataclasses(args=argv)
     return embed(args)
 

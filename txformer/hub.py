@@ -26,6 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from . import __version__
+from .cli import configure_logging
 from .configuration_txformer import TxFormerConfig
 from .data import VOCABULARY_FILE, EventVocabulary
 from .io_utils import atomic_write, atomic_write_json
@@ -438,9 +439,7 @@ class PushArguments:
 
 def main(argv: list[str] | None = None) -> str:
     """Command line: `python scripts/push_to_hub.py --output_dir DIR --repo_id USER/NAME`; errors are one line."""
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
-    )
+    configure_logging()
     (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
     try:
         commit_url = push_folder_to_hub(

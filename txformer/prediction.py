@@ -3,7 +3,6 @@
 import csv
 import json
 import logging
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, HfArgumentParser
 
+from .cli import configure_logging
 from .data import EventVocabulary, TransactionCollator, build_customer_dataset, customer_table, read_customer_ids
 from .data.reader import list_offsets_and_values
 from .data.vocabulary import UNKNOWN_INDEX, VOCABULARY_FILE
@@ -162,8 +162,6 @@ def predict(args: PredictionArguments) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     """Command line: `python scripts/predict.py --model_dir DIR --transactions FILE [--output_file F]`."""
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
-    )
+    configure_logging()
     (args,) = HfArgumentParser(PredictionArguments).parse_args_into_dataclasses(args=argv)
     return predict(args)

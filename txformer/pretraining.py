@@ -3,7 +3,6 @@ and an output folder that `scripts/train.py --model_name_or_path` fine-tunes."""
 
 import json
 import logging
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from transformers import (
 )
 
 from .callbacks import PerformerRedrawCallback
+from .cli import configure_logging
 from .data import EventVocabulary, TransactionCollator, build_customer_dataset
 from .hub import RESULTS_FILE, TRAINING_RUN_FILE, PushCodeFilesCallback
 from .io_utils import atomic_write_json
@@ -290,10 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Command line: `python scripts/pretrain.py [--objective contrastive|masked] [--transactions FILE] [Trainer flags]`."""
     parser = HfArgumentParser((PretrainingModelArguments, PretrainingDataArguments, PretrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
-    )
-    transformers.utils.logging.set_verbosity_warning()
+    configure_logging(training_args)
     metrics = pretrain(model_args, data_args, training_args)
     if training_args.should_log:
         print(json.dumps({key: value for key, value in metrics.items() if "loss" in key}, indent=2))

@@ -7,7 +7,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -32,7 +31,7 @@ from transformers.training_args import ParallelMode
 
 from . import TxFormerConfig, TxFormerForSequenceClassification
 from .callbacks import PerformerRedrawCallback
-from .cli import parse_config_overrides
+from .cli import configure_logging, parse_config_overrides
 from .data import (
     SYNTHETIC_FAMILIES,
     VOCABULARY_FILE,
@@ -599,10 +598,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Command line: `python scripts/train.py [--attention_type ...] [--transactions ... --labels ...] [Trainer flags]`."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TxFormerTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
-    )
-    transformers.utils.logging.set_verbosity_warning()
+    configure_logging(training_args)
     metrics = train(model_args, data_args, training_args)
     if training_args.should_log:
         print(f"\nHeld-out results ({training_args.output_dir}):\n{format_result(metrics)}")
