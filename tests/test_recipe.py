@@ -340,3 +340,23 @@ def test_concurrent_generation_of_the_same_synthetic_data_is_safe(tmp_path):
     assert [process.returncode for process in processes] == [0, 0, 0], errors
     assert sorted(path.name for path in tmp_path.iterdir()) == ["synthetic-independent-n50-seed0"]
     assert (tmp_path / "synthetic-independent-n50-seed0" / "oracle.json").exists()
+
+
+def test_an_output_folder_of_another_run_is_refused_unless_overwritten(tmp_path):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "all_results.json").write_text("{}")
+    flags = tiny_run_flags(output_dir, tmp_path / "cache", "--max_steps=2", "--eval_strategy=no")
+    with pytest.raises(ValueError, match="already holds files of another run"):
+        main(flags)
+    assert (output_dir / "all_results.json").read_text() == "{}"
+    main([*flags, "--overwrite_output_dir=true"])
+    assert "eval_auroc" in json.loads((output_dir / "all_results.json").read_text())
+
+
+def test_resuming_from_a_checkpoint_of_another_kind_is_refused(tmp_path):
+    output_dir = tmp_path / "out"
+    flags = tiny_run_flags(output_dir, tmp_path / "cache", "--max_steps=2", "--eval_strategy=no", "--save_steps=1")
+    main([*flags, "--attention_type=performer"])
+    with pytest.raises(ValueError, match="holds another model .*attention_type: 'performer' there, 'full' here"):
+        main([*flags, "--resume_from_checkpoint=last"])

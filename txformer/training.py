@@ -59,6 +59,10 @@ RESULTS_FILE = "all_results.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # The Trainer writes a checkpoint's files in turn and trainer_state.json last.
 CHECKPOINT_STATE_FILE = "trainer_state.json"
+# Config keys that a checkpoint may differ in from the model the flags build: bookkeeping, not the model.
+RESUME_IGNORED_KEYS = frozenset(
+    {"_name_or_path", "transformers_version", "architectures", "auto_map", "dtype", "problem_type", "custom_pipelines"}
+)
 # Checkpoints (and evaluations, which follow them) per run, as a share of its optimizer steps.
 DEFAULT_SAVE_STEPS = 0.05
 VALIDATION_DATASET = "validation"
@@ -208,6 +212,10 @@ class TxFormerTrainingArguments(TrainingArguments):
             "help": "Batch histories of similar length together (train_sampling_strategy='group_by_length'): little "
             "padding on whole histories."
         },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the files of another run in --output_dir (refused otherwise, unless resuming)."},
     )
     max_tokens_per_batch: int | None = field(
         default=None,
@@ -469,6 +477,34 @@ def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.
     return resume_from_checkpoint
 
 
+def check_output_dir_is_free(output_dir: str | os.PathLike) -> None:
+    """Refuses an output folder that holds files, so that a new run never silently overwrites another run's model,
+    metrics and profile."""
+    folder = Path(output_dir)
+    if folder.is_dir() and any(folder.iterdir()):
+        raise ValueError(
+            f"--output_dir {folder} already holds files of another run: pass --overwrite_output_dir to replace them, "
+            "--resume_from_checkpoint last to continue that run, or another --output_dir."
+        )
+
+
+def check_checkpoint_matches(checkpoint: str | os.PathLike, config: TxFormerConfig) -> None:
+    """Refuses to resume from a checkpoint whose model differs from the one the flags build (kind, sizes, schema)."""
+    saved = TxFormerConfig.from_pretrained(checkpoint).to_dict()
+    built = config.to_dict()
+    differences = sorted(
+        key
+        for key in saved.keys() | built.keys()
+        if key not in RESUME_IGNORED_KEYS and saved.get(key) != built.get(key)
+    )
+    if differences:
+        shown = ", ".join(f"{key}: {saved.get(key)!r} there, {built.get(key)!r} here" for key in differences[:5])
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} holds another model ({shown}): resume with the flags of that run, "
+            "or start a new run in another --output_dir."
+        )
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TxFormerTrainingArguments) -> dict:
     """Trains within the step budget (early stopping and the best checkpoint on the validation split), evaluates on
     the held-out split and writes the model, vocabulary and metrics to `output_dir`."""
@@ -478,9 +514,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             "--validation_fraction is 0: give a share of the training customers, or pass --eval_strategy no."
         )
     resume_from_checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume_from_checkpoint is None and not training_args.overwrite_output_dir:
+        check_output_dir_is_free(training_args.output_dir)
     set_seed(training_args.seed)
     data = prepare_datasets(data_args, training_args, pretrained_vocabulary(model_args.model_name_or_path))
     model = build_model(model_args, data["vocabulary"])
+    if resume_from_checkpoint is not None:
+        check_checkpoint_matches(resume_from_checkpoint, model.config)
     collator = TransactionCollator(
         categorical_fields=list(data["vocabulary"].categorical_fields),
         numeric_fields=list(data["vocabulary"].numeric_fields),

@@ -195,8 +195,10 @@ def train_command(spec: RunSpec, config: CompareConfig, extra_args: list[str]) -
         "--disable_tqdm", "true",
     ]  # fmt: skip
     checkpoint = last_complete_checkpoint(Path(config.output_dir) / spec.name)
-    if checkpoint is not None:
-        command += ["--resume_from_checkpoint", str(checkpoint)]
+    # The run folder is the comparison's own: it holds the run's log (and, of a run killed early, its first files).
+    command += (
+        ["--overwrite_output_dir", "true"] if checkpoint is None else ["--resume_from_checkpoint", str(checkpoint)]
+    )
     return command + extra_args
 
 
