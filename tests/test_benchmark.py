@@ -217,7 +217,7 @@ def fake_run(run_dir, auroc, accuracy, oracle_window, tokens_per_s, results_file
         for step in (1, 2, 3)
     ]
     (run_dir / "profile_steps.jsonl").write_text("".join(json.dumps(step) + "\n" for step in steps))
-    history = [{"step": 10, "loss": 0.69}, {"step": 20, "loss": 0.6, "eval_auroc": auroc}]
+    history = [{"step": 10, "loss": 0.69}, {"step": 20, "loss": 0.6, "eval_validation_auroc": auroc}]
     (run_dir / "trainer_state.json").write_text(json.dumps({"log_history": history}))
 
 

@@ -590,6 +590,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     output_dir = Path(training_args.output_dir)
     # On every process: under FSDP and DeepSpeed ZeRO-3 gathering the weights is collective; only the main one writes.
     trainer.save_model(output_dir)
+    trainer.save_state()  # trainer_state.json: the loss and validation curves of the run
     if trainer.is_world_process_zero():
         data["vocabulary"].save_pretrained(output_dir)
         atomic_write_json(output_dir / PREPROCESSING_FILE, preprocessing)

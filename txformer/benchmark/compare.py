@@ -515,7 +515,11 @@ def plot_family(summaries: list[GroupSummary], results: list[RunResult], family:
     for result in first_seed.values():
         label = f"{result.spec.attention_type}, {result.spec.context}"
         losses = [(entry["step"], entry["loss"]) for entry in result.log_history if "loss" in entry]
-        validation = [(entry["step"], entry["eval_auroc"]) for entry in result.log_history if "eval_auroc" in entry]
+        validation = [
+            (entry["step"], entry["eval_validation_auroc"])
+            for entry in result.log_history
+            if "eval_validation_auroc" in entry
+        ]
         if losses:
             loss_axis.plot(*zip(*losses, strict=True), label=label)
         if validation:
