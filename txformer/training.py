@@ -36,6 +36,7 @@ from .data import (
     SYNTHETIC_FAMILIES,
     VOCABULARY_FILE,
     EventVocabulary,
+    RandomWindow,
     TokenBudgetBatchSampler,
     TransactionCollator,
     build_customer_dataset,
@@ -113,6 +114,14 @@ class DataArguments:
     eval_fraction: float = field(default=0.1, metadata={"help": "Held-out share of labelled customers (stratified)."})
     split_seed: int = field(default=42, metadata={"help": "Seed of the held-out and validation splits."})
     max_train_customers: int | None = field(default=None, metadata={"help": "Subsample training customers."})
+    train_window_min_share: float = field(
+        default=0.5,
+        metadata={
+            "help": "Training reads each history as a random window of at least this share of the events it keeps "
+            "(anywhere in the history), anew at each epoch, so the model cannot learn customers by heart; evaluation "
+            "reads the most recent events. 0 = off."
+        },
+    )
     validation_fraction: float = field(
         default=0.1,
         metadata={
@@ -130,6 +139,8 @@ class DataArguments:
             self.max_length = None
         if (self.transactions is None) != (self.labels is None):
             raise ValueError("Give both --transactions and --labels (real data), or neither (synthetic data).")
+        if not 0 <= self.train_window_min_share <= 1:
+            raise ValueError(f"--train_window_min_share must be in [0, 1], got {self.train_window_min_share}.")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}.")
 
@@ -556,10 +567,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                 training_args.early_stopping_patience, start=training_args.early_stopping_start
             )
         )
+    train_dataset = data["train"]
+    if data_args.train_window_min_share > 0:
+        train_dataset = train_dataset.with_transform(
+            RandomWindow(max_length=data_args.max_length, min_share=data_args.train_window_min_share)
+        )
     trainer = TxFormerTrainer(
         model=model,
         args=training_args,
-        train_dataset=data["train"],
+        train_dataset=train_dataset,
         eval_dataset={VALIDATION_DATASET: data["validation"]} if training_args.evaluates else None,
         data_collator=collator,
         compute_metrics=compute_metrics,

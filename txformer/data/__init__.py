@@ -1,6 +1,7 @@
 """Data pipeline: real-format transaction files to per-customer datasets, the event vocabulary, the batch collator,
 the stratified split, token-budget batches and synthetic data with a known Bayes-optimal posterior."""
 
+from .augmentation import RandomWindow
 from .collator import TransactionCollator
 from .reader import (
     TransactionDataError,
@@ -32,6 +33,7 @@ __all__ = [
     "SYNTHETIC_FAMILIES",
     "VOCABULARY_FILE",
     "EventVocabulary",
+    "RandomWindow",
     "FieldVocabulary",
     "OrderSyntheticConfig",
     "SyntheticConfig",
