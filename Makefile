@@ -18,8 +18,9 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# The demo's own folder, replaced at every run (a run of your own refuses a folder that holds another run's files).
 demo: $(STAMP)
-	$(BIN)/python scripts/train.py $(ARGS)
+	$(BIN)/python scripts/train.py --output_dir outputs/demo --overwrite_output_dir true $(ARGS)
 
 # Tiny models: one thread per process is faster than two threads fighting over the cores (and several test
 # processes run at once in the distributed tests).

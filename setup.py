@@ -29,6 +29,7 @@ setup(
         "numpy>=1.26",
         "scikit-learn>=1.3",
         "scipy>=1.10",
+        "lightgbm>=4.0",
         "tqdm>=4.66",
     ],
     extras_require={
@@ -42,8 +43,11 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "txformer-train=txformer.training:main",
-            "txformer-predict=txformer.prediction:main",
+            "txformer-train=txformer.cli:train_command",
+            "txformer-predict=txformer.cli:predict_command",
+            "txformer-pretrain=txformer.cli:pretrain_command",
+            "txformer-embed=txformer.cli:embed_command",
+            "txformer-baseline=txformer.cli:baseline_command",
         ],
     },
 )

@@ -17,6 +17,7 @@ from dataclasses import fields
 
 from txformer.benchmark.report import write_results
 from txformer.benchmark.suite import BenchmarkConfig, run_benchmark
+from txformer.cli import run_cli
 
 
 def parse_args() -> tuple[BenchmarkConfig, str, str | None]:
@@ -57,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

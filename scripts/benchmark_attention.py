@@ -21,6 +21,7 @@ from txformer.benchmark.attention import (
     run_attention_benchmark,
     write_results,
 )
+from txformer.cli import run_cli
 
 
 def parse_args() -> tuple[AttentionBenchmarkConfig, str]:
@@ -53,4 +54,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

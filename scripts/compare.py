@@ -19,6 +19,7 @@ import sys
 from transformers import HfArgumentParser
 
 from txformer.benchmark.compare import CompareConfig, collect_results, run_all, write_report
+from txformer.cli import run_cli
 
 
 def parse_args() -> tuple[CompareConfig, list[str]]:
@@ -46,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

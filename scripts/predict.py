@@ -7,8 +7,9 @@ format) and `<output_file>.report.json`.
     python scripts/predict.py --model <user>/<name> --revision <commit hash> --transactions transactions.csv
 """
 
+from txformer.cli import run_cli
 from txformer.prediction import main
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

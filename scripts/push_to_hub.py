@@ -6,8 +6,9 @@ or HF_TOKEN.
     python scripts/push_to_hub.py --output_dir outputs/txformer --repo_id <user>/<name> [--private] [--revision BRANCH]
 """
 
+from txformer.cli import run_cli
 from txformer.hub import main
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

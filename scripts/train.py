@@ -7,8 +7,9 @@ python scripts/train.py --transactions transactions.csv --labels gender_train.cs
 accelerate launch scripts/train.py --attention_type infinity --max_length 0
 """
 
+from txformer.cli import run_cli
 from txformer.training import main
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -206,6 +206,14 @@ def test_one_event_and_one_hundred_thousand_event_customers(model_dir, tmp_path)
     assert shifted[2] != probabilities[2]
 
 
+def test_an_amount_beyond_float32_stops_prediction_before_anything_is_written(model_dir, tmp_path):
+    """Such an amount used to be scored as NaN probabilities, with exit status 0."""
+    lines = [event_line(1, 60), event_line(2, 60), "2,0 00:02:00,5411,1010,1e39,A"]
+    with pytest.raises(TransactionDataError, match=r"t.csv line 4: amount 1e\+39 is beyond"):
+        run_predict(model_dir, write_csv(tmp_path / "t.csv", lines), tmp_path / "p.csv")
+    assert not (tmp_path / "p.csv").exists()
+
+
 @pytest.mark.parametrize("missing", [VOCABULARY_FILE, PREPROCESSING_FILE])
 def test_a_model_folder_missing_its_vocabulary_or_preprocessing_is_refused_by_name(model_dir, tmp_path, missing):
     folder = tmp_path / "incomplete"

@@ -165,6 +165,14 @@ def test_grid_commands_and_resume_from_last_complete_checkpoint(tmp_path):
     (run_dir / "checkpoint-20").mkdir()  # interrupted while saving: no trainer state
     command = train_command(RunSpec("order", "infinity", 0, 1), config, [])
     assert command[command.index("--resume_from_checkpoint") + 1] == str(run_dir / "checkpoint-10")
+    scoped = CompareConfig(families=["order:200", "long:100"], runs=["full:256", "long/performer:4096"], seeds=[1])
+    assert [spec.name for spec in scoped.specs()] == [
+        "order/lightgbm-seed1",
+        "order/full-256-seed1",
+        "long/lightgbm-seed1",
+        "long/full-256-seed1",
+        "long/performer-4096-seed1",
+    ]
     with pytest.raises(ValueError, match="FAMILY:CUSTOMERS"):
         CompareConfig(families=["order"]).specs()
 
@@ -197,7 +205,7 @@ def fake_run(run_dir, auroc, accuracy, oracle_window, tokens_per_s, results_file
         "oracle_auroc_all": 0.87,
         "oracle_auroc_last_max_length": oracle_window,
     }
-    (run_dir / results_file).write_text(json.dumps(metrics))
+    (run_dir / results_file).write_text(json.dumps({"metrics": metrics} if "baseline" in results_file else metrics))
     steps = [
         {
             "step": step,
@@ -209,7 +217,7 @@ def fake_run(run_dir, auroc, accuracy, oracle_window, tokens_per_s, results_file
         for step in (1, 2, 3)
     ]
     (run_dir / "profile_steps.jsonl").write_text("".join(json.dumps(step) + "\n" for step in steps))
-    history = [{"step": 10, "loss": 0.69}, {"step": 20, "loss": 0.6, "eval_auroc": auroc}]
+    history = [{"step": 10, "loss": 0.69}, {"step": 20, "loss": 0.6, "eval_validation_auroc": auroc}]
     (run_dir / "trainer_state.json").write_text(json.dumps({"log_history": history}))
 
 

@@ -1,23 +1,30 @@
-"""Synthetic data: real file formats, determinism, and the oracle checked against the documented formula."""
+"""Synthetic data of every family: real file formats, determinism, label scarcity, and the oracle checked against
+the documented formula recomputed from the raw files."""
 
 import bisect
 import csv
+import functools
 import json
 import math
 from collections import defaultdict
 from decimal import Decimal
+from itertools import pairwise
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
 from txformer.data import (
+    LONG_HISTORY_CONFIG,
+    SYNTHETIC_FAMILIES,
+    OrderSyntheticConfig,
     SyntheticConfig,
     SyntheticOracle,
     build_customer_dataset,
     generate_synthetic_data,
     oracle_auroc,
 )
+from txformer.data.synthetic_order import OrderPosterior, increasing_event_seconds, stationary_distribution
 
 
 # Short histories and frequent quirks, so a tiny file shows every one of them.
@@ -45,8 +52,10 @@ def log_sum_exp(values: list[float]) -> float:
     return largest + math.log(sum(math.exp(value - largest) for value in values))
 
 
-def independent_log_odds(data_dir, last_n: int | None) -> dict[int, float]:
-    """The posterior of docs/data.md, recomputed from the raw CSV strings with the standard library only."""
+@functools.cache
+def scored_histories(data_dir) -> dict[int, list[tuple[float, float]]]:
+    """(time in days, score g) of every customer's events from the raw CSV strings, sorted by time (stable: ties keep
+    the file order, as the reader does)."""
     parameters = json.loads((data_dir / "oracle.json").read_text())
     mcc_weight = dict(zip(parameters["mcc_codes"], parameters["mcc_weights"], strict=True))
     tr_type_weight = dict(zip(parameters["tr_types"], parameters["tr_type_weights"], strict=True))
@@ -64,11 +73,16 @@ def independent_log_odds(data_dir, last_n: int | None) -> dict[int, float]:
                 + parameters["hour_weights"][hour]
             )
             events[int(row["customer_id"])].append((int(day) + (3600 * hour + 60 * minute + second) / 86400, score))
+    return {customer: sorted(history, key=lambda event: event[0]) for customer, history in events.items()}
+
+
+def independent_log_odds(data_dir, last_n: int | None) -> dict[int, float]:
+    """The posterior of docs/data.md, recomputed from the raw CSV strings with the standard library only."""
+    parameters = json.loads((data_dir / "oracle.json").read_text())
     prior = parameters["label_prior"]
     log_odds = {}
-    for customer, history in events.items():
-        window = sorted(history, key=lambda event: event[0])  # stable: ties keep file order, as the reader does
-        window = window if last_n is None else window[-last_n:]
+    for customer, history in scored_histories(data_dir).items():
+        window = history if last_n is None else history[-last_n:]
         score_sum, count = sum(score for _, score in window), len(window)
         per_label = [
             log_sum_exp(
@@ -155,3 +169,236 @@ def test_oracle_errors(tiny, tmp_path):
         oracle_auroc(tmp_path)
     with pytest.raises(KeyError, match="not in the synthetic data"):
         oracle_auroc(tiny.output_dir, [1])
+
+
+# The order family with short histories, frequent quirks and amounts of a few cents (1 cent, the lowest amount,
+# included); a stronger signal where a test needs a clear effect.
+ORDER_TINY = OrderSyntheticConfig(
+    median_length=40.0,
+    amount_median=0.1,
+    heavy_fraction=0.0,
+    second_60_fraction=0.05,
+    swapped_pair_fraction=0.05,
+    split_customer_fraction=0.1,
+)
+ORDER_STRONG = OrderSyntheticConfig(median_length=150.0, heavy_fraction=0.0, transition_strength=0.3)
+
+
+@pytest.fixture(scope="module")
+def order_tiny(tmp_path_factory):
+    return generate_synthetic_data(
+        tmp_path_factory.mktemp("order"), num_customers=120, seed=5, config=ORDER_TINY, family="order"
+    )
+
+
+@pytest.fixture(scope="module")
+def order_strong(tmp_path_factory):
+    return generate_synthetic_data(
+        tmp_path_factory.mktemp("order_strong"), num_customers=400, seed=6, config=ORDER_STRONG, family="order"
+    )
+
+
+@pytest.fixture(scope="module")
+def long_histories(tmp_path_factory):
+    return generate_synthetic_data(tmp_path_factory.mktemp("long"), num_customers=120, seed=7, family="long")
+
+
+def normal_interval_log_mass(lower: float, upper: float) -> float:
+    """log(Phi(upper) - Phi(lower)) with the standard library, from the tail where the difference is precise."""
+    if lower > 0:
+        return math.log(0.5 * math.erfc(lower / math.sqrt(2)) - 0.5 * math.erfc(upper / math.sqrt(2)))
+    return math.log(0.5 * math.erfc(-upper / math.sqrt(2)) - 0.5 * math.erfc(-lower / math.sqrt(2)))
+
+
+@functools.cache
+def order_histories(data_dir) -> dict[int, list[tuple[int, int, int]]]:
+    """(integer seconds, MCC index, cents) of every customer's events from the raw CSV strings, sorted by time."""
+    parameters = json.loads((data_dir / "oracle.json").read_text())
+    code_index = {code: index for index, code in enumerate(parameters["mcc_codes"])}
+    events = defaultdict(list)
+    with open(data_dir / "transactions.csv", newline="") as file:
+        for row in csv.DictReader(file):
+            day, clock = row["tr_datetime"].split(" ")
+            hour, minute, second = (int(part) for part in clock.split(":"))
+            seconds = 86400 * int(day) + 3600 * hour + 60 * minute + second
+            cents = int(abs(Decimal(row["amount"])) * 100)
+            events[int(row["customer_id"])].append((seconds, code_index[int(row["mcc_code"])], cents))
+    return {customer: sorted(history) for customer, history in events.items()}
+
+
+def order_log_odds_by_hand(data_dir, last_n: int | None) -> dict[int, float]:
+    """The order family's posterior of docs/data.md, in plain loops over each window, label by label."""
+    parameters = json.loads((data_dir / "oracle.json").read_text())
+    prior = parameters["label_prior"]
+    log_odds = {}
+    for customer, history in order_histories(data_dir).items():
+        window = history if last_n is None else history[-last_n:]
+        log_likelihood = []
+        for label in (0, 1):
+            total, previous = 0.0, None
+            for _, code, cents in window:
+                if previous is not None:
+                    total += parameters["log_transition"][label][previous][code]
+                mean = parameters["amount_log_median"][code] + (label - 0.5) * parameters["amount_label_shift"][code]
+                std = parameters["amount_log_std"][code]
+                lower = -math.inf if cents == 1 else (math.log((cents - 0.5) / 100) - mean) / std
+                total += normal_interval_log_mass(lower, (math.log((cents + 0.5) / 100) - mean) / std)
+                previous = code
+            log_likelihood.append(total)
+        log_odds[customer] = math.log(prior / (1 - prior)) + log_likelihood[1] - log_likelihood[0]
+    return log_odds
+
+
+@pytest.mark.parametrize("last_n", [None, 1, 7])
+def test_order_oracle_matches_a_loop_over_the_raw_file(order_tiny, last_n):
+    expected = order_log_odds_by_hand(order_tiny.output_dir, last_n)
+    customer_ids = sorted(expected)
+    oracle = SyntheticOracle.load(order_tiny.output_dir)
+    assert oracle.parameters["family"] == "order"
+    np.testing.assert_allclose(oracle.log_odds(customer_ids, last_n), [expected[c] for c in customer_ids], atol=1e-8)
+
+
+def test_order_events_keep_the_generated_order(order_tiny):
+    rows = [line.split(",") for line in order_tiny.transactions_path.read_text().splitlines()[1:]]
+    assert any(row[1].endswith(":60") for row in rows)
+    assert {"0.01", "-0.01"} & {row[4] for row in rows}
+    histories = order_histories(order_tiny.output_dir)
+    assert len(histories) == order_tiny.num_customers
+    # Strictly increasing times: no tie the reader could order differently from the chain.
+    assert all(len({seconds for seconds, _, _ in history}) == len(history) for history in histories.values())
+    customers = build_customer_dataset(order_tiny.transactions_path)
+    for customer_id, mcc_codes in zip(customers["customer_id"], customers["mcc_code"], strict=True):
+        expected = [
+            SyntheticOracle.load(order_tiny.output_dir).parameters["mcc_codes"][code]
+            for _, code, _ in histories[customer_id]
+        ]
+        assert mcc_codes == expected
+
+
+def test_event_times_are_strictly_increasing_even_when_draws_tie():
+    # 150,000 events in about 400 days draw the same second hundreds of times.
+    lengths = np.array([150_000, 3, 1])
+    seconds = increasing_event_seconds(lengths, OrderSyntheticConfig(), np.random.default_rng(0))
+    starts = np.r_[0, np.cumsum(lengths)]
+    for start, end in pairwise(starts):
+        assert (np.diff(seconds[start:end]) > 0).all()
+    assert seconds.min() >= 0 and seconds.max() < 86400 * (OrderSyntheticConfig().num_days + 1)
+
+
+def test_order_chains_share_one_stationary_distribution(order_tiny):
+    parameters = SyntheticOracle.load(order_tiny.output_dir).parameters
+    for log_transition in parameters["log_transition"]:
+        transition = np.exp(np.asarray(log_transition))
+        np.testing.assert_allclose(transition.sum(axis=1), 1.0, atol=1e-12)
+        np.testing.assert_allclose(stationary_distribution(transition), parameters["stationary"], atol=1e-10)
+    assert not np.allclose(*parameters["log_transition"])
+
+
+def test_order_signal_is_in_the_order(order_strong):
+    """Shuffling each customer's events keeps the amounts and the codes' counts but destroys the transition signal."""
+    oracle = SyntheticOracle.load(order_strong.output_dir)
+    parameters = oracle.parameters
+    transitions_only = parameters | {"amount_label_shift": [0.0] * len(parameters["amount_label_shift"])}
+    customers = build_customer_dataset(order_strong.transactions_path)
+    offsets = np.r_[0, np.cumsum([len(codes) for codes in customers["mcc_code"]])]
+    events = {name: np.concatenate(customers[name]) for name in ("mcc_code", "amount")}
+    rng = np.random.default_rng(0)
+    shuffled_order = np.concatenate([start + rng.permutation(end - start) for start, end in pairwise(offsets)])
+    shuffled = {name: values[shuffled_order] for name, values in events.items()}
+    labels = oracle.true_labels()
+
+    def auroc(parameters, events) -> float:
+        return roc_auc_score(labels, OrderPosterior.from_events(parameters, events)(offsets[:-1], offsets[1:]))
+
+    assert auroc(parameters, events) == pytest.approx(oracle.auroc())
+    assert auroc(transitions_only, events) > 0.85
+    assert abs(auroc(transitions_only, shuffled) - 0.5) < 0.08
+    assert auroc(parameters, shuffled) < auroc(parameters, events) - 0.1
+
+
+@pytest.mark.parametrize("last_n", [None, 256, 1024])
+def test_long_family_oracle_matches_the_documented_formula(long_histories, last_n):
+    expected = independent_log_odds(long_histories.output_dir, last_n)
+    customer_ids = sorted(expected)
+    oracle = SyntheticOracle.load(long_histories.output_dir)
+    assert oracle.parameters["family"] == "long"
+    assert oracle.parameters["config"]["median_length"] == LONG_HISTORY_CONFIG.median_length
+    np.testing.assert_allclose(oracle.log_odds(customer_ids, last_n), [expected[c] for c in customer_ids], atol=1e-8)
+
+
+def test_long_family_has_long_histories_whose_signal_keeps_accruing(long_histories):
+    oracle = SyntheticOracle.load(long_histories.output_dir)
+    lengths = np.diff(oracle.offsets)
+    assert 1000 < np.median(lengths) < 2500 and lengths.max() > 10_000
+    aurocs = [oracle.auroc(last_n=last_n) for last_n in (256, 1024, 4096, None)]
+    assert aurocs[0] < aurocs[1] - 0.03 and aurocs[1] < aurocs[3] - 0.03 and aurocs[2] <= aurocs[3] + 1e-9, aurocs
+
+
+def test_window_longer_than_every_history_is_the_whole_history(order_tiny):
+    oracle = SyntheticOracle.load(order_tiny.output_dir)
+    np.testing.assert_array_equal(oracle.log_odds(last_n=10**6), oracle.log_odds())
+    with pytest.raises(ValueError, match="last_n"):
+        oracle.log_odds(last_n=0)
+
+
+def label_file_ids(path) -> set[int]:
+    return {int(line.split(",")[0]) for line in path.read_text().splitlines()[1:]}
+
+
+@pytest.mark.parametrize("family", SYNTHETIC_FAMILIES)
+def test_labelled_fraction_changes_only_the_label_files(family, tmp_path):
+    config = OrderSyntheticConfig(median_length=10.0) if family == "order" else SyntheticConfig(median_length=10.0)
+    few, many = (
+        generate_synthetic_data(
+            tmp_path / str(fraction),
+            num_customers=300,
+            seed=2,
+            config=config,
+            family=family,
+            labelled_fraction=fraction,
+        )
+        for fraction in (0.1, 0.9)
+    )
+    assert few.transactions_path.read_bytes() == many.transactions_path.read_bytes()
+    few_ids, many_ids = label_file_ids(few.train_labels_path), label_file_ids(many.train_labels_path)
+    assert len(few_ids) == few.num_labelled and 10 <= few.num_labelled <= 50 and 250 <= many.num_labelled <= 290
+    assert few_ids < many_ids
+    assert few_ids.isdisjoint(label_file_ids(few.test_ids_path))
+    assert len(few_ids | label_file_ids(few.test_ids_path)) == 300
+    assert json.loads(few.oracle_path.read_text())["config"]["labelled_fraction"] == 0.1
+    everyone = generate_synthetic_data(
+        tmp_path / "all", 300, seed=2, config=config, family=family, labelled_fraction=1
+    )
+    assert everyone.num_labelled == 300 and everyone.test_ids_path.read_text() == "customer_id,probability\n"
+
+
+def test_order_generation_is_deterministic(order_tiny, tmp_path):
+    again = generate_synthetic_data(tmp_path / "again", num_customers=120, seed=5, config=ORDER_TINY, family="order")
+    for name in ("transactions.csv", "gender_train.csv", "gender_test_kaggle_sample_submission.csv", "oracle.json"):
+        assert (again.output_dir / name).read_bytes() == (order_tiny.output_dir / name).read_bytes(), name
+    other = generate_synthetic_data(tmp_path / "other", num_customers=120, seed=6, config=ORDER_TINY, family="order")
+    assert other.transactions_path.read_bytes() != order_tiny.transactions_path.read_bytes()
+
+
+def test_generation_errors(tmp_path):
+    with pytest.raises(ValueError, match="Unknown synthetic family"):
+        generate_synthetic_data(tmp_path, family="markov")
+    with pytest.raises(TypeError, match="OrderSyntheticConfig"):
+        generate_synthetic_data(tmp_path, family="order", config=SyntheticConfig())
+    for fraction in (0.0, 1.5):
+        with pytest.raises(ValueError, match="labelled_fraction"):
+            generate_synthetic_data(tmp_path, labelled_fraction=fraction)
+
+
+def test_folders_without_a_family_are_the_independent_family(tiny, tmp_path):
+    for name in ("transactions.csv", "oracle.json"):
+        (tmp_path / name).write_bytes((tiny.output_dir / name).read_bytes())
+    parameters = json.loads((tmp_path / "oracle.json").read_text())
+    del parameters["family"]
+    (tmp_path / "oracle.json").write_text(json.dumps(parameters))
+    np.testing.assert_array_equal(
+        SyntheticOracle.load(tmp_path).log_odds(), SyntheticOracle.load(tiny.output_dir).log_odds()
+    )
+    (tmp_path / "oracle.json").write_text(json.dumps(parameters | {"family": "markov"}))
+    with pytest.raises(ValueError, match="unknown family 'markov'"):
+        SyntheticOracle.load(tmp_path)

@@ -15,7 +15,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import run_without_txformer, tiny_config
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, RepoUrl
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from transformers import Trainer, TrainingArguments
@@ -363,7 +363,6 @@ def copy_pushed_files(output_folder: Path, destination: Path) -> Path:
 REMOTE_CODE_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    sys.modules["txformer"] = None  # the package must not be importable here
     from transformers import AutoModelForSequenceClassification
     model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
@@ -374,22 +373,7 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 
 def test_the_pushed_files_alone_load_with_remote_code_and_agree(output_folder, tmp_path):
     hub_copy = copy_pushed_files(output_folder, tmp_path / "hub_copy")
-    environment = {
-        **os.environ,
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": "",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(hub_copy)],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    remote_logits = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    remote_logits = torch.tensor(json.loads(run_without_txformer(REMOTE_CODE_SCRIPT, [str(hub_copy)], tmp_path)))
     model = TxFormerForSequenceClassification.from_pretrained(output_folder).eval()
     with torch.no_grad():
         torch.testing.assert_close(remote_logits, model(**model.dummy_inputs).logits, rtol=1e-5, atol=1e-6)

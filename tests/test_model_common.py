@@ -7,22 +7,24 @@ import json
 
 import pytest
 import torch
+import transformers
 from conftest import random_batch, tiny_config
 from huggingface_hub.errors import StrictDataclassFieldValidationError
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, set_seed
+from transformers import AutoConfig, AutoModel, set_seed
 
 from txformer import TxFormerConfig, TxFormerForSequenceClassification, TxFormerModel
+from txformer.modeling_txformer import AUTO_CLASSES
 
 
-MODEL_CLASSES = (TxFormerModel, TxFormerForSequenceClassification)
+MODEL_CLASSES = tuple(AUTO_CLASSES.values())
 LONG_HISTORY = 16_384
 
 
 def build(model_class, config: TxFormerConfig, seed: int = 0, **kwargs):
     """A model in eval mode, initialised after `set_seed(seed)`; kwargs go to `from_config` (`attn_implementation`)."""
     set_seed(seed)
-    auto_class = AutoModel if model_class is TxFormerModel else AutoModelForSequenceClassification
-    model = auto_class.from_config(config, **kwargs).eval()
+    auto_class_name = next(name for name, registered in AUTO_CLASSES.items() if registered is model_class)
+    model = getattr(transformers, auto_class_name).from_config(config, **kwargs).eval()
     assert type(model) is model_class
     return model
 

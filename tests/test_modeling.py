@@ -1,15 +1,12 @@
 """Model behaviour shared by every attention kind: shapes, masks, save/load, remote code, losses."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_batch, select_rows, tiny_config
+from conftest import random_batch, run_without_txformer, select_rows, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from txformer import TxFormerConfig, TxFormerForSequenceClassification, TxFormerModel
@@ -147,7 +144,6 @@ def test_auto_classes_resolve_the_installed_package():
 REMOTE_CODE_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    sys.modules["txformer"] = None  # the package must not be importable here
     import torch
     from transformers import AutoModelForSequenceClassification
     folder = sys.argv[1]
@@ -170,22 +166,7 @@ def test_remote_code_round_trip_without_the_package(tmp_path, attention_type):
     assert {"configuration_txformer.py", "modeling_txformer.py", "attention_full.py"} <= saved_files
     assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForSequenceClassification"]
     (folder / "batch.json").write_text(json.dumps({key: value.tolist() for key, value in batch.items()}))
-    environment = {
-        **os.environ,
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": "",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(folder)],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    remote_logits = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    remote_logits = torch.tensor(json.loads(run_without_txformer(REMOTE_CODE_SCRIPT, [str(folder)], tmp_path)))
     torch.testing.assert_close(remote_logits, model(**batch).logits, rtol=1e-5, atol=1e-6)
 
 

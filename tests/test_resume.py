@@ -53,12 +53,12 @@ SLOW_AFTER_FIRST_CHECKPOINT = textwrap.dedent(
             if state.global_step > args.save_steps:
                 time.sleep(2.0)
 
-    class PausingTrainer(transformers.Trainer):
+    class PausingTrainer(training.TxFormerTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.add_callback(Pause())
 
-    training.Trainer = PausingTrainer
+    training.TxFormerTrainer = PausingTrainer
     training.main(sys.argv[1:])
     """
 )

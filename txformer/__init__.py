@@ -1,10 +1,14 @@
 """txformer: Hugging Face-native transformers over long event sequences (bank transactions)."""
 
-from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForSequenceClassification, AutoProcessor
+import transformers
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForSequenceClassification, AutoProcessor
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_txformer import TxFormerConfig
 from .modeling_txformer import (
+    AUTO_CLASSES,
+    TxFormerForContrastivePretraining,
+    TxFormerForMaskedEventModeling,
     TxFormerForSequenceClassification,
     TxFormerModel,
     TxFormerPreTrainedModel,
@@ -17,12 +21,11 @@ from .processing_txformer import TxFormerProcessor
 __version__ = "0.1.0"
 
 AutoConfig.register(TxFormerConfig.model_type, TxFormerConfig)
-AutoModel.register(TxFormerConfig, TxFormerModel)
-AutoModelForSequenceClassification.register(TxFormerConfig, TxFormerForSequenceClassification)
 # save_pretrained then writes `auto_map` and copies the model files, so the folder loads with trust_remote_code.
 TxFormerConfig.register_for_auto_class()
-TxFormerModel.register_for_auto_class("AutoModel")
-TxFormerForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+for auto_class_name, model_class in AUTO_CLASSES.items():
+    getattr(transformers, auto_class_name).register(TxFormerConfig, model_class)
+    model_class.register_for_auto_class(auto_class_name)
 # The processor travels with the model: saved folders get `preprocessor_config.json` with its `auto_map`, and the
 # processor's and the pipeline's code.
 AutoFeatureExtractor.register(TxFormerConfig, TxFormerProcessor)
@@ -39,10 +42,12 @@ __all__ = [
     "OnlineScorer",
     "OnlineStates",
     "TransactionClassificationPipeline",
-    "TxFormerProcessor",
     "TxFormerConfig",
+    "TxFormerForContrastivePretraining",
+    "TxFormerForMaskedEventModeling",
     "TxFormerForSequenceClassification",
     "TxFormerModel",
     "TxFormerPreTrainedModel",
+    "TxFormerProcessor",
     "TxFormerState",
 ]

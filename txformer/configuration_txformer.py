@@ -3,15 +3,21 @@
 import contextvars
 import dataclasses
 import difflib
+import itertools
 
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import strict  # huggingface_hub.dataclasses.strict, as transformers uses it
 
 
 ATTENTION_TYPES = ("full", "performer", "infinity")
-POOLING_TYPES = ("mean", "last")
+POOLING_TYPES = ("mean", "mean_sum", "last")
 POSITION_EMBEDDING_TYPES = ("rotary", "none")
 PERFORMER_KERNELS = ("softmax", "relu")
+CONTRASTIVE_LOSSES = ("margin", "infonce")
+# Signed decades of the amount, from -10^8 to 10^8 (the real amounts reach about 1.5e8).
+DEFAULT_AMOUNT_BUCKET_BOUNDARIES = (
+    [-(10.0**power) for power in range(8, -1, -1)] + [0.0] + [10.0**power for power in range(9)]
+)
 # Set while a saved config is read back: its unknown keys are kept as they are (a newer version or a library helper
 # may have written them), not checked for typos as the keys a user passes are.
 _READING_SAVED_CONFIG = contextvars.ContextVar("txformer_reading_saved_config", default=False)
@@ -39,7 +45,10 @@ class TxFormerConfig(PreTrainedConfig):
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act: transformer sizes.
         hidden_dropout_prob, attention_dropout_prob, classifier_dropout: dropouts.
         layer_norm_eps, initializer_range: numerics of the norms and of the initialisation.
-        pooling (`str`): `"mean"` over real events, or `"last"` real event.
+        pooling (`str`): `"mean"` over real events; `"mean_sum"`: the mean plus a learned share of the sum over real
+            events (scaled by `1 / pooling_sum_scale`), for evidence that accrues with the number of events; or the
+            `"last"` real event.
+        pooling_sum_scale (`float`): events that make the sum term of `"mean_sum"` count as much as the mean.
         position_embedding_type (`str`): `"rotary"`: rotary embeddings of the event index on queries and keys, so
             attention sees which event comes before which, at any length and for every kind; `"none"`: attention
             sees a set of events (only their times tell the order).
@@ -67,6 +76,22 @@ class TxFormerConfig(PreTrainedConfig):
         ltm_kl_weight (`float`): weight of the KL regulariser on the attention densities (0 = off).
         ltm_gating (`bool`): gate the memory input with a width-3 convolution.
         ltm_detach_memory (`bool`): detach the memory carried between segments (bounded memory in training).
+
+    Contrastive pretraining ([`TxFormerForContrastivePretraining`], CoLES):
+        embedding_size (`int`, *optional*): size of the L2-normalised embedding; defaults to `hidden_size`.
+        contrastive_loss (`str`): `"margin"` (pairwise margin loss on hard negatives, the CoLES recipe) or
+            `"infonce"` (softmax over every other slice of the batch, with a temperature).
+        contrastive_margin (`float`): margin of the `"margin"` loss (Euclidean distance between unit vectors).
+        contrastive_negatives (`int`): hardest negatives per slice of the `"margin"` loss.
+        contrastive_temperature (`float`): temperature of the `"infonce"` loss.
+
+    Masked event modelling ([`TxFormerForMaskedEventModeling`]):
+        mask_probability (`float`): share of the real events masked in each history.
+        masked_prediction_fields (`list[str]`, *optional*): categorical fields predicted at masked events; defaults to
+            the first two (MCC and transaction type).
+        amount_bucket_boundaries (`list[float]`, *optional*): increasing boundaries of the amount buckets predicted at
+            masked events (raw units of the first numeric field; `len + 1` buckets); defaults to signed decades
+            `[-1e8, ..., -1, 0, 1, ..., 1e8]`. An empty list predicts no amount.
 
     Example:
 
@@ -100,6 +125,7 @@ class TxFormerConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     pooling: str = "mean"
+    pooling_sum_scale: float = 256.0
     position_embedding_type: str = "rotary"
     rope_theta: float = 10000.0
     event_context_size: int = 2
@@ -123,6 +149,15 @@ class TxFormerConfig(PreTrainedConfig):
     ltm_gating: bool = True
     ltm_detach_memory: bool = True
 
+    embedding_size: int | None = None
+    contrastive_loss: str = "margin"
+    contrastive_margin: float = 0.5
+    contrastive_negatives: int = 5
+    contrastive_temperature: float = 0.1
+    mask_probability: float = 0.15
+    masked_prediction_fields: list[str] | None = None
+    amount_bucket_boundaries: list[float] | None = None
+
     def __post_init__(self, **kwargs):
         if self.categorical_fields is None:
             self.categorical_fields = ["mcc_code", "tr_type", "term_id"]
@@ -134,7 +169,13 @@ class TxFormerConfig(PreTrainedConfig):
             self.time_periods_days = [1.0, 7.0]
         if self.ltm_basis_widths is None:
             self.ltm_basis_widths = [0.01, 0.05]
-        self.validate_architecture()  # raises a plain ValueError before the strict-dataclass wrapper does
+        if self.masked_prediction_fields is None:
+            self.masked_prediction_fields = list(self.categorical_fields[:2])
+        if self.amount_bucket_boundaries is None:
+            self.amount_bucket_boundaries = list(DEFAULT_AMOUNT_BUCKET_BOUNDARIES)
+        # Both raise a plain ValueError before the strict-dataclass wrapper does.
+        self.validate_architecture()
+        self.validate_pretraining()
         if not _READING_SAVED_CONFIG.get():
             fields = [field.name for field in dataclasses.fields(self)]
             for key in kwargs:
@@ -206,6 +247,33 @@ class TxFormerConfig(PreTrainedConfig):
             raise ValueError("ltm_basis_widths and ltm_ridge_penalty must be positive.")
         if self.ltm_num_basis < 2 * len(self.ltm_basis_widths):
             raise ValueError(f"ltm_num_basis ({self.ltm_num_basis}) needs at least two centres per width.")
+
+    def validate_pretraining(self):
+        """Part of `@strict`-powered validation: checks the settings of the pretraining heads."""
+        if self.contrastive_loss not in CONTRASTIVE_LOSSES:
+            raise ValueError(
+                f"Unknown contrastive_loss {self.contrastive_loss!r}; valid losses: {list(CONTRASTIVE_LOSSES)}."
+            )
+        for name in ("contrastive_margin", "contrastive_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.contrastive_negatives < 1:
+            raise ValueError(f"contrastive_negatives must be positive, got {self.contrastive_negatives}.")
+        if self.embedding_size is not None and self.embedding_size < 1:
+            raise ValueError(f"embedding_size must be positive (or None = hidden_size), got {self.embedding_size}.")
+        if not 0.0 < self.mask_probability < 1.0:
+            raise ValueError(f"mask_probability must lie in (0, 1), got {self.mask_probability}.")
+        unknown = [name for name in self.masked_prediction_fields if name not in self.categorical_fields]
+        if unknown or not self.masked_prediction_fields:
+            raise ValueError(
+                f"masked_prediction_fields {self.masked_prediction_fields} must name one or more of the "
+                f"categorical_fields {self.categorical_fields}."
+            )
+        boundaries = self.amount_bucket_boundaries
+        if any(low >= high for low, high in itertools.pairwise(boundaries)):
+            raise ValueError(f"amount_bucket_boundaries must be strictly increasing, got {boundaries}.")
+        if boundaries and not self.numeric_fields:
+            raise ValueError("amount_bucket_boundaries needs a numeric field (the amount); give [] to predict none.")
 
 
 __all__ = ["TxFormerConfig"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .configuration_txformer import ATTENTION_TYPES, TxFormerConfig
+from .configuration_txformer import ATTENTION_TYPES
 
 
 PROFILE_FILE = "profile_summary.json"
@@ -46,17 +46,14 @@ def _parse_training_flags(arguments: list[str]) -> None:
     """Parses `scripts/train.py` flags as `txformer.training.main` does, and builds the config they ask for."""
     from transformers import HfArgumentParser
 
-    from .training import DataArguments, ModelArguments, TxFormerTrainingArguments
+    from .training import DataArguments, ModelArguments, TxFormerTrainingArguments, new_config
 
     if not torch.cuda.is_available():
         # TrainingArguments refuses --bf16 without a GPU unless the run is on the CPU.
         arguments = [*arguments, "--use_cpu", "true"]
     parser = HfArgumentParser((ModelArguments, DataArguments, TxFormerTrainingArguments))
     model_args, _, _ = parser.parse_args_into_dataclasses(args=arguments)
-    config = TxFormerConfig(attention_type=model_args.attention_type)
-    if model_args.config_overrides:
-        config.update_from_string(model_args.config_overrides)
-        config.validate_architecture()
+    new_config(model_args)
 
 
 def check_script(script: str, arguments: list[str]) -> None:

@@ -26,11 +26,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils import CONFIG_NAME, FEATURE_EXTRACTOR_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from . import __version__
+from .cli import configure_logging
 from .configuration_txformer import TxFormerConfig
 from .data import VOCABULARY_FILE, EventVocabulary
 from .io_utils import atomic_write
+from .modeling_txformer import AUTO_CLASSES
 from .pipeline_txformer import PIPELINE_TASK
-from .prediction import PREPROCESSING_FILE, upgrade_model_folder
+from .prediction import PREPROCESSING_FILE, serves_the_pipeline, upgrade_model_folder
 from .profiling import SUMMARY_FILE as PROFILE_SUMMARY_FILE
 
 
@@ -48,8 +50,8 @@ RESULTS_FILE = "all_results.json"
 TRAINING_RUN_FILE = "training_run.json"
 # Pushed when present: the sources of the card, so that readers can check every number it shows.
 OPTIONAL_FILES = (RESULTS_FILE, TRAINING_RUN_FILE, PROFILE_SUMMARY_FILE)
-# `from_pretrained(..., trust_remote_code=True)` resolves these two through `auto_map`.
-REQUIRED_AUTO_CLASSES = ("AutoConfig", "AutoModelForSequenceClassification")
+# `from_pretrained(..., trust_remote_code=True)` resolves the config, the encoder and every head through `auto_map`.
+REQUIRED_AUTO_CLASSES = ("AutoConfig", *AUTO_CLASSES)
 # The Hub leaves out of a commit the files that match the root `.gitignore` the commit carries (or, without one, the
 # hosted one). The Trainer's own pushes upload `training_args.bin`, a pickle, with every commit; this keeps it out.
 HUB_GITIGNORE = "# txformer repositories hold no pickles\n*.bin\n*.pt\n*.pth\n*.pkl\n*.pickle\ncheckpoint-*/\n"
@@ -138,7 +140,7 @@ def _code_files(output_dir: Path, problems: list[str]) -> list[str]:
     custom_pipelines = config.get("custom_pipelines") or {}
     if PIPELINE_TASK in custom_pipelines:
         references.append(custom_pipelines[PIPELINE_TASK]["impl"])
-    else:
+    elif serves_the_pipeline(config):
         problems.append(
             f"{CONFIG_NAME} custom_pipelines entry {PIPELINE_TASK} (set model.config.custom_pipelines = "
             "txformer.pipeline_txformer.custom_pipelines() before saving)"
@@ -471,9 +473,7 @@ class PushArguments:
 
 def main(argv: list[str] | None = None) -> str:
     """Command line: `python scripts/push_to_hub.py --output_dir DIR --repo_id USER/NAME`; errors are one line."""
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
-    )
+    configure_logging()
     (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
     try:
         commit_url = push_folder_to_hub(

@@ -271,6 +271,31 @@ class TxFormerLayer(GradientCheckpointingLayer):
         return hidden_states, attn_weights, state
 
 
+class TxFormerPooler(nn.Module):
+    """One vector per history from the sum of its final event states and its number of events (`config.pooling`).
+
+    `"mean"` averages. `"mean_sum"` adds a learned share of the sum: `mean * (1 + sum_weight * n / pooling_sum_scale)`,
+    so that a linear head reads both the average event and evidence that accrues with the number of events n (where
+    every event adds to the log-odds, the Bayes posterior is a sum). `sum_weight` starts at 0, i.e. at `"mean"`.
+    `"last"` takes the state of the most recent event."""
+
+    def __init__(self, config: TxFormerConfig):
+        super().__init__()
+        self.pooling = config.pooling
+        self.sum_scale = config.pooling_sum_scale
+        self.sum_weight = nn.Parameter(torch.zeros(config.hidden_size)) if config.pooling == "mean_sum" else None
+
+    def forward(self, event_sum: torch.Tensor, num_events: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
+        """`event_sum`, `last_hidden`: `[batch, hidden]`; `num_events`: `[batch]` real events read."""
+        if self.pooling == "last":
+            return last_hidden
+        count = num_events.clamp(min=1)[:, None].to(event_sum.dtype)
+        pooled = event_sum / count
+        if self.sum_weight is not None:
+            pooled = pooled * (1 + self.sum_weight.to(pooled.dtype) * count / self.sum_scale)
+        return pooled
+
+
 class TxFormerPreTrainedModel(PreTrainedModel):
     config: TxFormerConfig
     config_class = TxFormerConfig
@@ -286,6 +311,8 @@ class TxFormerPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, (TxFormerNumericEncoder, TxFormerTimeEncoder, TxFormerRotaryEmbedding)):
             module.reset_frequencies()
+        elif isinstance(module, TxFormerPooler) and module.sum_weight is not None:
+            init.zeros_(module.sum_weight)
         elif isinstance(module, TxFormerPerformerAttention):
             module.reset_projection()
         elif isinstance(module, TxFormerInfinityAttention):
@@ -317,6 +344,18 @@ class TxFormerPreTrainedModel(PreTrainedModel):
             "attention_mask": attention_mask.to(self.device),
         }
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`; a remote-code model's `auto_map` names every class of `AUTO_CLASSES`,
+        so the folder loads as the encoder (`AutoModel`, with this model's encoder weights) or as any head."""
+        if self.is_remote_code():
+            config_class, model_module = type(self.config), __name__.rsplit(".", 1)[-1]
+            self.config.auto_map = {
+                **getattr(self.config, "auto_map", {}),
+                "AutoConfig": f"{config_class.__module__.rsplit('.', 1)[-1]}.{config_class.__name__}",
+                **{name: f"{model_module}.{model_class.__name__}" for name, model_class in AUTO_CLASSES.items()},
+            }
+        super().save_pretrained(save_directory, *args, **kwargs)
+
     def redraw_performer_projections(self, step: int) -> None:
         """Redraw the Performer projections that are due at optimizer step `step` (training only; no-op otherwise)."""
         for module in self.modules():
@@ -334,6 +373,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
         self.rotary_emb = TxFormerRotaryEmbedding(config) if config.position_embedding_type == "rotary" else None
         self.layers = nn.ModuleList(TxFormerLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pooler = TxFormerPooler(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -407,13 +447,9 @@ class TxFormerModel(TxFormerPreTrainedModel):
         )
         hidden_states = encoded.last_hidden_state
         num_events = key_padding_mask.sum(dim=1)
-        if self.config.pooling == "mean":
-            pooled = masked_sum(hidden_states, key_padding_mask) / num_events.clamp(min=1)[:, None].to(
-                hidden_states.dtype
-            )
-        else:
-            last_index = (num_events - 1).clamp(min=0)
-            pooled = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
+        last_index = (num_events - 1).clamp(min=0)
+        last_hidden = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
+        pooled = self.pooler(masked_sum(hidden_states, key_padding_mask), num_events, last_hidden)
         return TxFormerModelOutput(
             last_hidden_state=hidden_states,
             pooler_output=pooled,
@@ -548,12 +584,8 @@ class TxFormerModel(TxFormerPreTrainedModel):
             segment_attentions.append(encoded.attentions)
         events_read = events_read + num_real
 
-        if self.config.pooling == "mean":
-            pooled = pooled_sum / events_read.clamp(min=1)[:, None].to(pooled_sum.dtype)
-        else:
-            pooled = last_hidden
         # The running sums are float32 (like `event_time`); the head takes the model's dtype.
-        pooled = pooled.to(self.norm.weight.dtype)
+        pooled = self.pooler(pooled_sum, events_read, last_hidden).to(self.norm.weight.dtype)
         last_hidden_state, all_hidden_states, all_attentions = None, None, None
         if return_event_states:
             # Back to the caller's right-padded layout.
@@ -703,4 +735,261 @@ class TxFormerForSequenceClassification(TxFormerPreTrainedModel):
         return loss
 
 
-__all__ = ["TxFormerPreTrainedModel", "TxFormerModel", "TxFormerForSequenceClassification", "TxFormerState"]
+@dataclass
+class TxFormerContrastiveOutput(ModelOutput):
+    """Output of [`TxFormerForContrastivePretraining`].
+
+    Args:
+        loss: contrastive loss over the batch, when `slice_labels` are given.
+        embeddings: L2-normalised embedding of every history, `[batch, embedding_size]` (float32).
+        hidden_states, attentions, past_state: as in [`TxFormerModelOutput`].
+    """
+
+    loss: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    past_state: TxFormerState | None = None
+
+
+@dataclass
+class TxFormerMaskedEventModelingOutput(ModelOutput):
+    """Output of [`TxFormerForMaskedEventModeling`].
+
+    Args:
+        loss: sum over the predicted targets of their mean cross-entropy on the masked events.
+        field_logits: per `config.masked_prediction_fields`, logits over the field's vocabulary for every event,
+            `[batch, length, vocab_size]`.
+        amount_logits: logits over the amount buckets for every event, `[batch, length, num_buckets]` (None without
+            `amount_bucket_boundaries`).
+        masked_events: the events that were masked, `[batch, length]` (bool).
+        hidden_states, attentions: as in [`TxFormerModelOutput`].
+    """
+
+    loss: torch.Tensor | None = None
+    field_logits: tuple[torch.Tensor, ...] | None = None
+    amount_logits: torch.Tensor | None = None
+    masked_events: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def margin_contrastive_loss(
+    embeddings: torch.Tensor, groups: torch.Tensor, margin: float, num_negatives: int
+) -> torch.Tensor:
+    """Contrastive loss with hard-negative pairs (CoLES, as in pytorch-lifestream): `d²` for every pair of slices of
+    one group, `relu(margin - d)²` for each slice and its `num_negatives` nearest slices of other groups (Euclidean
+    `d`); the mean over these pairs (a sum would scale the gradient, and so the Trainer's clipping, with the batch).
+
+    Args:
+        embeddings: `[num_slices, dim]`.
+        groups: `[num_slices]`, the group (customer) of each slice; slices of one group are positives.
+    """
+    same_group = groups[:, None] == groups[None, :]
+    first, second = torch.triu(same_group, diagonal=1).nonzero(as_tuple=True)
+    if first.numel() == 0:
+        raise ValueError("slice_labels name no group with two slices: the contrastive loss has no positive pair.")
+    positive_losses = nn.functional.pairwise_distance(embeddings[first], embeddings[second]).pow(2)
+
+    # Negatives are picked by distance, without gradient; a slice with fewer negatives uses all it has.
+    distances = torch.cdist(embeddings.detach().float(), embeddings.detach().float())
+    distances = distances.masked_fill(same_group, math.inf)
+    nearest, negatives = distances.topk(min(num_negatives, len(groups) - 1), dim=1, largest=False)
+    is_negative = nearest.isfinite()
+    anchors = torch.arange(len(groups), device=groups.device)[:, None].expand_as(negatives)
+    negative_distances = nn.functional.pairwise_distance(
+        embeddings[anchors[is_negative]], embeddings[negatives[is_negative]]
+    )
+    negative_losses = nn.functional.relu(margin - negative_distances).pow(2)
+    return torch.cat([positive_losses, negative_losses]).mean()
+
+
+def info_nce_loss(embeddings: torch.Tensor, groups: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax contrastive loss with several positives per anchor (SupCon): for each slice, the mean over its positives
+    of `-log softmax(cos / temperature)` taken over every other slice; the mean over slices that have a positive."""
+    not_self = ~torch.eye(len(groups), dtype=torch.bool, device=groups.device)
+    positives = (groups[:, None] == groups[None, :]) & not_self
+    has_positive = positives.any(dim=1)
+    if not has_positive.any():
+        raise ValueError("slice_labels name no group with two slices: the contrastive loss has no positive pair.")
+    logits = (embeddings @ embeddings.T / temperature).masked_fill(~not_self, -math.inf)
+    log_probabilities = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positive_log_probabilities = torch.where(positives, log_probabilities, 0).sum(dim=1)
+    losses = -positive_log_probabilities[has_positive] / positives.sum(dim=1)[has_positive]
+    return losses.mean()
+
+
+class TxFormerForContrastivePretraining(TxFormerPreTrainedModel):
+    """TxFormer with a projection of the pooled history to an L2-normalised embedding, pretrained contrastively
+    (CoLES): slices of one customer's history are positives, slices of the other customers of the batch negatives."""
+
+    # The loss is a mean over the batch's pairs: the Trainer divides it for gradient accumulation itself.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: TxFormerConfig):
+        super().__init__(config)
+        self.txformer = TxFormerModel(config)
+        self.projection = nn.Linear(config.hidden_size, config.embedding_size or config.hidden_size)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        numeric_values: torch.Tensor,
+        event_time: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        slice_labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> TxFormerContrastiveOutput:
+        r"""
+        slice_labels (`torch.LongTensor` of shape `(batch,)`, *optional*):
+            The customer (any integer id) of each row: rows of one customer are positives, all others negatives.
+        """
+        outputs = self.txformer(
+            input_ids,
+            numeric_values,
+            event_time,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_last_hidden_state=False,
+        )
+        embeddings = nn.functional.normalize(self.projection(outputs.pooler_output).float(), dim=-1)
+        loss = None
+        if slice_labels is not None:
+            slice_labels = slice_labels.to(embeddings.device)
+            if self.config.contrastive_loss == "margin":
+                loss = margin_contrastive_loss(
+                    embeddings, slice_labels, self.config.contrastive_margin, self.config.contrastive_negatives
+                )
+            else:
+                loss = info_nce_loss(embeddings, slice_labels, self.config.contrastive_temperature)
+            if outputs.aux_loss is not None and self.config.ltm_kl_weight > 0:
+                loss = loss + self.config.ltm_kl_weight * outputs.aux_loss
+        return TxFormerContrastiveOutput(
+            loss=loss,
+            embeddings=embeddings,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            past_state=outputs.past_state,
+        )
+
+
+class TxFormerForMaskedEventModeling(TxFormerPreTrainedModel):
+    """TxFormer pretrained by masked event modelling (BERT-style): a share of the real events is masked, and the model
+    predicts their categorical fields (MCC, transaction type) and amount bucket from the other events.
+
+    A masked event keeps its time; its categorical fields take the padding index (whose embedding is zero) and its
+    amount is zero. Real events never have all-zero categorical embeddings, so the model tells masked events apart,
+    and since the replacement is made on the inputs, no feature the encoder derives from them sees the masked values.
+    """
+
+    # The loss is a mean over the batch's masked events: the Trainer divides it for gradient accumulation itself.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: TxFormerConfig):
+        super().__init__(config)
+        self.txformer = TxFormerModel(config)
+        self.transform = nn.Sequential(
+            nn.Linear(config.hidden_size, config.hidden_size),
+            ACT2FN[config.hidden_act],
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
+        )
+        self.field_indices = [config.categorical_fields.index(name) for name in config.masked_prediction_fields]
+        self.field_decoders = nn.ModuleList(
+            nn.Linear(config.hidden_size, config.categorical_vocab_sizes[index]) for index in self.field_indices
+        )
+        num_buckets = len(config.amount_bucket_boundaries) + 1 if config.amount_bucket_boundaries else 0
+        self.amount_decoder = nn.Linear(config.hidden_size, num_buckets) if num_buckets else None
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        numeric_values: torch.Tensor,
+        event_time: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        masked_events: torch.Tensor | None = None,
+        return_loss: bool = True,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> TxFormerMaskedEventModelingOutput:
+        r"""
+        masked_events (`torch.BoolTensor` of shape `(batch, length)`, *optional*):
+            Events to mask (only real ones are). Default: each real event with probability `config.mask_probability`,
+            drawn anew at every call (training and evaluation).
+        return_loss (`bool`, defaults to `True`):
+            Compute the loss (the targets are the inputs themselves, so the Trainer gets an evaluation loss).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones(event_time.shape, dtype=torch.long, device=event_time.device)
+        real_events = attention_mask.bool()
+        if masked_events is None:
+            masked_events = torch.rand(event_time.shape, device=event_time.device) < self.config.mask_probability
+        masked_events = masked_events.bool() & real_events
+        outputs = self.txformer(
+            input_ids.masked_fill(masked_events[..., None], 0),
+            numeric_values.masked_fill(masked_events[..., None], 0),
+            event_time,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = self.transform(outputs.last_hidden_state)
+        field_logits = tuple(decoder(hidden_states) for decoder in self.field_decoders)
+        amount_logits = None if self.amount_decoder is None else self.amount_decoder(hidden_states)
+        loss = None
+        if return_loss:
+            targets = [input_ids[..., index] for index in self.field_indices]
+            logits = list(field_logits)
+            if amount_logits is not None:
+                targets.append(self.amount_buckets(numeric_values[..., 0]))
+                logits.append(amount_logits)
+            num_masked = masked_events.sum().clamp(min=1)
+            # A sum over the masked events divided by their number: zero (with a graph) when none is masked.
+            loss = sum(
+                nn.functional.cross_entropy(
+                    logit[masked_events].float(), target[masked_events].to(logit.device), reduction="sum"
+                )
+                / num_masked
+                for logit, target in zip(logits, targets, strict=True)
+            )
+            if outputs.aux_loss is not None and self.config.ltm_kl_weight > 0:
+                loss = loss + self.config.ltm_kl_weight * outputs.aux_loss
+        return TxFormerMaskedEventModelingOutput(
+            loss=loss,
+            field_logits=field_logits,
+            amount_logits=amount_logits,
+            masked_events=masked_events,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def amount_buckets(self, amounts: torch.Tensor) -> torch.Tensor:
+        """Bucket of each amount: `i` such that `boundaries[i - 1] < amount <= boundaries[i]`."""
+        boundaries = torch.tensor(self.config.amount_bucket_boundaries, dtype=torch.float32, device=amounts.device)
+        return torch.bucketize(amounts.float(), boundaries)
+
+
+# The Auto class each TxFormer model loads as. `save_pretrained` names them all in `auto_map`, so any saved folder
+# loads (with trust_remote_code) as the encoder or as any head.
+AUTO_CLASSES: dict[str, type[TxFormerPreTrainedModel]] = {
+    "AutoModel": TxFormerModel,
+    "AutoModelForSequenceClassification": TxFormerForSequenceClassification,
+    "AutoModelForPreTraining": TxFormerForContrastivePretraining,
+    "AutoModelForMaskedLM": TxFormerForMaskedEventModeling,
+}
+
+
+__all__ = [
+    "AUTO_CLASSES",
+    "TxFormerPreTrainedModel",
+    "TxFormerModel",
+    "TxFormerForSequenceClassification",
+    "TxFormerForContrastivePretraining",
+    "TxFormerForMaskedEventModeling",
+    "TxFormerState",
+]

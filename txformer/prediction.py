@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import os
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -22,11 +21,13 @@ from transformers import AutoModelForSequenceClassification, HfArgumentParser, P
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import CONFIG_NAME, FEATURE_EXTRACTOR_NAME, cached_file
 
+from .cli import configure_logging
 from .data import EventVocabulary, TransactionCollator, build_customer_dataset, customer_table, read_customer_ids
 from .data.reader import list_offsets_and_values
 from .data.vocabulary import UNKNOWN_INDEX, VOCABULARY_FILE
 from .io_utils import atomic_write, atomic_write_json
 from .metrics import positive_class_probability
+from .modeling_txformer import TxFormerForSequenceClassification
 from .pipeline_txformer import PIPELINE_TASK, TransactionClassificationPipeline, custom_pipelines
 from .processing_txformer import TxFormerProcessor
 
@@ -102,17 +103,23 @@ def load_processor(model: str, revision: str | None = None) -> TxFormerProcessor
     return vocabulary.to_processor(preprocessing.get("max_length"), preprocessing.get("label_prior"))
 
 
+def serves_the_pipeline(config: dict) -> bool:
+    """Whether a saved `config.json` is a classifier's, which the transaction-classification pipeline scores (a
+    pretraining folder is not)."""
+    return TxFormerForSequenceClassification.__name__ in (config.get("architectures") or [])
+
+
 def upgrade_model_folder(folder: str | os.PathLike) -> TxFormerProcessor:
     """Makes a trained folder serve `AutoProcessor` and `pipeline(model=folder, trust_remote_code=True)`: writes the
-    processor (built from `event_vocabulary.json` and `preprocessing.json` in a folder of the older layout) and the
-    pipeline entry of `config.json`, where they are missing; returns the processor."""
+    processor (built from `event_vocabulary.json` and `preprocessing.json` in a folder of the older layout) and, for
+    a classifier, the pipeline entry of `config.json`, where they are missing; returns the processor."""
     folder = Path(folder)
     processor = load_processor(str(folder))
     if not (folder / FEATURE_EXTRACTOR_NAME).is_file():
         processor.save_pretrained(folder)
         logger.info("Wrote the processor into %s (%s and its code).", folder, FEATURE_EXTRACTOR_NAME)
     config = json.loads((folder / CONFIG_NAME).read_text())
-    if PIPELINE_TASK not in (config.get("custom_pipelines") or {}):
+    if serves_the_pipeline(config) and PIPELINE_TASK not in (config.get("custom_pipelines") or {}):
         config["custom_pipelines"] = {**(config.get("custom_pipelines") or {}), **custom_pipelines()}
         atomic_write_json(folder / CONFIG_NAME, config)
         custom_object_save(TransactionClassificationPipeline, folder)
@@ -297,8 +304,6 @@ def predict(args: PredictionArguments) -> Path:
 def main(argv: list[str] | None = None) -> Path:
     """Command line: `python scripts/predict.py --model DIR_OR_REPO [--revision SHA] --transactions FILE
     [--output_file F]`."""
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
-    )
+    configure_logging()
     (args,) = HfArgumentParser(PredictionArguments).parse_args_into_dataclasses(args=argv)
     return predict(args)

@@ -24,17 +24,21 @@ DAYS_PER_WEEK = 7
 SECONDS_PER_DAY = 86400
 # `D HH:MM:SS`, with seconds up to 60 (the real data has `454 10:54:60`).
 DATETIME_PATTERN = r"^(?P<day>\d+) (?P<hour>\d{1,2}):(?P<minute>\d{2}):(?P<second>\d{2})$"
+# Event times are float64 days: below 10^9 days they keep a resolution of 0.01 s or finer.
+MAX_DAY_DIGITS = 9
 INTEGER_PATTERN = r"^-?\d+$"
-FLOAT_PATTERN = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|Inf|INF|infinity|Infinity)$"
+FLOAT_PATTERN = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
+INFINITY_PATTERN = r"^\s*[+-]?(inf|Inf|INF|infinity|Infinity)\s*$"
 # Spellings of a missing value. In `term_id` they mean "no terminal"; in every other column they are an error.
 MISSING_VALUE_STRINGS = ("", "nan", "NaN", "NAN", "null", "NULL", "None", "NA", "N/A")
-# Amounts beyond it become infinite in the model's float32 inputs.
-FLOAT32_MAX = torch.finfo(torch.float32).max
+# The model computes in float32: a larger magnitude becomes infinite there, and NaN after the signed log.
+MAX_NUMERIC_MAGNITUDE = float(torch.finfo(torch.float32).max)
 MODEL_INPUT_NAMES = ["input_ids", "numeric_values", "event_time", "attention_mask"]
 
 _DATETIME = re.compile(DATETIME_PATTERN)
 _INTEGER = re.compile(INTEGER_PATTERN)
 _FLOAT = re.compile(FLOAT_PATTERN)
+_INFINITY = re.compile(INFINITY_PATTERN)
 _MISSING = frozenset(MISSING_VALUE_STRINGS)
 
 
@@ -94,13 +98,13 @@ def pad_histories(
         if not_finite.any():
             row = int(not_finite.reshape(len(histories), -1).any(dim=1).nonzero()[0])
             raise ValueError(f"Customer {_customer(histories[row], row)} has a NaN or infinite {what}.")
-    too_large = numeric_values.abs() > FLOAT32_MAX
-    if too_large.any():
-        row = int(too_large.reshape(len(histories), -1).any(dim=1).nonzero()[0])
-        raise ValueError(
-            f"Customer {_customer(histories[row], row)} has a numeric value beyond the float32 range "
-            f"(|value| > {FLOAT32_MAX:.4g}), which the model cannot represent."
-        )
+        too_large = values.abs() > MAX_NUMERIC_MAGNITUDE
+        if too_large.any():
+            row = int(too_large.reshape(len(histories), -1).any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"Customer {_customer(histories[row], row)}: {what} {values[too_large][0].item():g} is beyond "
+                f"±{MAX_NUMERIC_MAGNITUDE:g}, the float32 range of the model."
+            )
     # float32 keeps ~1 s resolution only near 0: shift each row by whole weeks before its first kept event, which
     # leaves hour of day, day of week and gaps unchanged.
     week_start = DAYS_PER_WEEK * torch.floor(event_time[:, 0] / DAYS_PER_WEEK)
@@ -342,10 +346,12 @@ class TxFormerProcessor(FeatureExtractionMixin):
     def _parse_customer_id(self, row: Mapping[str, Any], where: str, spellings: dict[int, tuple[str, str]]) -> int:
         """The integer id; two spellings of one number (`073598595` and `73598595`) are refused, not merged."""
         value = self._value(row, self.customer_id_field, where)
+        if isinstance(value, str):
+            value = value.strip()
         customer_id = _parse_integer(value, self.customer_id_field, where)
         if isinstance(value, str):
-            spelling, first_where = spellings.setdefault(customer_id, (value.strip(), where))
-            if spelling != value.strip():
+            spelling, first_where = spellings.setdefault(customer_id, (value, where))
+            if spelling != value:
                 raise ValueError(
                     f"{where}: customer_id {value!r} and {spelling!r} ({first_where}) are the same number; ids that "
                     "differ only in leading zeros or signs would be merged into one customer."
@@ -365,6 +371,10 @@ class TxFormerProcessor(FeatureExtractionMixin):
             if _is_missing(value):
                 raise ValueError(f"{where}: {self.datetime_field} is missing.")
             raise ValueError(f"{where}: {self.datetime_field} {value!r} is not 'D HH:MM:SS'.")
+        if len(match.group("day").lstrip("0")) > MAX_DAY_DIGITS:
+            raise ValueError(
+                f"{where}: {self.datetime_field} {value!r} has a day index beyond {10**MAX_DAY_DIGITS - 1:,}."
+            )
         day, hour, minute, second = (int(match.group(name)) for name in ("day", "hour", "minute", "second"))
         if hour > 23 or minute > 59 or second > 60:
             raise ValueError(f"{where}: {self.datetime_field} {value!r} has an hour, minute or second out of range.")
@@ -443,6 +453,8 @@ def _parse_float(value: Any, name: str, where: str) -> float:
     if isinstance(value, str):
         if value in _MISSING:
             raise ValueError(f"{where}: {name} is missing.")
+        if _INFINITY.match(value):
+            return math.inf
         if not _FLOAT.match(value):
             raise ValueError(f"{where}: {name} {value!r} is not a number.")
         return float(value)

@@ -1,35 +1,51 @@
 """Training entry point: data preparation, the HF `Trainer`, metrics and the output folder."""
 
+import contextlib
 import json
 import logging
+import math
 import os
 import re
-import sys
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
+from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForSequenceClassification,
+    EarlyStoppingCallback,
     HfArgumentParser,
     Trainer,
+    TrainerControl,
+    TrainerState,
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy, seed_worker
 from transformers.training_args import ParallelMode
 
 from . import TxFormerConfig, TxFormerForSequenceClassification
 from .callbacks import PerformerRedrawCallback
+from .cli import configure_logging, parse_config_overrides
 from .data import (
+    SYNTHETIC_FAMILIES,
+    VOCABULARY_FILE,
     EventVocabulary,
+    RandomWindow,
+    TokenBudgetBatchSampler,
     TransactionCollator,
     build_customer_dataset,
     generate_synthetic_data,
     oracle_auroc,
+    split_for_evaluation,
     stratified_split,
 )
+from .data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
 from .hub import PushCodeFilesCallback, push_folder_to_hub
 from .io_utils import atomic_write_json
 from .metrics import compute_metrics
@@ -44,6 +60,15 @@ RESULTS_FILE = "all_results.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # The Trainer writes a checkpoint's files in turn and trainer_state.json last.
 CHECKPOINT_STATE_FILE = "trainer_state.json"
+# Config keys that a checkpoint may differ in from the model the flags build: bookkeeping, not the model.
+RESUME_IGNORED_KEYS = frozenset(
+    {"_name_or_path", "transformers_version", "architectures", "auto_map", "dtype", "problem_type", "custom_pipelines"}
+)
+# Checkpoints (and evaluations, which follow them) per run, as a share of its optimizer steps.
+DEFAULT_SAVE_STEPS = 0.05
+VALIDATION_DATASET = "validation"
+# The validation split takes at most this share of the training customers, whatever its minimum size.
+MAX_VALIDATION_SHARE = 0.25
 
 
 @dataclass
@@ -52,7 +77,13 @@ class ModelArguments:
 
     attention_type: str = field(default="full", metadata={"help": "full, performer or infinity."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "Full attention backend: sdpa or eager."})
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Start from this trained model folder."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from this trained or pretrained model folder; its event_vocabulary.json, if any, is used "
+            "instead of fitting a new one, and a missing classifier head is newly initialised."
+        },
+    )
     config_overrides: str | None = field(
         default=None,
         metadata={"help": "Config fields to override, e.g. 'hidden_size=128,num_hidden_layers=4,segment_length=512'."},
@@ -69,35 +100,118 @@ class DataArguments:
     labels: str | None = field(default=None, metadata={"help": "gender_train.csv (customer_id,gender)."})
     synthetic_num_customers: int = field(default=8000, metadata={"help": "Customers of the generated data."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the generated data."})
+    synthetic_family: str = field(
+        default="independent",
+        metadata={"help": "Generator family of the synthetic data.", "choices": list(SYNTHETIC_FAMILIES)},
+    )
+    synthetic_labelled_fraction: float | None = field(
+        default=None, metadata={"help": "Share of generated customers that get a label (default: all)."}
+    )
     data_cache_dir: str = field(default=str(DEFAULT_CACHE), metadata={"help": "Where generated data is cached."})
     max_length: int | None = field(
         default=256, metadata={"help": "Most recent events kept per history; 0 = whole histories (∞-former)."}
     )
     eval_fraction: float = field(default=0.1, metadata={"help": "Held-out share of labelled customers (stratified)."})
-    split_seed: int = field(default=42, metadata={"help": "Seed of the held-out split."})
+    split_seed: int = field(default=42, metadata={"help": "Seed of the held-out and validation splits."})
     max_train_customers: int | None = field(default=None, metadata={"help": "Subsample training customers."})
+    train_window_min_share: float = field(
+        default=0.5,
+        metadata={
+            "help": "Training reads each history as a random window of at least this share of the events it keeps "
+            "(anywhere in the history), anew at each epoch, so the model cannot learn customers by heart; evaluation "
+            "reads the most recent events. 0 = off."
+        },
+    )
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Share of the training customers (stratified) held back to evaluate during training, pick the "
+            "best checkpoint and stop early; the reported held-out customers never steer training. 0 = none."
+        },
+    )
+    min_validation_customers: int = field(
+        default=200,
+        metadata={"help": "Validation customers at least (but at most a quarter of the training customers)."},
+    )
 
     def __post_init__(self):
         if self.max_length == 0:
             self.max_length = None
         if (self.transactions is None) != (self.labels is None):
             raise ValueError("Give both --transactions and --labels (real data), or neither (synthetic data).")
+        if not 0 <= self.train_window_min_share <= 1:
+            raise ValueError(f"--train_window_min_share must be in [0, 1], got {self.train_window_min_share}.")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}.")
+
+    @property
+    def synthetic_dir_name(self) -> str:
+        """Cache folder of the generated data: one per family, size, seed and labelled share."""
+        name = f"synthetic-{self.synthetic_family}-n{self.synthetic_num_customers}-seed{self.synthetic_seed}"
+        if self.synthetic_labelled_fraction is not None:
+            name += f"-labelled{self.synthetic_labelled_fraction:g}"
+        return name
 
 
 @dataclass
 class TxFormerTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with defaults that suit this package (every Trainer flag still works)."""
+    """`TrainingArguments` with defaults that suit this package (every Trainer flag still works).
+
+    The budget is counted in optimizer steps: `max(min_train_steps, ceil(num_train_epochs x steps per epoch))` unless
+    `--max_steps` is given. Training evaluates on the validation split at every checkpoint (`save_steps`, a share of
+    the budget by default), stops after `early_stopping_patience` evaluations without a better validation AUROC (not
+    before `early_stopping_start` of the budget), and ends with the best checkpoint.
+    """
 
     output_dir: str | None = field(default="outputs/txformer", metadata={"help": "Output folder."})
-    num_train_epochs: float = field(default=4.0, metadata={"help": "Epochs."})
+    num_train_epochs: float = field(
+        default=6.0,
+        metadata={"help": "Budget in passes over the training customers (unless --max_steps): see min_train_steps."},
+    )
+    min_train_steps: int = field(
+        default=500,
+        metadata={
+            "help": "Fewest optimizer steps of a run: the budget is max(min_train_steps, ceil(num_train_epochs x "
+            "optimizer steps per epoch)); --max_steps, when given, replaces it."
+        },
+    )
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Decay after the warm-up."})
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up (a fraction of steps when < 1)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Train batch size per device."})
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Eval batch size per device."})
-    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate."})
-    save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
+    eval_strategy: str = field(
+        default="steps", metadata={"help": "When to evaluate on the validation split (steps: at every checkpoint)."}
+    )
+    eval_steps: float | None = field(
+        default=None,
+        metadata={"help": "Evaluate every so many steps (a share of the budget when < 1); default: save_steps."},
+    )
+    save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint."})
+    save_steps: float = field(
+        default=DEFAULT_SAVE_STEPS,
+        metadata={"help": "Checkpoint every so many steps (a share of the budget when < 1)."},
+    )
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (and the best one)."})
+    load_best_model_at_end: bool | None = field(
+        default=None,
+        metadata={"help": "End with the best checkpoint on the validation split (default: when evaluating)."},
+    )
+    metric_for_best_model: str | None = field(
+        default=f"{VALIDATION_DATASET}_auroc", metadata={"help": "Validation metric that picks the best checkpoint."}
+    )
+    early_stopping_patience: int = field(
+        default=5,
+        metadata={"help": "Stop after so many evaluations without a better metric_for_best_model; 0 = never."},
+    )
+    early_stopping_start: float = field(
+        default=0.5,
+        metadata={
+            "help": "Share of the step budget before which early stopping never stops training, so that a slow start "
+            "(validation AUROC at chance for a while, on weak-signal data) is not cut short."
+        },
+    )
     logging_steps: float = field(default=20, metadata={"help": "Log every so many steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep the raw event columns: the collator builds the model inputs."}
@@ -110,19 +224,49 @@ class TxFormerTrainingArguments(TrainingArguments):
             "padding on whole histories."
         },
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the files of another run in --output_dir (refused otherwise, unless resuming)."},
+    )
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Fill each training batch with histories of similar length up to this many padded events "
+            "(batch size x padded length) instead of per_device_train_batch_size histories."
+        },
+    )
     length_column_name: str = field(
         default="num_events", metadata={"help": "Column of the history lengths, for length grouping."}
     )
 
     def __post_init__(self):
         """On a machine without GPU (or other accelerator), a process of a multi-process launch trains on the CPU
-        with gloo; a process that still finds itself alone in such a launch is an error, not a silent lone run."""
+        with gloo; a process that still finds itself alone in such a launch is an error, not a silent lone run.
+        Evaluations and checkpoints follow each other when only one of `eval_steps` and `save_steps` is given."""
         launched_world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if launched_world_size > 1 and not torch.accelerator.is_available():
             self.use_cpu = True
             self.ddp_backend = self.ddp_backend or "gloo"
         if self.group_by_length:
+            if self.max_tokens_per_batch is not None:
+                raise ValueError("--group_by_length and --max_tokens_per_batch both group by length: pass one.")
             self.train_sampling_strategy = "group_by_length"
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
+            raise ValueError(f"--max_tokens_per_batch must be positive, got {self.max_tokens_per_batch}.")
+        if self.min_train_steps < 1 or self.early_stopping_patience < 0 or not 0 <= self.early_stopping_start <= 1:
+            raise ValueError(
+                f"--min_train_steps must be positive ({self.min_train_steps}), --early_stopping_patience at least 0 "
+                f"({self.early_stopping_patience}) and --early_stopping_start in [0, 1] ({self.early_stopping_start})."
+            )
+        if self.eval_steps is None:
+            self.eval_steps = self.save_steps
+        elif self.save_steps == DEFAULT_SAVE_STEPS:
+            self.save_steps = self.eval_steps
+        if self.load_best_model_at_end is None:
+            self.load_best_model_at_end = self.evaluates and SaveStrategy(self.save_strategy) in (
+                SaveStrategy(self.eval_strategy),
+                SaveStrategy.BEST,
+            )
         super().__post_init__()
         if launched_world_size > 1 and self.parallel_mode == ParallelMode.NOT_PARALLEL:
             raise ValueError(
@@ -130,51 +274,186 @@ class TxFormerTrainingArguments(TrainingArguments):
                 f"distributed run (device {self.device}): pass --use_cpu to train on the CPU, or launch on the GPUs."
             )
 
+    @property
+    def evaluates(self) -> bool:
+        """Whether training evaluates (on the validation split)."""
+        return IntervalStrategy(self.eval_strategy) != IntervalStrategy.NO
 
-def prepare_datasets(data_args: DataArguments, training_args: TrainingArguments) -> dict:
-    """Reads (or generates) the data, splits it, fits the vocabulary on the training part and encodes both parts."""
-    oracle = None
-    transactions, labels = data_args.transactions, data_args.labels
-    if transactions is None:
-        synthetic_dir = Path(data_args.data_cache_dir) / (
-            f"synthetic-n{data_args.synthetic_num_customers}-seed{data_args.synthetic_seed}"
+
+def steps_per_epoch(
+    num_batches: int, world_size: int = 1, gradient_accumulation_steps: int = 1, drop_last: bool = False
+) -> int:
+    """Optimizer steps in one pass over `num_batches` batches, as the `Trainer` takes them: the batches are dealt to
+    `world_size` processes, which all take as many (the last round is completed with repeated batches, or dropped
+    with `drop_last`), and `gradient_accumulation_steps` batches of a process make one step."""
+    per_process = num_batches // world_size if drop_last else math.ceil(num_batches / world_size)
+    return max(1, math.ceil(per_process / gradient_accumulation_steps))
+
+
+def training_budget(args: TxFormerTrainingArguments, num_steps_per_epoch: int) -> int:
+    """Optimizer steps of a run: `--max_steps` when given, else
+    `max(min_train_steps, ceil(num_train_epochs x num_steps_per_epoch))`."""
+    if args.max_steps > 0:
+        return args.max_steps
+    return max(args.min_train_steps, math.ceil(args.num_train_epochs * num_steps_per_epoch))
+
+
+class BudgetEarlyStoppingCallback(EarlyStoppingCallback):
+    """`EarlyStoppingCallback` that counts evaluations without improvement from the start but stops training only
+    once `start` of the step budget is done."""
+
+    def __init__(self, early_stopping_patience: int = 1, early_stopping_threshold: float = 0.0, start: float = 0.0):
+        super().__init__(early_stopping_patience, early_stopping_threshold)
+        self.start = start
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics, **kwargs):
+        """The parent's decision, withdrawn before `start` of `state.max_steps`."""
+        should_training_stop = control.should_training_stop
+        super().on_evaluate(args, state, control, metrics, **kwargs)
+        if state.global_step < self.start * state.max_steps:
+            control.should_training_stop = should_training_stop
+
+    def state(self) -> dict:
+        """The parent's exportable state, with `start`."""
+        state = super().state()
+        state["args"]["start"] = self.start
+        return state
+
+
+class TxFormerTrainer(Trainer):
+    """The `Trainer`, whose training batches come from `train_batch_sampler` when one is given (token budgets)."""
+
+    def __init__(self, *args, train_batch_sampler: TokenBudgetBatchSampler | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_batch_sampler = train_batch_sampler
+
+    def get_train_dataloader(self) -> DataLoader:
+        """The `Trainer`'s loader, or one over `train_batch_sampler`; `accelerator.prepare` deals its batches to the
+        processes of a distributed run."""
+        if self.train_batch_sampler is None:
+            return super().get_train_dataloader()
+        args = self.args
+        dataloader = DataLoader(
+            self._remove_unused_columns(self.train_dataset, description="Training"),
+            batch_sampler=self.train_batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers,
+            multiprocessing_context=args.dataloader_multiprocessing_context,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            in_order=args.dataloader_in_order,
+            worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
         )
-        with training_args.main_process_first(desc="generating synthetic data"):
-            if not (synthetic_dir / "oracle.json").exists():
-                generate_synthetic_data(
-                    synthetic_dir, num_customers=data_args.synthetic_num_customers, seed=data_args.synthetic_seed
-                )
-        transactions, labels = synthetic_dir / "transactions.csv", synthetic_dir / "gender_train.csv"
-        oracle = synthetic_dir
+        return self.accelerator.prepare(dataloader)
+
+
+def prepare_datasets(
+    data_args: DataArguments, training_args: TrainingArguments, vocabulary: EventVocabulary | None = None
+) -> dict:
+    """Reads (or generates) the data and splits the labelled customers: held-out (reported, never seen in training),
+    then, from the training customers and when training evaluates, a validation split. Fits the vocabulary on the
+    training part unless one is given, and encodes every part."""
+    transactions, labels, synthetic_dir = data_files(data_args, training_args)
     customers = build_customer_dataset(transactions, labels)
-    train, held_out = stratified_split(customers, test_size=data_args.eval_fraction, seed=data_args.split_seed)
-    if data_args.max_train_customers is not None and data_args.max_train_customers < len(train):
-        train = train.shuffle(seed=data_args.split_seed).select(range(data_args.max_train_customers))
-    vocabulary = EventVocabulary.fit(train)
+    train, held_out = split_for_evaluation(
+        customers, data_args.eval_fraction, data_args.split_seed, data_args.max_train_customers
+    )
+    validation = None
+    if IntervalStrategy(training_args.eval_strategy) != IntervalStrategy.NO and data_args.validation_fraction > 0:
+        num_validation = validation_size(len(train), data_args.validation_fraction, data_args.min_validation_customers)
+        train, validation = stratified_split(train, test_size=num_validation, seed=data_args.split_seed)
+    if vocabulary is None:
+        vocabulary = EventVocabulary.fit(train)
     return {
         "train": vocabulary.encode(train),
+        "validation": None if validation is None else vocabulary.encode(validation),
         "eval": vocabulary.encode(held_out),
         "vocabulary": vocabulary,
-        "synthetic_dir": oracle,
+        "synthetic_dir": synthetic_dir,
     }
 
 
+def data_files(
+    data_args: DataArguments, training_args: TrainingArguments | None = None
+) -> tuple[Path, Path | None, Path | None]:
+    """The transactions file, the labels file and, for synthetic data, its folder (with the oracle). Synthetic data
+    is generated once into the cache folder named by the data flags (the main process first, when `training_args`
+    is given, while the other processes of a launch wait)."""
+    if data_args.transactions is not None:
+        return Path(data_args.transactions), None if data_args.labels is None else Path(data_args.labels), None
+    synthetic_dir = Path(data_args.data_cache_dir) / data_args.synthetic_dir_name
+    waiting = (
+        training_args.main_process_first(desc="generating synthetic data")
+        if training_args is not None
+        else contextlib.nullcontext()
+    )
+    with waiting:
+        if not (synthetic_dir / ORACLE_FILE).exists():
+            # Written in a folder of its own, then renamed into place: processes that generate the same data at once
+            # (several runs, or several machines on a shared cache) never see, or write into, a half-written folder.
+            synthetic_dir.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=synthetic_dir.parent, prefix=f".{synthetic_dir.name}."))
+            try:
+                generate_synthetic_data(
+                    staging,
+                    num_customers=data_args.synthetic_num_customers,
+                    seed=data_args.synthetic_seed,
+                    family=data_args.synthetic_family,
+                    labelled_fraction=data_args.synthetic_labelled_fraction,
+                )
+                if not (synthetic_dir / ORACLE_FILE).exists():  # a folder left half-written by an older version
+                    shutil.rmtree(synthetic_dir, ignore_errors=True)
+                os.replace(staging, synthetic_dir)  # fails when another process has just put its copy in place
+            except OSError:
+                if not (synthetic_dir / ORACLE_FILE).exists():
+                    raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return synthetic_dir / TRANSACTIONS_FILE, synthetic_dir / TRAIN_LABELS_FILE, synthetic_dir
+
+
+def validation_size(num_customers: int, fraction: float, minimum: int) -> int:
+    """Customers of the validation split: `fraction` of `num_customers`, at least `minimum`, at most a quarter."""
+    return min(max(round(fraction * num_customers), minimum), int(MAX_VALIDATION_SHARE * num_customers))
+
+
+def pretrained_vocabulary(model_name_or_path: str | None) -> EventVocabulary | None:
+    """The vocabulary saved in the model folder to start from, if it holds one."""
+    if model_name_or_path is None or not (Path(model_name_or_path) / VOCABULARY_FILE).is_file():
+        return None
+    return EventVocabulary.from_pretrained(model_name_or_path)
+
+
+def new_config(model_args: ModelArguments, vocabulary: EventVocabulary | None = None) -> TxFormerConfig:
+    """A fresh config from the model flags: the vocabulary's event schema (when given), the attention kind, two labels
+    and the `--config_overrides`, each checked against the field's type."""
+    schema = {}
+    if vocabulary is not None:
+        schema = dict(
+            categorical_fields=list(vocabulary.categorical_fields),
+            categorical_vocab_sizes=list(vocabulary.vocab_sizes),
+            numeric_fields=list(vocabulary.numeric_fields),
+        )
+    config = TxFormerConfig(**schema, attention_type=model_args.attention_type, num_labels=2)
+    if model_args.config_overrides:
+        config.update(parse_config_overrides(model_args.config_overrides, config))
+        config.validate_architecture()
+        config.validate_pretraining()
+    return config
+
+
 def build_model(model_args: ModelArguments, vocabulary: EventVocabulary) -> TxFormerForSequenceClassification:
-    """A fresh model whose event schema is the vocabulary's, or a trained one to continue from."""
+    """A fresh model whose event schema is the vocabulary's, or a trained or pretrained one to fine-tune (a
+    pretraining folder gets a newly initialised classifier head)."""
     if model_args.model_name_or_path is not None:
         return TxFormerForSequenceClassification.from_pretrained(
-            model_args.model_name_or_path, attn_implementation=model_args.attn_implementation, use_safetensors=True
+            model_args.model_name_or_path,
+            num_labels=2,
+            attn_implementation=model_args.attn_implementation,
+            use_safetensors=True,
         )
-    config = TxFormerConfig(
-        categorical_fields=list(vocabulary.categorical_fields),
-        categorical_vocab_sizes=list(vocabulary.vocab_sizes),
-        numeric_fields=list(vocabulary.numeric_fields),
-        attention_type=model_args.attention_type,
-        num_labels=2,
-    )
-    if model_args.config_overrides:
-        config.update_from_string(model_args.config_overrides)
-        config.validate_architecture()
+    config = new_config(model_args, vocabulary)
     return AutoModelForSequenceClassification.from_config(config, attn_implementation=model_args.attn_implementation)
 
 
@@ -209,12 +488,50 @@ def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.
     return resume_from_checkpoint
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
-    """Trains, evaluates on the held-out split and writes the model, vocabulary and metrics to `output_dir`."""
+def check_output_dir_is_free(output_dir: str | os.PathLike) -> None:
+    """Refuses an output folder that holds files, so that a new run never silently overwrites another run's model,
+    metrics and profile."""
+    folder = Path(output_dir)
+    if folder.is_dir() and any(folder.iterdir()):
+        raise ValueError(
+            f"--output_dir {folder} already holds files of another run: pass --overwrite_output_dir to replace them, "
+            "--resume_from_checkpoint last to continue that run, or another --output_dir."
+        )
+
+
+def check_checkpoint_matches(checkpoint: str | os.PathLike, config: TxFormerConfig) -> None:
+    """Refuses to resume from a checkpoint whose model differs from the one the flags build (kind, sizes, schema)."""
+    saved = TxFormerConfig.from_pretrained(checkpoint).to_dict()
+    built = config.to_dict()
+    differences = sorted(
+        key
+        for key in saved.keys() | built.keys()
+        if key not in RESUME_IGNORED_KEYS and saved.get(key) != built.get(key)
+    )
+    if differences:
+        shown = ", ".join(f"{key}: {saved.get(key)!r} there, {built.get(key)!r} here" for key in differences[:5])
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} holds another model ({shown}): resume with the flags of that run, "
+            "or start a new run in another --output_dir."
+        )
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: TxFormerTrainingArguments) -> dict:
+    """Trains within the step budget (early stopping and the best checkpoint on the validation split), evaluates on
+    the held-out split and writes the model, vocabulary and metrics to `output_dir`."""
+    if training_args.evaluates and data_args.validation_fraction == 0:
+        raise ValueError(
+            f"--eval_strategy {training_args.eval_strategy} evaluates on the validation split, but "
+            "--validation_fraction is 0: give a share of the training customers, or pass --eval_strategy no."
+        )
     resume_from_checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume_from_checkpoint is None and not training_args.overwrite_output_dir:
+        check_output_dir_is_free(training_args.output_dir)
     set_seed(training_args.seed)
-    data = prepare_datasets(data_args, training_args)
+    data = prepare_datasets(data_args, training_args, pretrained_vocabulary(model_args.model_name_or_path))
     model = build_model(model_args, data["vocabulary"])
+    if resume_from_checkpoint is not None:
+        check_checkpoint_matches(resume_from_checkpoint, model.config)
     collator = TransactionCollator(
         categorical_fields=list(data["vocabulary"].categorical_fields),
         numeric_fields=list(data["vocabulary"].numeric_fields),
@@ -224,23 +541,64 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         "max_length": data_args.max_length,
         "label_prior": float(np.mean(data["train"]["labels"])),
     }
-    trainer = Trainer(
+    batch_sampler = None
+    if training_args.max_tokens_per_batch is not None:
+        batch_sampler = TokenBudgetBatchSampler(
+            data["train"][training_args.length_column_name],
+            max_tokens=training_args.max_tokens_per_batch,
+            seed=training_args.seed if training_args.data_seed is None else training_args.data_seed,
+            max_length=data_args.max_length,
+        )
+        num_batches, drop_last = len(batch_sampler), False
+    else:
+        drop_last = training_args.dataloader_drop_last
+        num_batches = len(data["train"]) / training_args.train_batch_size
+        num_batches = math.floor(num_batches) if drop_last else math.ceil(num_batches)
+    training_args.max_steps = training_budget(
+        training_args,
+        steps_per_epoch(
+            num_batches, training_args.world_size, training_args.gradient_accumulation_steps, drop_last=drop_last
+        ),
+    )
+    callbacks = [PerformerRedrawCallback(), PushCodeFilesCallback(data["vocabulary"], preprocessing)]
+    if training_args.evaluates and training_args.early_stopping_patience > 0:
+        callbacks.append(
+            BudgetEarlyStoppingCallback(
+                training_args.early_stopping_patience, start=training_args.early_stopping_start
+            )
+        )
+    train_dataset = data["train"]
+    if data_args.train_window_min_share > 0:
+        train_dataset = train_dataset.with_transform(
+            RandomWindow(max_length=data_args.max_length, min_share=data_args.train_window_min_share)
+        )
+    trainer = TxFormerTrainer(
         model=model,
         args=training_args,
-        train_dataset=data["train"],
-        eval_dataset=data["eval"],
+        train_dataset=train_dataset,
+        eval_dataset={VALIDATION_DATASET: data["validation"]} if training_args.evaluates else None,
         data_collator=collator,
         compute_metrics=compute_metrics,
-        callbacks=[PerformerRedrawCallback(), PushCodeFilesCallback(data["vocabulary"], preprocessing)],
+        callbacks=callbacks,
+        train_batch_sampler=batch_sampler,
     )
     add_profiling_callback(trainer)
     train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    # The evaluations below do not steer training.
+    trainer.remove_callback(BudgetEarlyStoppingCallback)
     metrics = {
         **train_result.metrics,
-        **trainer.evaluate(),
+        "train_steps": trainer.state.global_step,
+        "train_max_steps": training_args.max_steps,
+        **trainer.evaluate(data["eval"]),
         "train_samples": len(data["train"]),
         "eval_samples": len(data["eval"]),
     }
+    if data["validation"] is not None:
+        metrics.update(trainer.evaluate(data["validation"], metric_key_prefix=VALIDATION_DATASET))
+        metrics[f"{VALIDATION_DATASET}_samples"] = len(data["validation"])
+    if trainer.state.best_global_step is not None:
+        metrics["best_global_step"] = trainer.state.best_global_step
     if data["synthetic_dir"] is not None:
         eval_ids = np.asarray(data["eval"]["customer_id"])
         for window, name in ((None, "all"), (64, "last_64"), (data_args.max_length, "last_max_length")):
@@ -248,6 +606,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     output_dir = Path(training_args.output_dir)
     # On every process: under FSDP and DeepSpeed ZeRO-3 gathering the weights is collective; only the main one writes.
     trainer.save_model(output_dir)
+    trainer.save_state()  # trainer_state.json: the loss and validation curves of the run
     if trainer.is_world_process_zero():
         data["vocabulary"].save_pretrained(output_dir)
         atomic_write_json(output_dir / PREPROCESSING_FILE, preprocessing)
@@ -296,15 +655,27 @@ def main(argv: list[str] | None = None) -> dict:
     """Command line: `python scripts/train.py [--attention_type ...] [--transactions ... --labels ...] [Trainer flags]`."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TxFormerTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stdout
-    )
-    transformers.utils.logging.set_verbosity_warning()
+    configure_logging(training_args)
     metrics = train(model_args, data_args, training_args)
     if training_args.should_log:
         print(f"\nHeld-out results ({training_args.output_dir}):\n{format_result(metrics)}")
+        best = metrics.get("best_global_step")
+        print(
+            f"{metrics['train_steps']} optimizer steps of a budget of {metrics['train_max_steps']}"
+            + ("" if best is None else f"; best validation AUROC at step {best}, restored")
+            + f"; {metrics['train_runtime']:.0f} s of training."
+        )
         print(json.dumps({key: value for key, value in metrics.items() if "auroc" in key}, indent=2))
     return metrics
 
 
-__all__ = ["DataArguments", "ModelArguments", "TxFormerTrainingArguments", "main", "train"]
+__all__ = [
+    "DataArguments",
+    "ModelArguments",
+    "TxFormerTrainer",
+    "TxFormerTrainingArguments",
+    "main",
+    "steps_per_epoch",
+    "train",
+    "training_budget",
+]

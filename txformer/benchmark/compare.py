@@ -81,7 +81,10 @@ class CompareConfig:
     )
     runs: list[str] = field(
         default_factory=lambda: ["full:256,1024", "performer:256,1024", "infinity:0"],
-        metadata={"help": "KIND:LENGTH,LENGTH,... per attention kind; length 0 = whole histories."},
+        metadata={
+            "help": "[FAMILY/]KIND:LENGTH,LENGTH,... per attention kind (on every family, or on FAMILY only); "
+            "length 0 = whole histories."
+        },
     )
     seeds: list[int] = field(default_factory=lambda: [42, 43, 44], metadata={"help": "Seeds (init, order)."})
     baseline: bool = field(default=True, metadata={"help": "Also run the LightGBM baseline for each family and seed."})
@@ -119,17 +122,19 @@ class CompareConfig:
         baseline of a family and seed first."""
         grid = []
         for item in self.runs:
-            kind, _, lengths = item.partition(":")
+            scope, _, run = item.rpartition("/")
+            kind, _, lengths = run.partition(":")
             if not lengths:
-                raise ValueError(f"Run {item!r} is not KIND:LENGTH[,LENGTH...].")
-            grid += [(kind, int(length)) for length in lengths.split(",")]
+                raise ValueError(f"Run {item!r} is not [FAMILY/]KIND:LENGTH[,LENGTH...].")
+            grid += [(scope, kind, int(length)) for length in lengths.split(",")]
         if self.baseline:
-            grid.insert(0, (BASELINE, WHOLE_HISTORY))
+            grid.insert(0, ("", BASELINE, WHOLE_HISTORY))
         return [
             RunSpec(family, kind, length, seed)
             for seed in self.seeds
             for family in self.family_sizes()
-            for kind, length in grid
+            for scope, kind, length in grid
+            if scope in ("", family)
         ]
 
 
@@ -190,8 +195,10 @@ def train_command(spec: RunSpec, config: CompareConfig, extra_args: list[str]) -
         "--disable_tqdm", "true",
     ]  # fmt: skip
     checkpoint = last_complete_checkpoint(Path(config.output_dir) / spec.name)
-    if checkpoint is not None:
-        command += ["--resume_from_checkpoint", str(checkpoint)]
+    # The run folder is the comparison's own: it holds the run's log (and, of a run killed early, its first files).
+    command += (
+        ["--overwrite_output_dir", "true"] if checkpoint is None else ["--resume_from_checkpoint", str(checkpoint)]
+    )
     return command + extra_args
 
 
@@ -303,8 +310,10 @@ def read_run(run_dir: Path, spec: RunSpec) -> RunResult:
     """The metrics of a finished run: held-out AUROC and accuracy, the oracles, and for a model from the profiling
     callback's steps file the throughput over all steps (real events / step time), the median per-step throughput and
     the peak memory, and the Trainer's log history; the wall time from the run record."""
-    results_file = BASELINE_RESULTS_FILE if spec.is_baseline else RESULTS_FILE
-    metrics = json.loads((run_dir / results_file).read_text())
+    if spec.is_baseline:
+        metrics = json.loads((run_dir / BASELINE_RESULTS_FILE).read_text())["metrics"]
+    else:
+        metrics = json.loads((run_dir / RESULTS_FILE).read_text())
     steps = read_steps(run_dir / STEPS_FILE)
     counted = [step for step in steps if step.get("tokens") is not None]
     step_time = sum(step["step_time_s"] for step in counted)
@@ -506,7 +515,11 @@ def plot_family(summaries: list[GroupSummary], results: list[RunResult], family:
     for result in first_seed.values():
         label = f"{result.spec.attention_type}, {result.spec.context}"
         losses = [(entry["step"], entry["loss"]) for entry in result.log_history if "loss" in entry]
-        validation = [(entry["step"], entry["eval_auroc"]) for entry in result.log_history if "eval_auroc" in entry]
+        validation = [
+            (entry["step"], entry["eval_validation_auroc"])
+            for entry in result.log_history
+            if "eval_validation_auroc" in entry
+        ]
         if losses:
             loss_axis.plot(*zip(*losses, strict=True), label=label)
         if validation:

@@ -1,6 +1,7 @@
 """Data pipeline: real-format transaction files to per-customer datasets, the event vocabulary, the batch collator,
-the stratified split and synthetic data with a known Bayes-optimal posterior."""
+the stratified split, token-budget batches and synthetic data with a known Bayes-optimal posterior."""
 
+from .augmentation import RandomWindow
 from .collator import TransactionCollator
 from .reader import (
     TransactionDataError,
@@ -10,11 +11,16 @@ from .reader import (
     read_labels,
     read_transactions,
 )
-from .split import stratified_split
+from .sampler import TokenBudgetBatchSampler
+from .split import split_for_evaluation, stratified_split
 from .synthetic import (
+    LONG_HISTORY_CONFIG,
+    SYNTHETIC_FAMILIES,
+    OrderSyntheticConfig,
     SyntheticConfig,
     SyntheticDataInfo,
     SyntheticOracle,
+    aggregate_baseline_auroc,
     generate_synthetic_data,
     mean_feature_baseline_auroc,
     oracle_auroc,
@@ -23,14 +29,20 @@ from .vocabulary import VOCABULARY_FILE, EventVocabulary, FieldVocabulary
 
 
 __all__ = [
+    "LONG_HISTORY_CONFIG",
+    "SYNTHETIC_FAMILIES",
     "VOCABULARY_FILE",
     "EventVocabulary",
+    "RandomWindow",
     "FieldVocabulary",
+    "OrderSyntheticConfig",
     "SyntheticConfig",
     "SyntheticDataInfo",
     "SyntheticOracle",
     "TransactionCollator",
+    "TokenBudgetBatchSampler",
     "TransactionDataError",
+    "aggregate_baseline_auroc",
     "build_customer_dataset",
     "customer_table",
     "generate_synthetic_data",
@@ -39,5 +51,6 @@ __all__ = [
     "read_customer_ids",
     "read_labels",
     "read_transactions",
+    "split_for_evaluation",
     "stratified_split",
 ]

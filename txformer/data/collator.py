@@ -4,7 +4,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..processing_txformer import pad_histories
+# The bound is re-exported here for the reader and the tests: the collator pads with the processor's function.
+from ..processing_txformer import MAX_NUMERIC_MAGNITUDE, pad_histories
+
+
+__all__ = ["MAX_NUMERIC_MAGNITUDE", "TransactionCollator"]
 
 
 @dataclass

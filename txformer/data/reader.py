@@ -5,7 +5,8 @@ import csv
 import gzip
 import logging
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import datasets
@@ -19,6 +20,8 @@ from ..processing_txformer import (
     DATETIME_PATTERN,
     FLOAT_PATTERN,
     INTEGER_PATTERN,
+    MAX_DAY_DIGITS,
+    MAX_NUMERIC_MAGNITUDE,
     MISSING_VALUE_STRINGS,
     SECONDS_PER_DAY,
 )
@@ -27,8 +30,9 @@ from ..processing_txformer import (
 logger = logging.getLogger(__name__)
 
 TRANSACTION_COLUMNS = ("customer_id", "tr_datetime", "mcc_code", "tr_type", "amount", "term_id")
+# Ids are read as text and converted by `_integer_ids`, which sees how each one is written.
 TRANSACTION_COLUMN_TYPES = {
-    "customer_id": pa.int64(),
+    "customer_id": pa.string(),
     "tr_datetime": pa.string(),
     "mcc_code": pa.int64(),
     "tr_type": pa.int64(),
@@ -37,8 +41,11 @@ TRANSACTION_COLUMN_TYPES = {
 }
 DATETIME_FIELDS = ("day", "hour", "minute", "second")
 EVENT_COLUMNS = ("event_time", "mcc_code", "tr_type", "term_id", "amount")
-# A value pyarrow refused to convert is looked up again with these patterns to name its line.
-NUMBER_PATTERNS = {pa.int64(): INTEGER_PATTERN, pa.float64(): FLOAT_PATTERN}
+INT64_MAX_TEXT = str(np.iinfo(np.int64).max)
+# pyarrow's message for a value it cannot convert: the column (its index in the file) and the value.
+CONVERSION_ERROR_PATTERN = re.compile(
+    r"In CSV column #(\d+): CSV conversion error to \w+: invalid value '(.*)'$", re.S
+)
 
 
 class TransactionDataError(ValueError):
@@ -61,13 +68,15 @@ def _check_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def _read_header(path: Path, required: Iterable[str]) -> list[str]:
-    """The column names of the first line; an error names the missing or renamed ones."""
+def _read_header(path: Path, required: Iterable[str]) -> dict[str, str]:
+    """The column names of the first line, stripped of surrounding spaces, each mapped to its spelling in the file;
+    an error names the missing or renamed ones."""
     with _open_text(path) as file:
         first_line = file.readline()
     if not first_line.strip():
         raise TransactionDataError(f"{path}: the file is empty (no header line).")
-    header = [name.strip() for name in next(csv.reader([first_line]))]
+    written = next(csv.reader([first_line]))
+    header = [name.strip() for name in written]
     duplicated = sorted({name for name in header if header.count(name) > 1})
     if duplicated:
         raise TransactionDataError(f"{path} line 1: duplicated column names {duplicated}.")
@@ -76,20 +85,32 @@ def _read_header(path: Path, required: Iterable[str]) -> list[str]:
         raise TransactionDataError(
             f"{path} line 1: missing column(s) {missing}; expected {list(required)}, found {header}."
         )
-    return header
+    return dict(zip(header, written, strict=True))
 
 
-def _line_number(path: Path, row_index: int) -> int:
-    """1-based line of data row `row_index` (0-based, header excluded), skipping empty lines as pyarrow does.
-    Only called on the error path, so a plain scan is fine."""
-    data_rows_seen = -1
+def _line_numbers(path: Path, row_indices: list[int]) -> list[int]:
+    """The 1-based line where each data row starts (0-based row indices, header excluded). Rows are counted as pyarrow
+    counts them: blank lines are skipped and a quoted newline continues its row. Only called on error paths, so a
+    plain scan is fine."""
+    wanted = sorted(set(row_indices))
+    found: dict[int, int] = {}
     with _open_text(path) as file:
-        for line_number, line in enumerate(file, start=1):
-            if line_number > 1 and line.strip("\r\n"):
-                data_rows_seen += 1
-                if data_rows_seen == row_index:
-                    return line_number
-    raise IndexError(f"{path} has no data row {row_index}.")
+        reader = csv.reader(file)
+        data_row, next_line = -1, 1
+        try:
+            for record in reader:
+                start, next_line = next_line, reader.line_num + 1
+                if start > 1 and record:
+                    data_row += 1
+                    if data_row == wanted[len(found)]:
+                        found[data_row] = start
+                        if len(found) == len(wanted):
+                            break
+        except csv.Error as error:
+            raise TransactionDataError(f"{path} line {reader.line_num}: {error}.") from error
+    if len(found) < len(wanted):
+        raise IndexError(f"{path} has no data row {wanted[len(found)]}.")
+    return [found[row] for row in row_indices]
 
 
 def _first_invalid_row(path: Path, reason: str, invalid: pa.Array | np.ndarray) -> TransactionDataError:
@@ -97,58 +118,85 @@ def _first_invalid_row(path: Path, reason: str, invalid: pa.Array | np.ndarray) 
     invalid = np.asarray(invalid, dtype=bool)
     rows = np.flatnonzero(invalid)
     more = f" ({rows.size} rows in all)" if rows.size > 1 else ""
-    return TransactionDataError(f"{path} line {_line_number(path, int(rows[0]))}: {reason}{more}.")
+    (line,) = _line_numbers(path, [int(rows[0])])
+    return TransactionDataError(f"{path} line {line}: {reason}{more}.")
 
 
 def _read_csv_strictly(path: Path, column_types: dict[str, pa.DataType]) -> pa.Table:
-    """Reads the named columns with explicit types. A line with the wrong number of fields or a value that is not a
-    number raises `TransactionDataError` with its line; other columns are ignored."""
-    header = _read_header(path, column_types)
-    bad_lines: list[str] = []
+    """Reads the named columns with explicit types (header names may have spaces around them). A line with the wrong
+    number of fields or a value that does not convert raises `TransactionDataError` with its line; other columns are
+    ignored."""
+    spelled = _read_header(path, column_types)
+    header = list(spelled)
+    bad_rows: list = []
 
     def reject_row(row) -> str:
-        bad_lines.append(
-            f"{path} line {row.number if row.number is not None else '?'}: expected {row.expected_columns} "
-            f"fields ({','.join(header)}), found {row.actual_columns}: {row.text!r}."
-        )
+        bad_rows.append(row)
         return "error"
 
     def read(use_threads: bool, types: dict[str, pa.DataType]) -> pa.Table:
-        return pa_csv.read_csv(
+        table = pa_csv.read_csv(
             path,
             read_options=pa_csv.ReadOptions(use_threads=use_threads, block_size=1 << 24),
-            parse_options=pa_csv.ParseOptions(invalid_row_handler=reject_row),
+            parse_options=pa_csv.ParseOptions(invalid_row_handler=reject_row, newlines_in_values=True),
             convert_options=pa_csv.ConvertOptions(
-                column_types=types,
-                include_columns=list(column_types),
+                column_types={spelled[name]: data_type for name, data_type in types.items()},
+                include_columns=[spelled[name] for name in types],
                 null_values=list(MISSING_VALUE_STRINGS),
                 strings_can_be_null=True,
                 quoted_strings_can_be_null=True,
             ),
         )
+        return table.rename_columns(list(types))
 
     try:
         return read(True, column_types)
     except pa.ArrowInvalid as error:
-        if bad_lines:
-            # Threaded parsing does not know line numbers: parse once more on one thread to name the line.
-            bad_lines.clear()
+        if bad_rows:
+            # Threaded parsing does not know row numbers: parse once more on one thread to name the line.
+            bad_rows.clear()
             try:
                 read(False, column_types)
             except pa.ArrowInvalid:
                 pass
-            raise TransactionDataError(bad_lines[0]) from error
-        as_strings = read(True, dict.fromkeys(column_types, pa.string()))
-        for name, data_type in column_types.items():
-            if data_type in NUMBER_PATTERNS:
-                values = as_strings.column(name)
-                invalid = pc.and_(
-                    pc.is_valid(values), pc.invert(pc.match_substring_regex(values, NUMBER_PATTERNS[data_type]))
-                )
-                if pc.any(invalid).as_py():
-                    example = pc.filter(values, invalid)[0].as_py()
-                    raise _first_invalid_row(path, f"{name} {example!r} is not a number", invalid) from error
-        raise TransactionDataError(f"{path}: {error}") from error
+            row = bad_rows[0]
+            # pyarrow numbers rows from the header (1), skipping blank lines.
+            line = "?" if row.number is None else _line_numbers(path, [row.number - 2])[0]
+            raise TransactionDataError(
+                f"{path} line {line}: expected {row.expected_columns} fields ({','.join(header)}), found "
+                f"{row.actual_columns}: {row.text!r}."
+            ) from error
+        raise _conversion_error(path, header, column_types, error, read) from error
+
+
+def _conversion_error(
+    path: Path,
+    header: list[str],
+    column_types: dict[str, pa.DataType],
+    error: pa.ArrowInvalid,
+    read: Callable[[bool, dict[str, pa.DataType]], pa.Table],
+) -> TransactionDataError:
+    """The error for a value pyarrow could not convert, naming its line, column and the value pyarrow quoted."""
+    found = CONVERSION_ERROR_PATTERN.search(str(error))
+    name = header[int(found.group(1))] if found else None
+    if name not in column_types:
+        return TransactionDataError(f"{path}: {error}")
+    value = found.group(2)
+    values = read(True, dict.fromkeys(column_types, pa.string())).column(name)
+    invalid = pc.fill_null(pc.equal(values, value), False)
+    if not pc.any(invalid).as_py():
+        return TransactionDataError(f"{path}: {error}")
+    reason = _why_not_an_integer(value) if pa.types.is_integer(column_types[name]) else "is not a number"
+    return _first_invalid_row(path, f"{name} {value!r} {reason}", invalid)
+
+
+def _why_not_an_integer(text: str) -> str:
+    """What is wrong with a value that should be a 64-bit integer."""
+    if re.fullmatch(INTEGER_PATTERN, text.strip()):
+        return "does not fit in a 64-bit integer"
+    if re.fullmatch(FLOAT_PATTERN, text):
+        return "is not an integer (digits with an optional leading '-')"
+    return "is not a number"
 
 
 def _require_values(path: Path, table: pa.Table, columns: Iterable[str]) -> None:
@@ -165,6 +213,12 @@ def parse_event_time(path: Path, tr_datetime: pa.ChunkedArray) -> np.ndarray:
         invalid = pc.is_null(parts)
         example = pc.filter(tr_datetime, invalid)[0].as_py()
         raise _first_invalid_row(path, f"tr_datetime {example!r} is not 'D HH:MM:SS'", invalid)
+    too_late = pc.utf8_length(pc.utf8_ltrim(pc.struct_field(parts, "day"), characters="0")).to_numpy() > MAX_DAY_DIGITS
+    if too_late.any():
+        example = tr_datetime[int(np.flatnonzero(too_late)[0])].as_py()
+        raise _first_invalid_row(
+            path, f"tr_datetime {example!r} has a day index beyond {10**MAX_DAY_DIGITS - 1:,}", too_late
+        )
     day, hour, minute, second = (
         pc.cast(pc.struct_field(parts, name), pa.int64()).to_numpy() for name in DATETIME_FIELDS
     )
@@ -185,15 +239,23 @@ def read_transactions(path: str | os.PathLike) -> pa.Table:
     if table.num_rows == 0:
         raise TransactionDataError(f"{path}: the file has a header but no transactions.")
     _require_values(path, table, ("customer_id", "tr_datetime", "mcc_code", "tr_type", "amount"))
+    customer_ids = _integer_ids(path, table.column("customer_id"))
     amount = table.column("amount").to_numpy()
     if not np.isfinite(amount).all():
         raise _first_invalid_row(path, "amount is not finite", ~np.isfinite(amount))
+    too_large = np.abs(amount) > MAX_NUMERIC_MAGNITUDE
+    if too_large.any():
+        raise _first_invalid_row(
+            path,
+            f"amount {amount[too_large][0]:g} is beyond ±{MAX_NUMERIC_MAGNITUDE:g}, the float32 range of the model",
+            too_large,
+        )
     event_time = parse_event_time(path, table.column("tr_datetime"))
     term_id = pc.utf8_trim_whitespace(table.column("term_id"))
     term_id = pc.if_else(pc.equal(term_id, ""), pa.scalar(None, pa.string()), term_id)
     return pa.table(
         {
-            "customer_id": table.column("customer_id"),
+            "customer_id": customer_ids,
             "event_time": pa.array(event_time, pa.float64()),
             "mcc_code": table.column("mcc_code"),
             "tr_type": table.column("tr_type"),
@@ -207,7 +269,7 @@ def read_labels(path: str | os.PathLike, label_column: str = "gender") -> pa.Tab
     """A label file (`customer_id,gender` in the real data) as `customer_id` int64, `labels` int64. Duplicated ids,
     missing labels and labels outside {0, 1} raise `TransactionDataError` naming the line."""
     path = _check_file(path)
-    table = _read_csv_strictly(path, {"customer_id": pa.int64(), label_column: pa.float64()})
+    table = _read_csv_strictly(path, {"customer_id": pa.string(), label_column: pa.float64()})
     if table.num_rows == 0:
         raise TransactionDataError(f"{path}: the file has a header but no labels.")
     _require_values(path, table, ("customer_id", label_column))
@@ -216,29 +278,72 @@ def read_labels(path: str | os.PathLike, label_column: str = "gender") -> pa.Tab
     if not_binary.any():
         raise _first_invalid_row(path, f"{label_column} {labels[not_binary][0]:g} is not 0 or 1", not_binary)
     customer_ids = _unique_customer_ids(path, table)
-    return pa.table({"customer_id": pa.array(customer_ids, pa.int64()), "labels": pa.array(labels.astype(np.int64))})
+    return pa.table({"customer_id": customer_ids, "labels": pa.array(labels.astype(np.int64))})
 
 
 def read_customer_ids(path: str | os.PathLike) -> np.ndarray:
     """The `customer_id` column of a CSV file (e.g. the Kaggle sample submission), in file order. A missing column,
     an empty file, a missing, non-integer or repeated id raise `TransactionDataError` naming the line."""
     path = _check_file(path)
-    table = _read_csv_strictly(path, {"customer_id": pa.int64()})
+    table = _read_csv_strictly(path, {"customer_id": pa.string()})
     if table.num_rows == 0:
         raise TransactionDataError(f"{path}: the file has a header but no customer ids.")
     _require_values(path, table, ("customer_id",))
-    return _unique_customer_ids(path, table)
+    return _unique_customer_ids(path, table).to_numpy()
 
 
-def _unique_customer_ids(path: Path, table: pa.Table) -> np.ndarray:
-    """The `customer_id` column; an id that appears twice raises with the line of its second occurrence."""
-    customer_ids = table.column("customer_id").to_numpy()
-    order = np.argsort(customer_ids, kind="stable")
-    repeated = np.zeros(len(customer_ids), dtype=bool)
-    repeated[order[1:]] = customer_ids[order[1:]] == customer_ids[order[:-1]]
+def _unique_customer_ids(path: Path, table: pa.Table) -> pa.Array:
+    """The `customer_id` column as int64; an id that appears twice raises with the line of its second occurrence."""
+    customer_ids = _integer_ids(path, table.column("customer_id"))
+    values = customer_ids.to_numpy()
+    order = np.argsort(values, kind="stable")
+    repeated = np.zeros(len(values), dtype=bool)
+    repeated[order[1:]] = values[order[1:]] == values[order[:-1]]
     if repeated.any():
-        raise _first_invalid_row(path, f"customer_id {customer_ids[repeated][0]} appears more than once", repeated)
+        raise _first_invalid_row(path, f"customer_id {values[repeated][0]} appears more than once", repeated)
     return customer_ids
+
+
+def _integer_ids(path: Path, texts: pa.ChunkedArray) -> pa.Array:
+    """`customer_id` text to int64. An id that is not an integer or does not fit in 64 bits raises with its line, and
+    so do two spellings of one integer (`073598595` and `73598595`), which would otherwise merge two customers."""
+    encoded = pc.dictionary_encode(pc.utf8_trim_whitespace(texts.combine_chunks()))
+    spellings, row_codes = encoded.dictionary, encoded.indices.to_numpy()
+    is_integer = pc.match_substring_regex(spellings, INTEGER_PATTERN).to_numpy(zero_copy_only=False)
+    digits = pc.utf8_ltrim(spellings, characters="-0")
+    num_digits = pc.utf8_length(digits).to_numpy()
+    fits = (num_digits < len(INT64_MAX_TEXT)) | (
+        (num_digits == len(INT64_MAX_TEXT)) & pc.less_equal(digits, INT64_MAX_TEXT).to_numpy(zero_copy_only=False)
+    )
+    invalid = ~(is_integer & fits)
+    if invalid.any():
+        spelling = spellings[row_codes[np.flatnonzero(invalid[row_codes])[0]]].as_py()
+        reason = _why_not_an_integer(spelling)
+        raise _first_invalid_row(path, f"customer_id {spelling!r} {reason}", invalid[row_codes])
+    values = pc.cast(spellings, pa.int64())
+    numbers = values.to_numpy()
+    order = np.argsort(numbers, kind="stable")
+    collides = numbers[order[1:]] == numbers[order[:-1]]
+    if collides.any():
+        codes = [int(order[:-1][collides][0]), int(order[1:][collides][0])]
+        lines = _line_numbers(path, [int(np.argmax(row_codes == code)) for code in codes])
+        first, second = (spellings[code].as_py() for code in codes)
+        raise TransactionDataError(
+            f"{path} line {lines[0]}: customer_id {first!r} and line {lines[1]}: {second!r} are the same integer "
+            f"{numbers[codes[0]]}; ids are read as integers, so they would merge two customers. Write each id one way."
+        )
+    unusual = pc.invert(pc.equal(pc.cast(values, pa.string()), spellings)).to_numpy(zero_copy_only=False)
+    if unusual.any():
+        code = int(np.flatnonzero(unusual)[0])
+        logger.warning(
+            "%s: %d customer ids are written with leading zeros (e.g. %r); ids are integers, so outputs write that "
+            "one as %d.",
+            path,
+            int(unusual.sum()),
+            spellings[code].as_py(),
+            numbers[code],
+        )
+    return pc.take(values, encoded.indices)
 
 
 def sort_by_customer_and_time(transactions: pa.Table) -> pa.Table:

@@ -28,3 +28,15 @@ def stratified_split(
         np.arange(len(labels)), test_size=test_size, random_state=seed, stratify=labels.astype(np.int64)
     )
     return dataset.select(np.sort(train_rows)), dataset.select(np.sort(test_rows))
+
+
+def split_for_evaluation(
+    customers: datasets.Dataset, eval_fraction: float, split_seed: int, max_train_customers: int | None = None
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, held_out) of labelled customers as every trainer of the package makes it, so that the model and the
+    baseline report on the same customers: `stratified_split(customers, eval_fraction, split_seed)`, the training part
+    then subsampled to `max_train_customers` (seeded) when given."""
+    train, held_out = stratified_split(customers, test_size=eval_fraction, seed=split_seed)
+    if max_train_customers is not None and max_train_customers < len(train):
+        train = train.shuffle(seed=split_seed).select(range(max_train_customers))
+    return train, held_out

@@ -1,7 +1,11 @@
 """Synthetic bank transactions in the real file format, from a generative process whose exact label posterior is
 known, so a model can be compared with the Bayes-optimal AUROC (the "oracle") on the same customers.
 
-Generative process (docs/data.md gives it in full):
+Three families (`SYNTHETIC_FAMILIES`): "independent" (the default, below), "long" (the same process with long
+histories and a weak per-event signal that keeps accruing, `LONG_HISTORY_CONFIG`) and "order" (the label lives in
+which MCC follows which, `synthetic_order.py`). oracle.json names the family; `SyntheticOracle` reads it.
+
+Generative process of the independent family (docs/data.md gives it in full):
 
 1. label `y ~ Bernoulli(label_prior)`; a latent customer taste `theta = latent_values[k]` with
    `k ~ Categorical(latent_prior[y])`, a discretised normal centred on `-latent_mean` (y = 0) or `+latent_mean`
@@ -18,85 +22,78 @@ So for any set of `n` observed events with score sum `S = sum g(e_i)`, the poste
 """
 
 import json
-import logging
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
 from scipy.special import logsumexp
+from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from ..io_utils import atomic_write_json
-from .reader import (
-    SECONDS_PER_DAY,
-    TRANSACTION_COLUMNS,
-    build_customer_dataset,
-    customer_table,
-    list_offsets_and_values,
+from .reader import SECONDS_PER_DAY, build_customer_dataset, customer_table, list_offsets_and_values
+from .synthetic_common import (
+    HOURS_PER_DAY,
+    ORACLE_FILE,
+    ORACLE_FORMAT_VERSION,
+    TEST_IDS_FILE,
+    TRAIN_LABELS_FILE,
+    TRANSACTIONS_FILE,
+    SampledCustomers,
+    SyntheticBaseConfig,
+    SyntheticDataInfo,
+    activity_days,
+    build_code_sets,
+    draw_customers,
+    history_lengths,
+    hour_of_day_probability,
+    terminal_indices,
+    write_synthetic_files,
 )
+from .synthetic_order import OrderPosterior, OrderSyntheticConfig, sample_order_family
 
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "LONG_HISTORY_CONFIG",
+    "ORACLE_FILE",
+    "SYNTHETIC_FAMILIES",
+    "TEST_IDS_FILE",
+    "TRAIN_LABELS_FILE",
+    "TRANSACTIONS_FILE",
+    "OrderSyntheticConfig",
+    "SyntheticConfig",
+    "SyntheticDataInfo",
+    "SyntheticOracle",
+    "aggregate_baseline_auroc",
+    "generate_synthetic_data",
+    "mean_feature_baseline_auroc",
+    "oracle_auroc",
+]
 
-TRANSACTIONS_FILE = "transactions.csv"
-TRAIN_LABELS_FILE = "gender_train.csv"
-TEST_IDS_FILE = "gender_test_kaggle_sample_submission.csv"
-ORACLE_FILE = "oracle.json"
-ORACLE_FORMAT_VERSION = 1
+
 # Amount buckets are decades of |amount| in integer cents: bucket b holds cents in [edges[b], edges[b + 1]).
 AMOUNT_BUCKET_EDGES_CENTS = (1, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000, 15_000_000_000)
-HOURS_PER_DAY = 24
-CSV_CHUNK_ROWS = 1 << 20
 
 
 @dataclass(frozen=True)
-class SyntheticConfig:
-    """The constants of the generative process (all saved in oracle.json)."""
+class SyntheticConfig(SyntheticBaseConfig):
+    """The constants of the independent (and long) family's generative process (all saved in oracle.json)."""
 
-    label_prior: float = 0.442
     latent_mean: float = 0.067
     latent_std: float = 0.065
     num_latent_values: int = 41
-    median_length: float = 305.0
-    length_log_std: float = 0.84
-    heavy_fraction: float = 0.0015
-    heavy_length_range: tuple[int, int] = (3_000, 90_000)
-    num_days: int = 457
-    num_mcc_codes: int = 184
-    num_tr_types: int = 77
-    mcc_zipf_exponent: float = 1.4
-    tr_type_zipf_exponent: float = 1.6
-    credit_type_fraction: float = 0.25
     evidence_share: tuple[float, float, float, float] = (0.4, 0.2, 0.2, 0.2)
-    num_terminals: int = 30_000
-    missing_term_fraction: float = 0.35
-    second_60_fraction: float = 0.002
-    swapped_pair_fraction: float = 0.005
-    split_customer_fraction: float = 0.01
-    labelled_fraction: float = 0.7
 
 
-@dataclass(frozen=True)
-class SyntheticDataInfo:
-    """Where the generated files are and what they hold."""
-
-    output_dir: Path
-    transactions_path: Path
-    train_labels_path: Path
-    test_ids_path: Path
-    oracle_path: Path
-    num_customers: int
-    num_events: int
-    num_labelled: int
+# Long histories, a weak per-event signal and a latent spread small against the label shift: the oracle keeps
+# gaining up to thousands of events instead of saturating near a thousand.
+LONG_HISTORY_CONFIG = SyntheticConfig(latent_mean=0.017, latent_std=0.006, median_length=1500.0, length_log_std=1.1)
 
 
 @dataclass
@@ -132,33 +129,13 @@ class EventSpace:
         return logsumexp(log_base[None, :] + latent_values[:, None] * self.outcome_score[None, :], axis=1)
 
 
-def _zipf_probabilities(size: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
-    """Zipf-like probabilities over `size` items in a random order."""
-    probabilities = 1.0 / (np.arange(size) + 2.0) ** exponent
-    return rng.permutation(probabilities / probabilities.sum())
-
-
 def _build_event_space(config: SyntheticConfig, rng: np.random.Generator) -> EventSpace:
     """Real-like code sets and base frequencies, and the score weights scaled so that g has mean 0 and variance 1
     under the base distribution, each field carrying its `evidence_share` of that variance."""
-    mcc_codes = np.sort(rng.choice(np.arange(742, 10_000), config.num_mcc_codes, replace=False))
-    tr_types = np.sort(rng.choice(np.arange(1000, 8200), config.num_tr_types, replace=False))
-    tr_type_is_credit = rng.random(config.num_tr_types) < config.credit_type_fraction
-    mcc_probability = _zipf_probabilities(config.num_mcc_codes, config.mcc_zipf_exponent, rng)
-    tr_type_popularity = _zipf_probabilities(config.num_tr_types, config.tr_type_zipf_exponent, rng)
-
-    # Each MCC allows a few transaction types; every type is allowed by at least one MCC.
-    allowed = np.zeros((config.num_mcc_codes, config.num_tr_types))
-    for mcc_index in range(config.num_mcc_codes):
-        num_types = min(1 + rng.poisson(1.5), 6)
-        chosen = rng.choice(config.num_tr_types, num_types, replace=False, p=tr_type_popularity)
-        allowed[mcc_index, chosen] = rng.dirichlet(np.ones(num_types))
-    for type_index in np.flatnonzero(allowed.sum(axis=0) == 0):
-        mcc_index = rng.integers(config.num_mcc_codes)
-        allowed[mcc_index, type_index] = 0.05
-        allowed[mcc_index] /= allowed[mcc_index].sum()
-    pair_mcc, pair_tr_type = np.nonzero(allowed)
-    pair_probability = mcc_probability[pair_mcc] * allowed[pair_mcc, pair_tr_type]
+    codes = build_code_sets(config, rng)
+    tr_type_is_credit = codes.tr_type_is_credit
+    pair_mcc, pair_tr_type = np.nonzero(codes.tr_type_given_mcc)
+    pair_probability = codes.mcc_probability[pair_mcc] * codes.tr_type_given_mcc[pair_mcc, pair_tr_type]
 
     # Debits peak at hundreds to thousands, credits an order of magnitude higher.
     bucket_centre = np.where(tr_type_is_credit, 4.2, 3.0)
@@ -166,10 +143,7 @@ def _build_event_space(config: SyntheticConfig, rng: np.random.Generator) -> Eve
     bucket_given_type = np.exp(-0.5 * ((bucket_index[None, :] - bucket_centre[:, None]) / 1.2) ** 2)
     bucket_given_type /= bucket_given_type.sum(axis=1, keepdims=True)
     hours = np.arange(HOURS_PER_DAY)
-    hour_probability = (
-        0.15 + np.exp(-0.5 * ((hours - 13.0) / 4.0) ** 2) + 0.5 * np.exp(-0.5 * ((hours - 19.5) / 2.0) ** 2)
-    )
-    hour_probability /= hour_probability.sum()
+    hour_probability = hour_of_day_probability()
 
     num_pairs, num_buckets = len(pair_mcc), len(bucket_index)
     pair_grid, bucket_grid, hour_grid = np.meshgrid(np.arange(num_pairs), bucket_index, hours, indexing="ij")
@@ -200,8 +174,8 @@ def _build_event_space(config: SyntheticConfig, rng: np.random.Generator) -> Eve
     for weight in weights:
         weight /= total_std
     return EventSpace(
-        mcc_codes=mcc_codes,
-        tr_types=tr_types,
+        mcc_codes=codes.mcc_codes,
+        tr_types=codes.tr_types,
         tr_type_is_credit=tr_type_is_credit,
         mcc_weights=mcc_weights,
         tr_type_weights=tr_type_weights,
@@ -222,81 +196,6 @@ def latent_grid(config: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
     centres = np.array([-config.latent_mean, config.latent_mean])
     log_prior = -0.5 * ((latent_values[None, :] - centres[:, None]) / config.latent_std) ** 2
     return latent_values, log_prior - logsumexp(log_prior, axis=1, keepdims=True)
-
-
-def _history_lengths(num_customers: int, config: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:
-    body = np.exp(rng.normal(np.log(config.median_length), config.length_log_std, num_customers))
-    low, high = config.heavy_length_range
-    heavy = np.exp(rng.uniform(np.log(low), np.log(high), num_customers))
-    lengths = np.where(rng.random(num_customers) < config.heavy_fraction, heavy, body)
-    return np.clip(np.rint(lengths), 1, high).astype(np.int64)
-
-
-def _terminal_pool(config: SyntheticConfig, rng: np.random.Generator) -> pa.Array:
-    """Terminal ids of mixed real-like forms: `RU570124`, zero-padded `022915`, and short plain numbers."""
-    numbers = rng.choice(1_000_000, config.num_terminals, replace=False).astype(str)
-    form = rng.choice(3, config.num_terminals, p=[0.5, 0.35, 0.15])
-    padded = np.char.zfill(numbers, 6)
-    return pa.array(np.where(form == 0, np.char.add("RU", padded), np.where(form == 1, padded, numbers)))
-
-
-def _zero_padded(values: np.ndarray) -> pa.Array:
-    return pc.utf8_lpad(pc.cast(pa.array(values), pa.string()), 2, "0")
-
-
-def _format_rows(columns: dict[str, np.ndarray], terminals: pa.Array) -> pa.Table:
-    """The real string formats: `D HH:MM:SS` times, amounts with two decimals, empty term_id when missing."""
-    tr_datetime = pc.binary_join_element_wise(
-        pc.cast(pa.array(columns["day"]), pa.string()),
-        " ",
-        _zero_padded(columns["hour"]),
-        ":",
-        _zero_padded(columns["minute"]),
-        ":",
-        _zero_padded(columns["second"]),
-        "",
-    )
-    cents = columns["amount_cents"]
-    magnitude = np.abs(cents)
-    amount = pc.binary_join_element_wise(
-        pa.array(np.where(cents < 0, "-", "")),
-        pc.cast(pa.array(magnitude // 100), pa.string()),
-        ".",
-        _zero_padded(magnitude % 100),
-        "",
-    )
-    term_index = columns["term_index"]
-    term_id = terminals.take(pa.array(term_index, mask=term_index < 0))
-    return pa.table(
-        {
-            "customer_id": columns["customer_id"],
-            "tr_datetime": tr_datetime,
-            "mcc_code": columns["mcc_code"],
-            "tr_type": columns["tr_type"],
-            "amount": amount,
-            "term_id": term_id,
-        }
-    )
-
-
-def _write_table_csv(path: Path, table: pa.Table) -> None:
-    """A small table as CSV with an unquoted header, like the real files."""
-    with open(path, "wb") as file:
-        file.write((",".join(table.column_names) + "\n").encode())
-        pa_csv.write_csv(table, file, pa_csv.WriteOptions(include_header=False, quoting_style="none"))
-
-
-def _write_csv(path: Path, columns: dict[str, np.ndarray], terminals: pa.Array) -> None:
-    """Writes the rows in chunks (with a progress bar) to a temporary file renamed over `path` at the end."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    num_rows = len(columns["customer_id"])
-    with open(temporary, "wb") as file:
-        file.write((",".join(TRANSACTION_COLUMNS) + "\n").encode())
-        options = pa_csv.WriteOptions(include_header=False, quoting_style="none")
-        for start in tqdm(range(0, num_rows, CSV_CHUNK_ROWS), desc=f"writing {path.name}", unit="chunk"):
-            chunk = {name: values[start : start + CSV_CHUNK_ROWS] for name, values in columns.items()}
-            pa_csv.write_csv(_format_rows(chunk, terminals), file, options)
-    os.replace(temporary, path)
 
 
 def _sample_events(
@@ -320,50 +219,23 @@ def _sample_events(
     return outcome
 
 
-def _file_order(customer_of_row: np.ndarray, config: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:
-    """Row order of the file from rows grouped by customer and sorted by time: a few adjacent rows swapped, and the
-    second half of a few customers' histories moved to the end of the file."""
-    num_rows = len(customer_of_row)
-    order = np.arange(num_rows)
-    first = np.flatnonzero(rng.random(num_rows - 1) < config.swapped_pair_fraction)
-    first = first[customer_of_row[first] == customer_of_row[first + 1]]
-    first = first[np.r_[True, np.diff(first) > 1]]
-    order[first], order[first + 1] = first + 1, first
-    num_customers = customer_of_row.max() + 1
-    split = rng.random(num_customers) < config.split_customer_fraction
-    starts = np.searchsorted(customer_of_row, np.arange(num_customers))
-    position = np.arange(num_rows) - starts[customer_of_row]
-    length = np.bincount(customer_of_row, minlength=num_customers)[customer_of_row]
-    moved = split[customer_of_row] & (position >= length // 2) & (length > 1)
-    return np.r_[order[~moved], order[moved]]
-
-
-def generate_synthetic_data(
-    output_dir: str | os.PathLike, num_customers: int = 8000, seed: int = 0, config: SyntheticConfig | None = None
-) -> SyntheticDataInfo:
-    """Writes `transactions.csv`, `gender_train.csv`, `gender_test_kaggle_sample_submission.csv` (real formats and
-    quirks) and `oracle.json` (everything the exact posterior needs) to `output_dir`. Deterministic given the seed."""
-    config = config or SyntheticConfig()
-    if num_customers < 2:
-        raise ValueError(f"num_customers must be at least 2, got {num_customers}.")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+def _sample_independent_family(
+    num_customers: int, config: SyntheticConfig, rng: np.random.Generator
+) -> SampledCustomers:
+    """Customers, labels and events of the independent (and long) family, with the parameters its posterior needs."""
     space = _build_event_space(config, rng)
     latent_values, log_latent_prior = latent_grid(config)
 
-    customer_ids = np.sort(rng.choice(np.arange(10_000_000, 100_000_000), num_customers, replace=False))
-    labels = (rng.random(num_customers) < config.label_prior).astype(np.int64)
+    customer_ids, labels = draw_customers(num_customers, config, rng)
     latent_cumulative = np.cumsum(np.exp(log_latent_prior), axis=1)
     latent_index = (rng.random(num_customers)[:, None] > latent_cumulative[labels, :-1]).sum(axis=1)
-    lengths = _history_lengths(num_customers, config, rng)
+    lengths = history_lengths(num_customers, config, rng)
     outcome = _sample_events(space, latent_index, lengths, latent_values, rng)
 
     # Label-independent parts of each event.
     customer_of_event = np.repeat(np.arange(num_customers), lengths)
     num_events = len(customer_of_event)
-    first_day = rng.integers(0, 120, num_customers)
-    last_day = config.num_days - 1 - rng.integers(0, 30, num_customers)
+    first_day, last_day = activity_days(num_customers, config, rng)
     day = first_day[customer_of_event] + np.floor(
         rng.random(num_events) * (last_day - first_day + 1)[customer_of_event]
     ).astype(np.int64)
@@ -380,18 +252,12 @@ def generate_synthetic_data(
     )
     tr_type_index = space.outcome_tr_type[outcome]
     cents = np.where(space.tr_type_is_credit[tr_type_index], cents, -cents)
-    term_probability = _zipf_probabilities(config.num_terminals, 1.05, rng)
-    term_index = rng.choice(config.num_terminals, num_events, p=term_probability)
-    term_index[rng.random(num_events) < config.missing_term_fraction] = -1
+    term_index = terminal_indices(num_events, config, rng)
 
-    # Within each customer by time, then customers in a random file order, then the small disorders.
+    # Within each customer by time (ties in any order: the posterior depends on the set of events only).
     time_of_day = 3600 * hour + 60 * minute + second
     order = np.lexsort((time_of_day, day, customer_of_event))
-    customer_rank = rng.permutation(num_customers)
-    order = order[np.argsort(customer_rank[customer_of_event[order]], kind="stable")]
-    order = order[_file_order(customer_rank[customer_of_event[order]], config, rng)]
     columns = {
-        "customer_id": customer_ids[customer_of_event],
         "day": day,
         "hour": hour,
         "minute": minute,
@@ -401,28 +267,13 @@ def generate_synthetic_data(
         "amount_cents": cents,
         "term_index": term_index,
     }
-    columns = {name: values[order] for name, values in columns.items()}
-    transactions_path = output_dir / TRANSACTIONS_FILE
-    _write_csv(transactions_path, columns, _terminal_pool(config, rng))
-
-    labelled = rng.random(num_customers) < config.labelled_fraction
-    train_labels_path, test_ids_path = output_dir / TRAIN_LABELS_FILE, output_dir / TEST_IDS_FILE
-    _write_table_csv(train_labels_path, pa.table({"customer_id": customer_ids[labelled], "gender": labels[labelled]}))
-    _write_table_csv(
-        test_ids_path,
-        pa.table({"customer_id": customer_ids[~labelled], "probability": np.full(int((~labelled).sum()), 0.5)}),
-    )
     oracle = {
-        "format_version": ORACLE_FORMAT_VERSION,
         "formula": (
             "log_odds = log(label_prior / (1 - label_prior)) + LSE_k[log_latent_prior[1][k] + latent_values[k] * S"
             " - n * log_partition[k]] - LSE_k[log_latent_prior[0][k] + latent_values[k] * S - n * log_partition[k]],"
             " S = sum over the n observed events of mcc_weights[mcc_code] + tr_type_weights[tr_type]"
             " + amount_bucket_weights[bucket(round(100 |amount|))] + hour_weights[floor(seconds of day / 3600)]"
         ),
-        "config": asdict(config),
-        "seed": seed,
-        "label_prior": config.label_prior,
         "latent_values": latent_values.tolist(),
         "log_latent_prior": log_latent_prior.tolist(),
         "log_partition": space.log_partition(latent_values).tolist(),
@@ -434,21 +285,10 @@ def generate_synthetic_data(
         "amount_bucket_edges_cents": list(AMOUNT_BUCKET_EDGES_CENTS),
         "amount_bucket_weights": space.bucket_weights.tolist(),
         "hour_weights": space.hour_weights.tolist(),
-        "customer_ids": customer_ids.tolist(),
-        "labels": labels.tolist(),
         "latent_index": latent_index.tolist(),
     }
-    oracle_path = atomic_write_json(output_dir / ORACLE_FILE, oracle)
-    logger.info("Wrote %d events of %d customers to %s", num_events, num_customers, output_dir)
-    return SyntheticDataInfo(
-        output_dir=output_dir,
-        transactions_path=transactions_path,
-        train_labels_path=train_labels_path,
-        test_ids_path=test_ids_path,
-        oracle_path=oracle_path,
-        num_customers=num_customers,
-        num_events=num_events,
-        num_labelled=int(labelled.sum()),
+    return SampledCustomers(
+        customer_ids, labels, customer_of_event, {name: values[order] for name, values in columns.items()}, oracle
     )
 
 
@@ -489,6 +329,84 @@ def posterior_log_odds(oracle: dict, score_sum: np.ndarray, num_events: np.ndarr
     )
 
 
+@dataclass
+class ScoreSumPosterior:
+    """Posterior log-odds of any window of a customer's events, from the cumulative score sum."""
+
+    parameters: dict
+    # Cumulative sum, with a leading 0, of g(e) over the flat events.
+    cumulative_score: np.ndarray
+
+    @classmethod
+    def from_events(cls, parameters: dict, events: dict[str, np.ndarray]) -> "ScoreSumPosterior":
+        """From flat `event_time`, `mcc_code`, `tr_type` and `amount` arrays of customers' events."""
+        scores = event_scores(
+            parameters, events["event_time"], events["mcc_code"], events["tr_type"], events["amount"]
+        )
+        return cls(parameters, np.r_[0.0, np.cumsum(scores)])
+
+    def __call__(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Log-odds of label 1 for the windows of flat events [starts, ends), each within one customer."""
+        return posterior_log_odds(
+            self.parameters, self.cumulative_score[ends] - self.cumulative_score[starts], ends - starts
+        )
+
+
+@dataclass(frozen=True)
+class SyntheticFamily:
+    """A generative process: its default constants, its sampler and its exact window posterior."""
+
+    default_config: SyntheticBaseConfig
+    sample: Callable[[int, SyntheticBaseConfig, np.random.Generator], SampledCustomers]
+    posterior: Callable[[dict, dict[str, np.ndarray]], Callable[[np.ndarray, np.ndarray], np.ndarray]]
+
+
+FAMILIES = {
+    "independent": SyntheticFamily(SyntheticConfig(), _sample_independent_family, ScoreSumPosterior.from_events),
+    "order": SyntheticFamily(OrderSyntheticConfig(), sample_order_family, OrderPosterior.from_events),
+    "long": SyntheticFamily(LONG_HISTORY_CONFIG, _sample_independent_family, ScoreSumPosterior.from_events),
+}
+SYNTHETIC_FAMILIES = tuple(FAMILIES)
+
+
+def generate_synthetic_data(
+    output_dir: str | os.PathLike,
+    num_customers: int = 8000,
+    seed: int = 0,
+    config: SyntheticBaseConfig | None = None,
+    family: str = "independent",
+    labelled_fraction: float | None = None,
+) -> SyntheticDataInfo:
+    """Writes `transactions.csv`, `gender_train.csv`, `gender_test_kaggle_sample_submission.csv` (real formats and
+    quirks) and `oracle.json` (the family and everything its exact posterior needs) to `output_dir`.
+
+    `family` is one of `SYNTHETIC_FAMILIES`; `config` (the family's default when None) must be of the type of that
+    default. `labelled_fraction` (default: the config's, 0.7) is the share of customers in `gender_train.csv`, the
+    others going to the test ids file. Deterministic given the seed; with one seed, `labelled_fraction` changes only
+    the two label files, and a smaller fraction labels a subset of the customers a larger one labels.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown synthetic family {family!r}; choose one of {SYNTHETIC_FAMILIES}.")
+    default_config = FAMILIES[family].default_config
+    config = config or default_config
+    if type(config) is not type(default_config):
+        raise TypeError(
+            f"The {family!r} family takes a {type(default_config).__name__}, got a {type(config).__name__}."
+        )
+    if labelled_fraction is not None:
+        config = replace(config, labelled_fraction=labelled_fraction)
+    if not 0 < config.labelled_fraction <= 1:
+        raise ValueError(f"labelled_fraction must be in (0, 1], got {config.labelled_fraction}.")
+    if num_customers < 2:
+        raise ValueError(f"num_customers must be at least 2, got {num_customers}.")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sampled = FAMILIES[family].sample(num_customers, config, rng)
+    sampled.oracle |= {"family": family, "config": asdict(config), "seed": seed, "label_prior": config.label_prior}
+    return write_synthetic_files(output_dir, sampled, config, rng)
+
+
 def _flat_events(dataset) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """List offsets per customer and the flattened event columns of a customer dataset."""
     table = customer_table(dataset)
@@ -514,7 +432,8 @@ class SyntheticOracle:
     customer_ids: np.ndarray
     labels: np.ndarray
     offsets: np.ndarray
-    cumulative_score: np.ndarray
+    # (flat starts, flat ends) of windows -> posterior log-odds of label 1
+    window_log_odds: Callable[[np.ndarray, np.ndarray], np.ndarray]
 
     @classmethod
     def load(cls, data_dir: str | os.PathLike) -> "SyntheticOracle":
@@ -540,10 +459,11 @@ class SyntheticOracle:
 
     def log_odds(self, customer_ids=None, last_n: int | None = None) -> np.ndarray:
         """Exact posterior log-odds of label 1 for each customer seeing only its last `last_n` events (None = all)."""
+        if last_n is not None and last_n < 1:
+            raise ValueError(f"last_n must be at least 1 (or None for all events), got {last_n}.")
         starts, ends = _last_n_window(self.offsets, last_n)
         rows = self._rows(customer_ids)
-        score_sum = self.cumulative_score[ends[rows]] - self.cumulative_score[starts[rows]]
-        return posterior_log_odds(self.parameters, score_sum, ends[rows] - starts[rows])
+        return self.window_log_odds(starts[rows], ends[rows])
 
     def true_labels(self, customer_ids=None) -> np.ndarray:
         """The generated labels of the customers (unlabelled test customers included)."""
@@ -561,9 +481,12 @@ def _load_oracle(data_dir: str, modification_times: tuple[int, ...]) -> Syntheti
         raise ValueError(
             f"{data_dir}/{ORACLE_FILE} has format {parameters.get('format_version')}, expected {ORACLE_FORMAT_VERSION}."
         )
+    # Folders written before there were several families hold the independent one.
+    family = parameters.get("family", "independent")
+    if family not in FAMILIES:
+        raise ValueError(f"{data_dir}/{ORACLE_FILE} names an unknown family {family!r}; known: {SYNTHETIC_FAMILIES}.")
     customers = build_customer_dataset(Path(data_dir) / TRANSACTIONS_FILE)
     offsets, events = _flat_events(customers)
-    scores = event_scores(parameters, events["event_time"], events["mcc_code"], events["tr_type"], events["amount"])
     customer_ids = np.asarray(customers["customer_id"], dtype=np.int64)
     labels = dict(zip(parameters["customer_ids"], parameters["labels"], strict=True))
     return SyntheticOracle(
@@ -571,7 +494,7 @@ def _load_oracle(data_dir: str, modification_times: tuple[int, ...]) -> Syntheti
         customer_ids=customer_ids,
         labels=np.array([labels[customer] for customer in customer_ids.tolist()], dtype=np.int64),
         offsets=offsets,
-        cumulative_score=np.r_[0.0, np.cumsum(scores)],
+        window_log_odds=FAMILIES[family].posterior(parameters, events),
     )
 
 
@@ -581,9 +504,10 @@ def oracle_auroc(data_dir: str | os.PathLike, customer_ids=None, last_n: int | N
     return SyntheticOracle.load(data_dir).auroc(customer_ids, last_n)
 
 
-def _window_mean_one_hot(dataset, last_n: int) -> np.ndarray:
-    """Per customer, the mean over its last `last_n` events of one-hot mcc_code, tr_type, hour of day and signed
-    decade of the amount."""
+def _window_features(dataset, last_n: int | None, amounts_by_mcc: bool = False) -> np.ndarray:
+    """Per customer, the mean over its last `last_n` events (all when None) of one-hot mcc_code, tr_type, hour of day
+    and signed decade of the amount; with `amounts_by_mcc`, also the mean of one-hot mcc_code times log(1 + |amount|)
+    (so a linear model can weigh each code's amounts) and the log of the window's length."""
     offsets, events = _flat_events(dataset)
     seconds_of_day = np.rint((events["event_time"] - np.floor(events["event_time"])) * SECONDS_PER_DAY)
     amount = events["amount"]
@@ -593,6 +517,10 @@ def _window_mean_one_hot(dataset, last_n: int) -> np.ndarray:
         (seconds_of_day // 3600).astype(np.int64),
         (np.sign(amount) * (1 + np.floor(np.log10(np.abs(amount) + 1e-3)))).astype(np.int64),
     ]
+    weights = [None] * len(fields)
+    if amounts_by_mcc:
+        fields.append(events["mcc_code"])
+        weights.append(np.log1p(np.abs(amount)))
     starts, ends = _last_n_window(offsets, last_n)
     lengths = ends - starts
     in_window = np.repeat(starts, lengths) + (
@@ -600,26 +528,30 @@ def _window_mean_one_hot(dataset, last_n: int) -> np.ndarray:
     )
     customer_row = np.repeat(np.arange(len(lengths)), lengths)
     blocks = []
-    for values in fields:
+    for values, weight in zip(fields, weights, strict=True):
         codes, column = np.unique(values[in_window], return_inverse=True)
         counts = np.zeros((len(lengths), len(codes)))
-        np.add.at(counts, (customer_row, column), 1.0)
+        np.add.at(counts, (customer_row, column), 1.0 if weight is None else weight[in_window])
         blocks.append(counts / lengths[:, None])
+    if amounts_by_mcc:
+        blocks.append(np.log(lengths)[:, None])
     return np.hstack(blocks)
 
 
-def mean_feature_baseline_auroc(
-    data_dir: str | os.PathLike, train_ids, test_ids, last_n: int = 256, seed: int = 0
-) -> float:
-    """Test AUROC of a logistic regression on window-mean one-hot event features (`_window_mean_one_hot`): how close
-    a learner that only sees means over the last `last_n` events gets to the oracle on the same window."""
+def _baseline_data(
+    data_dir: str | os.PathLike, train_ids, test_ids, last_n: int | None, amounts_by_mcc: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Window features, true labels and a training mask of the train and test customers."""
     train_ids, test_ids = np.asarray(train_ids, dtype=np.int64), np.asarray(test_ids, dtype=np.int64)
     oracle = SyntheticOracle.load(data_dir)
     customers = build_customer_dataset(Path(data_dir) / TRANSACTIONS_FILE, customer_ids=np.r_[train_ids, test_ids])
-    features = _window_mean_one_hot(customers, last_n)
     customer_ids = np.asarray(customers["customer_id"], dtype=np.int64)
-    is_train = np.isin(customer_ids, train_ids)
-    labels = oracle.true_labels(customer_ids)
+    features = _window_features(customers, last_n, amounts_by_mcc)
+    return features, oracle.true_labels(customer_ids), np.isin(customer_ids, train_ids)
+
+
+def _logistic_regression_auroc(features: np.ndarray, labels: np.ndarray, is_train: np.ndarray, seed: int) -> float:
+    """Test AUROC of a logistic regression on standardised features, C by 5-fold CV on the training rows."""
     model = make_pipeline(
         StandardScaler(),
         LogisticRegressionCV(
@@ -633,3 +565,27 @@ def mean_feature_baseline_auroc(
     )
     model.fit(features[is_train], labels[is_train])
     return float(roc_auc_score(labels[~is_train], model.decision_function(features[~is_train])))
+
+
+def mean_feature_baseline_auroc(
+    data_dir: str | os.PathLike, train_ids, test_ids, last_n: int = 256, seed: int = 0
+) -> float:
+    """Test AUROC of a logistic regression on window-mean one-hot event features (`_window_features`): how close
+    a learner that only sees means over the last `last_n` events gets to the oracle on the same window."""
+    features, labels, is_train = _baseline_data(data_dir, train_ids, test_ids, last_n, amounts_by_mcc=False)
+    return _logistic_regression_auroc(features, labels, is_train, seed)
+
+
+def aggregate_baseline_auroc(
+    data_dir: str | os.PathLike, train_ids, test_ids, last_n: int | None = None, seed: int = 0
+) -> dict[str, float]:
+    """Test AUROCs of a logistic regression and of gradient-boosted trees on order-free aggregates of the last
+    `last_n` events (all when None): code, type, hour and amount-decade shares, each code's log(1 + |amount|) summed
+    over the window and divided by its length, and the log length. What a model blind to the order of events gets."""
+    features, labels, is_train = _baseline_data(data_dir, train_ids, test_ids, last_n, amounts_by_mcc=True)
+    trees = HistGradientBoostingClassifier(learning_rate=0.05, max_iter=500, early_stopping=True, random_state=seed)
+    trees.fit(features[is_train], labels[is_train])
+    return {
+        "logistic_regression": _logistic_regression_auroc(features, labels, is_train, seed),
+        "gradient_boosting": float(roc_auc_score(labels[~is_train], trees.decision_function(features[~is_train]))),
+    }
