@@ -53,6 +53,9 @@ class TxFormerConfig(PreTrainedConfig):
             attention sees which event comes before which, at any length and for every kind; `"none"`: attention
             sees a set of events (only their times tell the order).
         rope_theta (`float`): base of the rotary frequencies.
+        event_pair_buckets (`int`): an embedding of each pair (previous code, code) of the first categorical field,
+            hashed into this many rows (exact while the field's vocabulary size squared fits), added to the event; so
+            a pair's own evidence is one lookup, as a bigram count is for a linear model. Starts at zero; 0 = off.
         event_context_size (`int`): each event's embedding is mixed with those of the `event_context_size` events
             before it (a causal convolution), so "code a followed by code b" is visible to every layer; 0 = off.
         attention_type (`str`): `"full"` (exact attention, `attn_implementation` picks SDPA or eager),
@@ -129,6 +132,7 @@ class TxFormerConfig(PreTrainedConfig):
     position_embedding_type: str = "rotary"
     rope_theta: float = 10000.0
     event_context_size: int = 2
+    event_pair_buckets: int = 8192
     attention_type: str = "full"
 
     performer_num_random_features: int = 128
@@ -218,8 +222,8 @@ class TxFormerConfig(PreTrainedConfig):
         head_dim = self.hidden_size // self.num_attention_heads
         if self.position_embedding_type == "rotary" and head_dim % 2 != 0:
             raise ValueError(f"Rotary positions need an even head dimension, got {head_dim}.")
-        if self.event_context_size < 0 or self.rope_theta <= 0:
-            raise ValueError("event_context_size must be >= 0 and rope_theta positive.")
+        if self.event_context_size < 0 or self.event_pair_buckets < 0 or self.rope_theta <= 0:
+            raise ValueError("event_context_size and event_pair_buckets must be >= 0, rope_theta positive.")
         if len(self.categorical_vocab_sizes) != len(self.categorical_fields):
             raise ValueError(
                 f"categorical_vocab_sizes has {len(self.categorical_vocab_sizes)} entries for "

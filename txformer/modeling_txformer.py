@@ -44,6 +44,7 @@ class TxFormerState(ModelOutput):
         num_events: events read so far, `[batch]`.
         last_hidden_state: final hidden state of the last event read so far, `[batch, hidden]`.
         last_event_time: time (days) of the last event read so far, `[batch]`.
+        last_event_code: first categorical field of the last event read so far, `[batch]`.
         event_context: embeddings of the last `event_context_size` events read so far, `[batch, size, hidden]`.
     """
 
@@ -52,6 +53,7 @@ class TxFormerState(ModelOutput):
     num_events: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     last_event_time: torch.Tensor | None = None
+    last_event_code: torch.Tensor | None = None
     event_context: torch.Tensor | None = None
 
 
@@ -213,6 +215,10 @@ class TxFormerEventEmbeddings(nn.Module):
         )
         self.numeric_encoder = TxFormerNumericEncoder(config)
         self.time_encoder = TxFormerTimeEncoder(config)
+        self.first_vocab_size = config.categorical_vocab_sizes[0]
+        self.pair_embedding = (
+            nn.Embedding(config.event_pair_buckets, config.hidden_size) if config.event_pair_buckets > 0 else None
+        )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -222,10 +228,19 @@ class TxFormerEventEmbeddings(nn.Module):
         numeric_values: torch.Tensor,
         event_time: torch.Tensor,
         previous_event_time: torch.Tensor | None = None,
+        previous_code: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`previous_event_time`, `previous_code` `[batch]`: time and first categorical field of the event before the
+        first one here (None: the history starts here)."""
         embeddings = self.numeric_encoder(numeric_values) + self.time_encoder(event_time, previous_event_time)
         for field_index, embedding in enumerate(self.categorical_embeddings):
             embeddings = embeddings + embedding(input_ids[..., field_index])
+        if self.pair_embedding is not None:
+            codes = input_ids[..., 0]
+            first = codes.new_zeros(codes.shape[0]) if previous_code is None else previous_code.to(codes.dtype)
+            previous = torch.cat([first[:, None], codes[:, :-1]], dim=1)
+            pairs = (previous * self.first_vocab_size + codes) % self.pair_embedding.num_embeddings
+            embeddings = embeddings + self.pair_embedding(pairs)
         return self.dropout(self.norm(embeddings))
 
 
@@ -311,6 +326,8 @@ class TxFormerPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, (TxFormerNumericEncoder, TxFormerTimeEncoder, TxFormerRotaryEmbedding)):
             module.reset_frequencies()
+        elif isinstance(module, TxFormerEventEmbeddings) and module.pair_embedding is not None:
+            init.zeros_(module.pair_embedding.weight)
         elif isinstance(module, TxFormerPooler) and module.sum_weight is not None:
             init.zeros_(module.sum_weight)
         elif isinstance(module, TxFormerPerformerAttention):
@@ -471,7 +488,13 @@ class TxFormerModel(TxFormerPreTrainedModel):
         `last_event_time`, `event_context` and `layer_states`; empty for a history read in one call). Returns the
         hidden states, the per-layer outputs asked for, the state after this segment (`layer_states`,
         `event_context`) and the attention's auxiliary loss."""
-        hidden_states = self.embeddings(input_ids, numeric_values, event_time, state.last_event_time)
+        hidden_states = self.embeddings(
+            input_ids, numeric_values, event_time, state.last_event_time, state.last_event_code
+        )
+        # Rows without a real event here keep the code of the event they read last.
+        codes = input_ids[..., 0]
+        last_event_code = codes[:, -1] if state.last_event_code is None else state.last_event_code
+        last_event_code = torch.where(key_padding_mask.any(dim=1), codes[:, -1], last_event_code)
         event_context = None
         if self.event_context is not None:
             hidden_states, event_context = self.event_context(hidden_states, key_padding_mask, state.event_context)
@@ -501,7 +524,9 @@ class TxFormerModel(TxFormerPreTrainedModel):
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
-            past_state=TxFormerState(layer_states=tuple(new_states), event_context=event_context),
+            past_state=TxFormerState(
+                layer_states=tuple(new_states), event_context=event_context, last_event_code=last_event_code
+            ),
             aux_loss=torch.stack(aux_losses).sum() if aux_losses else None,
         )
 
@@ -546,7 +571,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
         last_hidden = state.last_hidden_state
         if last_hidden is None:
             last_hidden = event_time.new_zeros(batch_size, hidden_size)
-        layer_states, event_context = state.layer_states, state.event_context
+        layer_states, event_context, last_event_code = state.layer_states, state.event_context, state.last_event_code
 
         segment_outputs, segment_hidden_states, segment_attentions, aux_loss = [], [], [], None
         for segment_index in range(num_segments):
@@ -565,13 +590,17 @@ class TxFormerModel(TxFormerPreTrainedModel):
                     segment_time,
                     segment_mask,
                     TxFormerState(
-                        layer_states=layer_states, event_context=event_context, last_event_time=previous_event_time
+                        layer_states=layer_states,
+                        event_context=event_context,
+                        last_event_time=previous_event_time,
+                        last_event_code=last_event_code,
                     ),
                     output_attentions,
                     output_hidden_states,
                 )
             hidden_states, aux_loss = encoded.last_hidden_state, encoded.aux_loss
             layer_states, event_context = encoded.past_state.layer_states, encoded.past_state.event_context
+            last_event_code = encoded.past_state.last_event_code
             if self.config.ltm_detach_memory:
                 layer_states = tuple(layer_state.detach() for layer_state in layer_states)
                 event_context = None if event_context is None else event_context.detach()
@@ -614,6 +643,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
                 num_events=events_read,
                 last_hidden_state=last_hidden,
                 last_event_time=previous_event_time,
+                last_event_code=last_event_code,
                 event_context=event_context,
             ),
             aux_loss=aux_loss,

@@ -37,6 +37,7 @@ from .data import (
     VOCABULARY_FILE,
     EventVocabulary,
     RandomWindow,
+    RandomWindowEpochCallback,
     TokenBudgetBatchSampler,
     TransactionCollator,
     build_customer_dataset,
@@ -569,9 +570,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         )
     train_dataset = data["train"]
     if data_args.train_window_min_share > 0:
-        train_dataset = train_dataset.with_transform(
-            RandomWindow(max_length=data_args.max_length, min_share=data_args.train_window_min_share)
+        window = RandomWindow(
+            max_length=data_args.max_length,
+            min_share=data_args.train_window_min_share,
+            seed=training_args.seed if training_args.data_seed is None else training_args.data_seed,
         )
+        train_dataset = train_dataset.with_transform(window)
+        callbacks.append(RandomWindowEpochCallback(window))
     trainer = TxFormerTrainer(
         model=model,
         args=training_args,

@@ -1,7 +1,7 @@
 """Data pipeline: real-format transaction files to per-customer datasets, the event vocabulary, the batch collator,
 the stratified split, token-budget batches and synthetic data with a known Bayes-optimal posterior."""
 
-from .augmentation import RandomWindow
+from .augmentation import RandomWindow, RandomWindowEpochCallback
 from .collator import TransactionCollator
 from .reader import (
     TransactionDataError,
@@ -34,6 +34,7 @@ __all__ = [
     "VOCABULARY_FILE",
     "EventVocabulary",
     "RandomWindow",
+    "RandomWindowEpochCallback",
     "FieldVocabulary",
     "OrderSyntheticConfig",
     "SyntheticConfig",
