@@ -8,6 +8,7 @@ processor.
 import bz2
 import csv
 import ctypes
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -432,46 +433,42 @@ def _probabilities(logits: torch.Tensor) -> list[float]:
 
 
 def split_state(state: TxFormerState) -> list[dict[str, torch.Tensor]]:
-    """A batched ∞-former state as one dict of named CPU tensors per row (the keys `stack_state` reads)."""
+    """A batched ∞-former state as one dict of named CPU tensors per row: every per-row tensor of the state
+    (`state.<field>`) and of each layer's memory (`layer.<index>.<field>`); `stack_state` reverses it."""
+    tensors = {}
+    for state_field in dataclasses.fields(state):
+        value = getattr(state, state_field.name)
+        if state_field.name == "layer_states":
+            for index, layer in enumerate(value):
+                for layer_field in dataclasses.fields(layer):
+                    tensors[f"layer.{index}.{layer_field.name}"] = getattr(layer, layer_field.name)
+        else:
+            tensors[f"state.{state_field.name}"] = value
+    # Per-row tensors only: a layer's regularisation loss is one number for the batch.
+    batch_size = state.num_events.shape[0]
     tensors = {
-        "pooled_sum": state.pooled_sum,
-        "model_num_events": state.num_events,
-        "last_hidden_state": state.last_hidden_state,
-        "model_last_event_time": state.last_event_time,
+        name: tensor.detach().cpu()
+        for name, tensor in tensors.items()
+        if isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and tensor.shape[0] == batch_size
     }
-    if state.event_context is not None:
-        tensors["event_context"] = state.event_context
-    for index, layer in enumerate(state.layer_states):
-        tensors[f"layer.{index}.coefficients"] = layer.coefficients
-        tensors[f"layer.{index}.has_memory"] = layer.has_memory
-        if layer.attention_mass is not None:
-            tensors[f"layer.{index}.attention_mass"] = layer.attention_mass
-    tensors = {name: tensor.detach().cpu() for name, tensor in tensors.items()}
-    batch_size = state.pooled_sum.shape[0]
     return [{name: tensor[row].clone() for name, tensor in tensors.items()} for row in range(batch_size)]
 
 
 def stack_state(rows: Sequence[Mapping[str, torch.Tensor]], device: torch.device) -> TxFormerState:
     """The batched ∞-former state of rows split by `split_state`."""
-
-    def stacked(name: str) -> torch.Tensor | None:
-        return torch.stack([row[name] for row in rows]).to(device) if name in rows[0] else None
-
-    num_layers = sum(1 for name in rows[0] if name.endswith(".coefficients"))
+    stacked = {
+        name: torch.stack([row[name] for row in rows]).to(device)
+        for name in rows[0]
+        if name.startswith(("state.", "layer."))
+    }
+    layers = {}
+    for name, tensor in stacked.items():
+        if name.startswith("layer."):
+            _, index, field_name = name.split(".")
+            layers.setdefault(int(index), {})[field_name] = tensor
     return TxFormerState(
-        layer_states=tuple(
-            InfinityMemoryState(
-                coefficients=stacked(f"layer.{index}.coefficients"),
-                has_memory=stacked(f"layer.{index}.has_memory"),
-                attention_mass=stacked(f"layer.{index}.attention_mass"),
-            )
-            for index in range(num_layers)
-        ),
-        pooled_sum=stacked("pooled_sum"),
-        num_events=stacked("model_num_events"),
-        last_hidden_state=stacked("last_hidden_state"),
-        last_event_time=stacked("model_last_event_time"),
-        event_context=stacked("event_context"),
+        **{name.removeprefix("state."): tensor for name, tensor in stacked.items() if name.startswith("state.")},
+        layer_states=tuple(InfinityMemoryState(**layers[index]) for index in sorted(layers)),
     )
 
 
