@@ -42,7 +42,10 @@ def tiny_model(vocabulary: EventVocabulary, attention_type: str, seed: int = 0) 
         numeric_fields=list(vocabulary.numeric_fields),
         segment_length=SEGMENT_LENGTH,
     )
-    return TxFormerForSequenceClassification(config).eval()
+    model = TxFormerForSequenceClassification(config).eval()
+    # Zeros at initialisation: give the pair embedding values, so that a state without the last code would show.
+    torch.nn.init.normal_(model.txformer.embeddings.pair_embedding.weight, std=0.5)
+    return model
 
 
 def histories_by_customer(processor, rows) -> dict[int, list[dict]]:

@@ -191,7 +191,7 @@ def test_invalid_settings_are_refused(vocabulary):
 def test_folders_of_the_older_layout_load_and_upgrade(tmp_path, vocabulary):
     vocabulary.save_pretrained(tmp_path)
     (tmp_path / PREPROCESSING_FILE).write_text(json.dumps({"max_length": MAX_LENGTH, "label_prior": 0.4}))
-    AutoConfig.for_model("txformer").save_pretrained(tmp_path)
+    AutoConfig.for_model("txformer", architectures=["TxFormerForSequenceClassification"]).save_pretrained(tmp_path)
     processor = load_processor(str(tmp_path))
     assert processor.to_dict() == vocabulary.to_processor(max_length=MAX_LENGTH, label_prior=0.4).to_dict()
     assert not (tmp_path / "preprocessor_config.json").exists()
@@ -204,6 +204,12 @@ def test_folders_of_the_older_layout_load_and_upgrade(tmp_path, vocabulary):
         "pipeline_txformer.TransactionClassificationPipeline"
     )
     assert (tmp_path / "pipeline_txformer.py").is_file()
+    # A pretraining folder is no classifier: it gets the processor but no pipeline entry.
+    pretraining = tmp_path / "pretraining"
+    AutoConfig.for_model("txformer", architectures=["TxFormerForMaskedEventModeling"]).save_pretrained(pretraining)
+    processor.save_pretrained(pretraining)
+    upgrade_model_folder(pretraining)
+    assert "custom_pipelines" not in json.loads((pretraining / "config.json").read_text())
 
     (tmp_path / "preprocessor_config.json").unlink()
     (tmp_path / PREPROCESSING_FILE).unlink()
