@@ -138,7 +138,9 @@ def test_missing_column_amounts_beyond_float32_and_bad_containers(vocabulary):
     row = {"customer_id": 7, "tr_datetime": "3 10:00:00", "mcc_code": 5411, "tr_type": 1010, "amount": -1.0}
     with pytest.raises(ValueError, match=r"transactions\[0\]: no column 'term_id'"):
         processor([row])
-    with pytest.raises(ValueError, match=r"Customer 7: numeric value 1e\+39 is beyond ±3.40282e\+38, the float32 range"):
+    with pytest.raises(
+        ValueError, match=r"Customer 7: numeric value 1e\+39 is beyond ±3.40282e\+38, the float32 range"
+    ):
         processor([{**row, "term_id": None, "amount": 1e39}])
     with pytest.raises(ValueError, match="not a dict"):
         processor([("7", "3 10:00:00")])
