@@ -1,7 +1,7 @@
 """TxFormer: a transformer over event sequences (bank transactions) with pluggable attention."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -483,9 +483,9 @@ class TxFormerModel(TxFormerPreTrainedModel):
         """∞-former: read each history segment by segment, carrying the long-term memory.
 
         Histories are aligned to their end (the right padding is moved to the left), so the last segment of every row
-        holds its `segment_length` most recent events and earlier segments carry the rest into the memory. Each
-        segment is gathered from the inputs when it is read, and when `ltm_detach_memory` is set, earlier segments run
-        without gradient: with `return_event_states=False`, memory does not grow with the history length.
+        holds its `segment_length` most recent events and earlier segments carry the rest into the memory. The inputs
+        are gathered into that layout once. When `ltm_detach_memory` is set, earlier segments run without gradient:
+        with `return_event_states=False`, the activation memory does not grow with the history length.
         """
         segment_length = self.config.segment_length
         batch_size, length = event_time.shape
@@ -499,9 +499,6 @@ class TxFormerModel(TxFormerPreTrainedModel):
             raise ValueError(
                 f"past_state holds the memory of {state.num_events.shape[0]} rows, the batch has {batch_size}."
             )
-        # Padding slots (all at the left) take the time of the event read last, or of the row's first event, so no
-        # gap is invented between padding and the first real event.
-        previous_event_time = event_time[:, 0] if state.last_event_time is None else state.last_event_time
         hidden_size = self.config.hidden_size
         pooled_sum = (
             state.pooled_sum if state.pooled_sum is not None else event_time.new_zeros(batch_size, hidden_size)
@@ -512,30 +509,46 @@ class TxFormerModel(TxFormerPreTrainedModel):
             last_hidden = event_time.new_zeros(batch_size, hidden_size)
         layer_states, event_context = state.layer_states, state.event_context
 
+        # The end-aligned layout, gathered once (the size of the inputs); each segment is a slice of it.
+        slots = torch.arange(num_segments * segment_length, device=event_time.device)
+        aligned_mask = slots[None, :] >= shift[:, None]
+        index = (slots[None, :] - shift[:, None]).clamp(min=0, max=length - 1)
+        aligned_ids = gather_events(input_ids, index, aligned_mask)
+        aligned_values = gather_events(numeric_values, index, aligned_mask)
+        # Padding slots (all at the left) take the time of the event read last, or of the row's first event, so no
+        # gap is invented between padding and the first real event.
+        previous_event_time = event_time[:, 0] if state.last_event_time is None else state.last_event_time
+        aligned_time = torch.where(
+            aligned_mask, gather_events(event_time, index, aligned_mask), previous_event_time[:, None]
+        )
+
         segment_outputs, segment_hidden_states, segment_attentions, aux_loss = [], [], [], None
         for segment_index in range(num_segments):
-            slots = torch.arange(segment_index * segment_length, (segment_index + 1) * segment_length)
-            slots = slots.to(event_time.device)
-            segment_mask = slots[None, :] >= shift[:, None]
-            index = (slots[None, :] - shift[:, None]).clamp(min=0, max=length - 1)
-            segment_time = torch.where(
-                segment_mask, gather_events(event_time, index, segment_mask), previous_event_time[:, None]
+            segment = slice(segment_index * segment_length, (segment_index + 1) * segment_length)
+            segment_mask, segment_time = aligned_mask[:, segment], aligned_time[:, segment]
+            # Rows whose history starts in a later segment hold only padding here and keep their state, so they are
+            # left out (except when attention weights are asked for: every row returns them).
+            started = segment_mask[:, -1]
+            rows = None if output_attentions or started.all() or not started.any() else started.nonzero().squeeze(1)
+            inputs = (aligned_ids[:, segment], aligned_values[:, segment], segment_time, segment_mask)
+            carried_states, carried_context, carried_time = select_rows(
+                (layer_states, event_context, previous_event_time), rows
             )
             keeps_graph = not self.config.ltm_detach_memory or segment_index == num_segments - 1
             with torch.set_grad_enabled(torch.is_grad_enabled() and keeps_graph):
                 encoded = self._encode(
-                    gather_events(input_ids, index, segment_mask),
-                    gather_events(numeric_values, index, segment_mask),
-                    segment_time,
-                    segment_mask,
+                    *select_rows(inputs, rows),
                     TxFormerState(
-                        layer_states=layer_states, event_context=event_context, last_event_time=previous_event_time
+                        layer_states=carried_states, event_context=carried_context, last_event_time=carried_time
                     ),
                     output_attentions,
                     output_hidden_states,
                 )
-            hidden_states, aux_loss = encoded.last_hidden_state, encoded.aux_loss
-            layer_states, event_context = encoded.past_state.layer_states, encoded.past_state.event_context
+            # The auxiliary loss of the last segment averages over every segment read (the layers carry its sums).
+            aux_loss = encoded.aux_loss
+            hidden_states = scatter_rows(None, rows, encoded.last_hidden_state, batch_size)
+            layer_states = scatter_rows(layer_states, rows, encoded.past_state.layer_states, batch_size)
+            event_context = scatter_rows(event_context, rows, encoded.past_state.event_context, batch_size)
             if self.config.ltm_detach_memory:
                 layer_states = tuple(layer_state.detach() for layer_state in layer_states)
                 event_context = None if event_context is None else event_context.detach()
@@ -544,7 +557,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
             last_hidden = torch.where(segment_mask[:, -1:], hidden_states[:, -1], last_hidden)
             if return_event_states:
                 segment_outputs.append(hidden_states)
-                segment_hidden_states.append(encoded.hidden_states)
+                segment_hidden_states.append(scatter_rows(None, rows, encoded.hidden_states, batch_size))
             segment_attentions.append(encoded.attentions)
         events_read = events_read + num_real
 
@@ -615,6 +628,39 @@ def gather_events(events: torch.Tensor, index: torch.Tensor, mask: torch.Tensor)
     batch_size, num_slots = index.shape
     gathered = events.gather(1, index.view(batch_size, num_slots, *trailing).expand(-1, -1, *events.shape[2:]))
     return gathered.masked_fill(~mask.view(batch_size, num_slots, *trailing), 0)
+
+
+def select_rows(value, rows: torch.Tensor | None):
+    """The batch rows `rows` of a tensor, or of every tensor in a tuple or dataclass of them (None: all rows)."""
+    if rows is None or value is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows)
+    if isinstance(value, tuple):
+        return tuple(select_rows(item, rows) for item in value)
+    return replace(value, **{field.name: select_rows(getattr(value, field.name), rows) for field in fields(value)})
+
+
+def scatter_rows(value, rows: torch.Tensor | None, part, batch_size: int):
+    """`value` (a structure as in `select_rows`, or None for zeros) with its batch rows `rows` replaced by `part`
+    (None: `part` holds every row)."""
+    if rows is None or part is None:
+        return part
+    if isinstance(part, torch.Tensor):
+        base = part.new_zeros(batch_size, *part.shape[1:]) if value is None else value
+        return base.index_copy(0, rows, part)
+    if isinstance(part, tuple):
+        values = (None,) * len(part) if value is None else value
+        return tuple(scatter_rows(old, rows, new, batch_size) for old, new in zip(values, part, strict=True))
+    return replace(
+        part,
+        **{
+            field.name: scatter_rows(
+                None if value is None else getattr(value, field.name), rows, getattr(part, field.name), batch_size
+            )
+            for field in fields(part)
+        },
+    )
 
 
 def masked_sum(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
