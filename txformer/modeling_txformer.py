@@ -483,9 +483,9 @@ class TxFormerModel(TxFormerPreTrainedModel):
         """∞-former: read each history segment by segment, carrying the long-term memory.
 
         Histories are aligned to their end (the right padding is moved to the left), so the last segment of every row
-        holds its `segment_length` most recent events and earlier segments carry the rest into the memory. The inputs
-        are gathered into that layout once. When `ltm_detach_memory` is set, earlier segments run without gradient:
-        with `return_event_states=False`, the activation memory does not grow with the history length.
+        holds its `segment_length` most recent events and earlier segments carry the rest into the memory. Each
+        segment is gathered from the inputs when it is read, and when `ltm_detach_memory` is set, earlier segments run
+        without gradient: with `return_event_states=False`, memory does not grow with the history length.
         """
         segment_length = self.config.segment_length
         batch_size, length = event_time.shape
@@ -499,6 +499,9 @@ class TxFormerModel(TxFormerPreTrainedModel):
             raise ValueError(
                 f"past_state holds the memory of {state.num_events.shape[0]} rows, the batch has {batch_size}."
             )
+        # Padding slots (all at the left) take the time of the event read last, or of the row's first event, so no
+        # gap is invented between padding and the first real event.
+        previous_event_time = event_time[:, 0] if state.last_event_time is None else state.last_event_time
         hidden_size = self.config.hidden_size
         pooled_sum = (
             state.pooled_sum if state.pooled_sum is not None else event_time.new_zeros(batch_size, hidden_size)
@@ -509,28 +512,25 @@ class TxFormerModel(TxFormerPreTrainedModel):
             last_hidden = event_time.new_zeros(batch_size, hidden_size)
         layer_states, event_context = state.layer_states, state.event_context
 
-        # The end-aligned layout, gathered once (the size of the inputs); each segment is a slice of it.
-        slots = torch.arange(num_segments * segment_length, device=event_time.device)
-        aligned_mask = slots[None, :] >= shift[:, None]
-        index = (slots[None, :] - shift[:, None]).clamp(min=0, max=length - 1)
-        aligned_ids = gather_events(input_ids, index, aligned_mask)
-        aligned_values = gather_events(numeric_values, index, aligned_mask)
-        # Padding slots (all at the left) take the time of the event read last, or of the row's first event, so no
-        # gap is invented between padding and the first real event.
-        previous_event_time = event_time[:, 0] if state.last_event_time is None else state.last_event_time
-        aligned_time = torch.where(
-            aligned_mask, gather_events(event_time, index, aligned_mask), previous_event_time[:, None]
-        )
-
         segment_outputs, segment_hidden_states, segment_attentions, aux_loss = [], [], [], None
         for segment_index in range(num_segments):
-            segment = slice(segment_index * segment_length, (segment_index + 1) * segment_length)
-            segment_mask, segment_time = aligned_mask[:, segment], aligned_time[:, segment]
+            slots = torch.arange(segment_index * segment_length, (segment_index + 1) * segment_length)
+            slots = slots.to(event_time.device)
+            segment_mask = slots[None, :] >= shift[:, None]
+            index = (slots[None, :] - shift[:, None]).clamp(min=0, max=length - 1)
+            segment_time = torch.where(
+                segment_mask, gather_events(event_time, index, segment_mask), previous_event_time[:, None]
+            )
             # Rows whose history starts in a later segment hold only padding here and keep their state, so they are
             # left out (except when attention weights are asked for: every row returns them).
             started = segment_mask[:, -1]
             rows = None if output_attentions or started.all() or not started.any() else started.nonzero().squeeze(1)
-            inputs = (aligned_ids[:, segment], aligned_values[:, segment], segment_time, segment_mask)
+            inputs = (
+                gather_events(input_ids, index, segment_mask),
+                gather_events(numeric_values, index, segment_mask),
+                segment_time,
+                segment_mask,
+            )
             carried_states, carried_context, carried_time = select_rows(
                 (layer_states, event_context, previous_event_time), rows
             )
