@@ -67,13 +67,14 @@ def reference_padding(num_points: int, shift: float) -> torch.Tensor:
 
 @dataclass
 class RidgeFit:
-    """Ridge regression of signal samples at fixed positions onto the basis.
+    """Ridge regression of signal samples at fixed positions onto the basis. Computed in float64; the module keeps
+    the solution in float32 and the normal equations (design, prior) in float64 for the partial fits.
 
     Args:
-        solution: `G [P, N]` (float32); the coefficients of samples `X [P, e]` are `Gᵀ X` when every sample is present.
-        design: `F [N, P]`, the basis at the sample positions (float64).
+        solution: `G [P, N]`; the coefficients of samples `X [P, e]` are `Gᵀ X` when every sample is present.
+        design: `F [N, P]`, the basis at the sample positions.
         prior: `F_pad F_padᵀ + λ I [N, N]`: the zero-target padding points and the penalty, the part of the normal
-            equations that does not depend on which samples are present (float64).
+            equations that does not depend on which samples are present.
     """
 
     solution: torch.Tensor
