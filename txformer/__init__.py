@@ -15,7 +15,7 @@ from .modeling_txformer import (
 )
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 AutoConfig.register(TxFormerConfig.model_type, TxFormerConfig)
 # save_pretrained then writes `auto_map` and copies the model files, so the folder loads with trust_remote_code.
