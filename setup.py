@@ -7,7 +7,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="txformer",
-    version="0.1.0",
+    version="0.2.0",
     description="Transformers with pluggable long-sequence attention (full, Performer, ∞-former) for event sequences",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",

@@ -16,7 +16,8 @@ from txformer.attention_infinity import (
     density_bin_mass,
     evaluate_basis,
     fit_coefficients,
-    gaussian_density,
+    kl_divergence_to_prior,
+    reference_padding,
     ridge_fit,
     sample_from_histogram,
 )
@@ -30,13 +31,23 @@ def build(config, **kwargs):
 def segment_fit(num_basis: int = 128, length: int = 256, penalty: float = 1.0):
     centers, widths = basis_centers_and_widths(num_basis, [0.01, 0.05])
     positions = (torch.arange(1, length + 1, dtype=torch.float64) - 0.5) / length
-    return positions, centers, widths, ridge_fit(positions, length // 2, 1.0 / length, centers, widths, penalty)
+    offsets = torch.arange(1, length // 2 + 1, dtype=torch.float64) / length
+    padding = torch.cat([positions.min() - offsets, positions.max() + offsets])
+    return positions, centers, widths, ridge_fit(positions, padding, centers, widths, penalty)
+
+
+def normal_density(x: torch.Tensor, mean: float, variance: float) -> torch.Tensor:
+    return torch.exp(-0.5 * (x - mean) ** 2 / variance) / math.sqrt(2 * math.pi * variance)
 
 
 def test_basis_is_centre_major_with_widths_interleaved():
     centers, widths = basis_centers_and_widths(6, [0.01, 0.05])
-    torch.testing.assert_close(centers, torch.tensor([0.0, 0.0, 0.5, 0.5, 1.0, 1.0], dtype=torch.float64))
-    torch.testing.assert_close(widths, torch.tensor([0.01, 0.05] * 3, dtype=torch.float64))
+    torch.testing.assert_close(centers, torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
+    positions = torch.tensor([0.1, 0.45, 0.8], dtype=torch.float64)
+    expected = torch.stack(
+        [normal_density(positions, center, width**2) for center in (0.0, 0.5, 1.0) for width in (0.01, 0.05)], dim=-1
+    )
+    torch.testing.assert_close(evaluate_basis(positions, centers, widths), expected, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize(("mean", "variance"), [(0.3, 1e-4), (0.5, 0.02), (0.97, 0.3), (0.0, 2.0)])
@@ -47,9 +58,7 @@ def test_closed_form_weights_match_numerical_quadrature(mean, variance):
     )
     spread = math.sqrt(variance + 0.05**2)
     grid = torch.linspace(min(mean, 0.0) - 12 * spread, max(mean, 1.0) + 12 * spread, 400_001, dtype=torch.float64)
-    integrand = gaussian_density(grid, mean, torch.tensor(variance, dtype=torch.float64))[:, None] * evaluate_basis(
-        grid, centers, widths
-    )
+    integrand = normal_density(grid, mean, variance)[:, None] * evaluate_basis(grid, centers, widths)
     quadrature = torch.trapezoid(integrand, grid, dim=0)
     assert (closed_form - quadrature).abs().max() <= 1e-8
 
@@ -253,3 +262,172 @@ def test_skipping_the_per_event_outputs_keeps_the_pooled_output():
     lean = model(**batch, output_last_hidden_state=False)
     assert lean.last_hidden_state is None and full.last_hidden_state.shape == (2, 13, config.hidden_size)
     torch.testing.assert_close(lean.pooler_output, full.pooler_output)
+
+
+def test_memory_projections_have_no_bias():
+    """As in the reference layers: a value bias would enter every context multiplied by Σ_j r_j."""
+    attention = TxFormerInfinityAttention(tiny_config("infinity"), layer_idx=0)
+    for projection in (
+        attention.ltm_k_proj,
+        attention.ltm_v_proj,
+        attention.ltm_o_proj,
+        attention.mean_proj,
+        attention.variance_proj,
+    ):
+        assert projection.bias is None
+    assert not any(
+        name.startswith(("ltm_", "mean_", "variance_")) and "bias" in name for name, _ in attention.named_parameters()
+    )
+
+
+def reference_solution(positions: torch.Tensor, num_padding: int, num_basis: int, penalty: float) -> torch.Tensor:
+    """The reference code's `compute_G` in float64: G = Fᵀ (F Fᵀ + λ I)⁻¹ over all points, the middle rows kept."""
+    centers, widths = torch.linspace(0, 1, num_basis // 2, dtype=torch.float64), (0.01, 0.05)
+    design = torch.stack(
+        [normal_density(positions, center.item(), width**2) for center in centers for width in widths]
+    )
+    solution = design.T @ torch.linalg.inv(design @ design.T + penalty * torch.eye(num_basis, dtype=torch.float64))
+    return solution[num_padding:-num_padding]
+
+
+@pytest.mark.parametrize(("num_samples", "length"), [(6, 4), (5, 4), (8, 6)])
+def test_ridge_fits_use_the_reference_padding_layout(num_samples, length):
+    """Both fits equal the reference formulas, padding points included: for the first segment L // 2 points each
+    side at spacing 1/L; for the memory update the points of linspace(-0.5 + h, 1.5 - h, 2 (M + L)) outside [0, 1]
+    with h = 1 / (2 L + M), as written in the reference code."""
+    config = tiny_config("infinity", segment_length=length, ltm_num_samples=num_samples, ltm_contraction=0.75)
+    buffers = TxFormerInfinityAttention(config, layer_idx=0).compute_buffers()
+    num_basis, penalty, contraction = config.ltm_num_basis, config.ltm_ridge_penalty, config.ltm_contraction
+
+    if length % 2:
+        grid = torch.linspace(-0.5 + 1 / length, 1.5 - 1 / length, 2 * length - 1, dtype=torch.float64)
+    else:
+        grid = torch.linspace(-0.5 + 1 / (2 * length), 1.5 - 1 / (2 * length), 2 * length, dtype=torch.float64)
+    expected = reference_solution(grid, length // 2, num_basis, penalty)
+    torch.testing.assert_close(buffers["segment_solution"], expected, rtol=1e-9, atol=1e-12)
+
+    old = torch.arange(1, num_samples + 1, dtype=torch.float64) * contraction / num_samples
+    new = contraction + (1 - contraction) * torch.arange(1, length + 1, dtype=torch.float64) / length
+    shift = 1 / (2 * length + num_samples)
+    grid = torch.linspace(-0.5 + shift, 1.5 - shift, 2 * (length + num_samples), dtype=torch.float64)
+    positions = torch.cat([grid[grid < 0], old, new, grid[grid > 1]])
+    total = num_samples + length
+    expected = reference_solution(positions, (total - total % 2) // 2, num_basis, penalty)
+    torch.testing.assert_close(buffers["memory_solution"], expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        reference_padding(2 * total, shift), torch.cat([grid[grid < 0], grid[grid > 1]]), rtol=0, atol=0
+    )
+
+
+def test_kl_regulariser_averages_over_every_segment():
+    """The auxiliary loss is the KL term averaged over the real (head, event) pairs of all segments, each layer's
+    average summed over layers: not the last segment's alone."""
+    config = tiny_config("infinity", ltm_kl_weight=0.1)
+    model = build(config)
+    recorded = {index: [] for index in range(config.num_hidden_layers)}
+    for index, layer in enumerate(model.txformer.layers):
+        attention = layer.self_attn
+        # Spread the densities (at initialisation every variance is about softplus(0)).
+        torch.nn.init.normal_(attention.variance_proj.weight, std=3.0)
+        torch.nn.init.normal_(attention.ltm_k_proj.weight, std=1.0)
+
+        def read_memory(query, state, attention=attention, index=index):
+            context, mean, variance = type(attention).read_memory(attention, query, state)
+            recorded[index].append(variance)
+            return context, mean, variance
+
+        def record_mask(module, args, kwargs, index=index):
+            recorded[index].append(kwargs["key_padding_mask"])
+
+        attention.read_memory = read_memory
+        attention.register_forward_pre_hook(record_mask, with_kwargs=True)
+    batch = random_batch(config, [11, 6])
+    aux_loss = model.txformer(**batch).aux_loss
+    expected, last_only = 0.0, 0.0
+    for entries in recorded.values():
+        masks, variances = entries[0::2], entries[1::2]
+        assert len(variances) == 3
+        terms = [
+            kl_divergence_to_prior(variance)[mask[:, None, :].expand_as(variance)]
+            for mask, variance in zip(masks, variances, strict=True)
+        ]
+        expected = expected + torch.cat(terms).mean()
+        last_only = last_only + terms[-1].mean()
+    torch.testing.assert_close(aux_loss, expected)
+    assert not torch.allclose(aux_loss, last_only)
+
+
+def test_partial_rows_are_solved_in_float64():
+    """A row with missing samples is solved from the float64 normal equations the precomputed solution comes from
+    (float64 buffers, kept under casts), not from float32-rounded ones: it matches the float64 solve to float32
+    rounding of the result."""
+    config = tiny_config("infinity", segment_length=128, ltm_num_basis=128, ltm_num_samples=8)
+    attention = TxFormerInfinityAttention(config, layer_idx=0).to(torch.bfloat16)
+    assert attention.segment_design.dtype == attention.memory_prior.dtype == torch.float64
+    exact = attention.compute_buffers()
+    samples = torch.randn(2, 128, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 128, dtype=torch.bool)
+    mask[1, :40] = False
+    coefficients = fit_coefficients(samples, mask, attention.fit("segment")).double()
+    present = exact["segment_design"][:, 40:]
+    expected = torch.linalg.solve(exact["segment_prior"] + present @ present.T, present @ samples[1, 40:].double())
+    # Float32-rounded normal equations would be about ten times off this tolerance.
+    torch.testing.assert_close(coefficients[1], expected, rtol=1e-6, atol=1e-7)
+    full = exact["segment_solution"].T @ samples[0].double()
+    torch.testing.assert_close(coefficients[0], full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sticky_memories", [False, True])
+def test_memory_update_equals_the_fit_of_old_samples_and_new_segment(sticky_memories):
+    """The update `G_oldᵀ Ψ B_past + G_newᵀ X_new` equals the ridge fit of `[X_past; X_new]` (full and partial
+    segments alike)."""
+    config = tiny_config("infinity", ltm_sticky_memories=sticky_memories, ltm_sticky_bins=6)
+    attention = TxFormerInfinityAttention(config, layer_idx=0).eval()
+    generator = torch.Generator().manual_seed(0)
+    state = attention.empty_state(torch.zeros(3, 4, config.hidden_size))
+    state.coefficients = torch.randn(state.coefficients.shape, generator=generator)
+    state.has_memory = torch.ones(3, dtype=torch.bool)
+    if sticky_memories:
+        state.attention_mass = torch.rand(3, 6, generator=generator)
+    memory_input = torch.randn(3, 4, config.hidden_size, generator=generator)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[2, :2] = False
+    updated = attention.continue_memory(state, memory_input, mask)
+    samples = torch.cat([attention.sample_old_signal(state), memory_input], dim=1)
+    sample_mask = torch.cat([torch.ones(3, config.ltm_num_samples, dtype=torch.bool), mask], dim=1)
+    torch.testing.assert_close(updated, fit_coefficients(samples, sample_mask, attention.fit("memory")))
+
+
+def test_density_parameters_read_the_scores_over_the_basis():
+    """μ = sigmoid(w_μᵀ s) and σ² = softplus(w_σᵀ s) with the scores s = K q / √d over the N basis functions, as in
+    the reference, although the scores are never formed."""
+    config = tiny_config("infinity")
+    attention = TxFormerInfinityAttention(config, layer_idx=0)
+    generator = torch.Generator().manual_seed(0)
+    for parameter in attention.parameters():
+        parameter.data = torch.randn(parameter.shape, generator=generator) * 0.3
+    state = attention.empty_state(torch.zeros(2, 4, config.hidden_size))
+    state.coefficients = torch.randn(state.coefficients.shape, generator=generator)
+    query = torch.randn(2, config.num_attention_heads, 4, 8, generator=generator)
+    _, mean, variance = attention.read_memory(query, state)
+    keys = attention.split_heads(attention.ltm_k_proj(state.coefficients))
+    scores = query @ keys.transpose(2, 3) / math.sqrt(8)
+    torch.testing.assert_close(mean, torch.sigmoid(attention.mean_proj(scores)).squeeze(-1))
+    expected_variance = torch.nn.functional.softplus(attention.variance_proj(scores)).squeeze(-1).clamp(min=1e-4)
+    torch.testing.assert_close(variance, expected_variance)
+
+
+def test_rows_starting_later_are_left_out_of_early_segments_exactly():
+    """Rows whose history starts in a later segment are skipped there; with attention weights asked for, every row
+    runs every segment: both give the same outputs and state."""
+    config = tiny_config("infinity", ltm_kl_weight=0.1)
+    model = build(config)
+    batch = random_batch(config, [14, 3, 7, 0])
+    skipped = model.txformer(**batch)
+    every_row = model.txformer(**batch, output_attentions=True)
+    torch.testing.assert_close(skipped.last_hidden_state, every_row.last_hidden_state)
+    torch.testing.assert_close(skipped.pooler_output, every_row.pooler_output)
+    torch.testing.assert_close(skipped.aux_loss, every_row.aux_loss)
+    for first, second in zip(skipped.past_state.layer_states, every_row.past_state.layer_states, strict=True):
+        torch.testing.assert_close(first.coefficients, second.coefficients)
+        torch.testing.assert_close(first.has_memory, second.has_memory)

@@ -33,6 +33,7 @@ from txformer.benchmark.suite import (
     add_ratios,
     run_benchmark,
 )
+from txformer.benchmark.throughput import ThroughputConfig, format_throughput, run_throughput
 
 
 TINY_MODEL = (
@@ -257,3 +258,25 @@ def test_report_aggregates_seeds_and_states_the_goals_per_family(tmp_path):
     for name in ("order_auroc_vs_context", "order_learning_curves", "independent_auroc_vs_context"):
         assert (tmp_path / "figures" / f"results_{name}.png").exists()
     assert "(figures/results_order_learning_curves.png)" in report
+
+
+def test_throughput_measures_every_point_side_by_side():
+    config = ThroughputConfig(
+        points=["full_sdpa:4x8", "infinity:2x16"], rounds=2, repeats=1, ragged=True, config_overrides=TINY_MODEL
+    )
+    rows, loads = run_throughput(config, log=lambda line: None)
+    assert [(row.level, row.point) for row in rows] == [
+        (level, point) for level in config.levels for point in config.points
+    ]
+    # Ragged histories: 1..8 and 2..16 events, only the real ones counted.
+    assert [row.events_per_step for row in rows[:2]] == [int(torch.linspace(1, 8, 4).round().sum()), 18]
+    assert all(row.min_events_per_s <= row.events_per_s <= row.max_events_per_s for row in rows)
+    assert rows[0].vs_first == 1.0
+    table = format_throughput(rows, config, loads)
+    assert "| training step | infinity:2x16 | 18 |" in table
+
+
+@pytest.mark.parametrize("point", ["infinity", "infinity:8", "infinity:8xlong", "nope:8x16"])
+def test_throughput_rejects_malformed_points(point):
+    with pytest.raises(ValueError, match="METHOD:HISTORIESxLENGTH|Unknown method"):
+        ThroughputConfig(points=[point])

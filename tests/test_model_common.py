@@ -255,6 +255,13 @@ def test_bfloat16_loading_keeps_the_float32_buffers_and_the_time_of_day(tmp_path
         float_buffers = {
             name: buffer.dtype for name, buffer in bfloat16_model.named_buffers() if buffer.is_floating_point()
         }
+        # The ∞-former's partial-fit normal equations stay float64; every other constant float32.
+        float64_buffers = {
+            f"{prefix}.{name}"
+            for prefix, module in bfloat16_model.named_modules()
+            for name in getattr(module, "float64_buffers", ())
+        }
+        assert {float_buffers.pop(name) for name in float64_buffers} <= {torch.float64}
         assert set(float_buffers.values()) == {torch.float32}, float_buffers
         time_features = bfloat16_model.txformer.embeddings.time_encoder(times).float()
         torch.testing.assert_close(time_features, expected_time_features, rtol=0, atol=1e-2)

@@ -18,7 +18,7 @@ from .pipeline_txformer import PIPELINE_TASK, OnlineScorer, OnlineStates, Transa
 from .processing_txformer import TxFormerProcessor
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 AutoConfig.register(TxFormerConfig.model_type, TxFormerConfig)
 # save_pretrained then writes `auto_map` and copies the model files, so the folder loads with trust_remote_code.

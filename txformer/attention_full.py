@@ -48,19 +48,23 @@ def apply_rotary_pos_emb(
 
 
 class Float32BuffersMixin(nn.Module):
-    """Keeps the buffers named in `float32_buffers` in float32 when the module is cast (`model.to(torch.bfloat16)`,
-    `.half()`): they hold constants (frequencies, bases, random projections) that a 16-bit rounding would distort.
-    Create them with `dtype=torch.float32`: `from_pretrained(..., dtype=...)` builds the model under that default."""
+    """Keeps the buffers named in `float32_buffers` in float32 (and those in `float64_buffers` in float64) when the
+    module is cast (`model.to(torch.bfloat16)`, `.half()`): they hold constants (frequencies, bases, random
+    projections, ill-conditioned systems) that a 16-bit rounding would distort. Create them with their dtype given:
+    `from_pretrained(..., dtype=...)` builds the model under that default."""
 
     float32_buffers: tuple[str, ...] = ()
+    float64_buffers: tuple[str, ...] = ()
 
     def _apply(self, fn, recurse: bool = True):
-        originals = {name: self._buffers[name] for name in self.float32_buffers}
+        pinned = {name: torch.float32 for name in self.float32_buffers}
+        pinned.update({name: torch.float64 for name in self.float64_buffers})
+        originals = {name: self._buffers[name] for name in pinned}
         module = super()._apply(fn, recurse)
-        for name, original in originals.items():
+        for name, dtype in pinned.items():
             moved = self._buffers[name]
-            if moved.dtype != torch.float32:
-                self._buffers[name] = original.to(device=moved.device, dtype=torch.float32)
+            if moved.dtype != dtype:
+                self._buffers[name] = originals[name].to(device=moved.device, dtype=dtype)
         return module
 
 

@@ -9,6 +9,7 @@ Functional core first (basis, ridge fits, closed-form weights, resampling), then
 explicit, per-row state ([`InfinityMemoryState`]), passed in and returned, never stored on the module.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -24,29 +25,50 @@ MIN_DENSITY_VARIANCE = 1e-4
 KL_PRIOR_STD = 0.05
 
 
-def gaussian_density(x: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
-    """Normal density N(x; mean, variance), broadcasting over all arguments."""
-    return torch.exp(-0.5 * (x - mean) ** 2 / variance) / torch.sqrt(2 * math.pi * variance)
-
-
 def basis_centers_and_widths(
     num_basis: int, widths: list[float], dtype: torch.dtype = torch.float64
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centres and widths of the N basis functions: `N / len(widths)` centres evenly spaced on [0, 1], every centre
-    paired with every width (centre-major, widths interleaved)."""
+    """The grid of the N basis functions: `N / len(widths)` centres evenly spaced on [0, 1] and the widths. Basis
+    function `k * len(widths) + w` is centre k with width w (centre-major, widths interleaved)."""
     num_centers = num_basis // len(widths)
-    centers = torch.linspace(0.0, 1.0, num_centers, dtype=dtype, device="cpu").repeat_interleave(len(widths))
-    return centers, torch.tensor(widths, dtype=dtype, device="cpu").repeat(num_centers)
+    centers = torch.linspace(0.0, 1.0, num_centers, dtype=dtype, device="cpu")
+    return centers, torch.tensor(widths, dtype=dtype, device="cpu")
+
+
+def continuous_attention_weights(
+    mean: torch.Tensor, variance: torch.Tensor, centers: torch.Tensor, widths: torch.Tensor
+) -> torch.Tensor:
+    """r_j = E_{t ~ N(mean, variance)}[ψ_j(t)] = N(mean; c_j, variance + s_j²) in closed form, for the basis on the
+    grid `centers [C]` × `widths [S]`: `[...]` -> `[..., C * S]` (centre-major).
+
+    The variance terms are computed once per width and the distances once per centre, so that only one fused
+    multiply-add and the exponential run over all N basis functions.
+    """
+    precision = 1.0 / (variance[..., None] + widths**2)
+    log_normalizer = 0.5 * torch.log(precision / (2 * math.pi))
+    distance = mean[..., None] - centers
+    exponent = torch.addcmul(
+        log_normalizer[..., None, :], (distance * distance)[..., :, None], precision[..., None, :], value=-0.5
+    )
+    return exponent.exp_().flatten(-2)
 
 
 def evaluate_basis(positions: torch.Tensor, centers: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-    """ψ_j(t) for every position: `positions [..., P]` -> `[..., P, N]`."""
-    return gaussian_density(positions[..., None], centers, widths**2)
+    """ψ_j(t) for every position (the weights of a point mass at t): `positions [..., P]` -> `[..., P, N]`."""
+    return continuous_attention_weights(positions, torch.zeros_like(positions), centers, widths)
+
+
+def reference_padding(num_points: int, shift: float) -> torch.Tensor:
+    """Zero-target padding points as the reference code lays them out: `num_points` evenly spaced on
+    [-0.5 + shift, 1.5 - shift], those outside [0, 1] (float64)."""
+    grid = torch.linspace(-0.5 + shift, 1.5 - shift, num_points, dtype=torch.float64, device="cpu")
+    return grid[(grid < 0) | (grid > 1)]
 
 
 @dataclass
 class RidgeFit:
-    """Ridge regression of signal samples at fixed positions onto the basis (float64).
+    """Ridge regression of signal samples at fixed positions onto the basis. Computed in float64; the module keeps
+    the solution in float32 and the normal equations (design, prior) in float64 for the partial fits.
 
     Args:
         solution: `G [P, N]`; the coefficients of samples `X [P, e]` are `Gᵀ X` when every sample is present.
@@ -62,24 +84,17 @@ class RidgeFit:
 
 def ridge_fit(
     positions: torch.Tensor,
-    num_padding: int,
-    padding_spacing: float,
+    padding: torch.Tensor,
     centers: torch.Tensor,
     widths: torch.Tensor,
     ridge_penalty: float,
 ) -> RidgeFit:
-    """Precompute the ridge regression for samples at `positions` (float64, Cholesky).
-
-    `num_padding` zero-target points are added on each side of the positions, `padding_spacing` apart, so the fit
-    does not bend at the edges of [0, 1].
-    """
-    positions = positions.double()
-    offsets = padding_spacing * torch.arange(1, num_padding + 1, dtype=torch.float64, device="cpu")
-    padding = torch.cat([positions.min() - offsets, positions.max() + offsets])
-    design = evaluate_basis(positions, centers, widths).T
-    padding_design = evaluate_basis(padding, centers, widths).T
+    """Precompute the ridge regression for samples at `positions`, with zero targets at the `padding` positions so
+    the fit does not bend at the edges of [0, 1] (float64, Cholesky)."""
+    design = evaluate_basis(positions.double(), centers, widths).T
+    padding_design = evaluate_basis(padding.double(), centers, widths).T
     prior = padding_design @ padding_design.T + ridge_penalty * torch.eye(
-        len(centers), dtype=torch.float64, device="cpu"
+        design.shape[0], dtype=torch.float64, device="cpu"
     )
     normal_matrix = torch.linalg.cholesky(prior + design @ design.T)
     solution = torch.cholesky_solve(design, normal_matrix).T
@@ -90,28 +105,20 @@ def fit_coefficients(samples: torch.Tensor, sample_mask: torch.Tensor, fit: Ridg
     """Basis coefficients `[batch, N, e]` of `samples [batch, P, e]` where `sample_mask [batch, P]` is True.
 
     Rows with every sample present use the precomputed solution. Rows with some samples missing (padding) are solved
-    on their own in float64, leaving the missing positions out of the fit instead of fitting zeros there. Rows with
-    no sample get zero coefficients.
+    on their own from the fit's float64 normal equations, leaving the missing positions out of the fit instead of
+    fitting zeros there: the same float64 system the solution was derived from. Rows with no sample get zeros.
     """
     samples = samples.masked_fill(~sample_mask[..., None], 0.0)
-    coefficients = torch.einsum("pn,bpe->bne", fit.solution.to(samples.dtype), samples)
+    coefficients = torch.matmul(fit.solution.T.to(samples.dtype), samples)
     partial = sample_mask.any(dim=1) & ~sample_mask.all(dim=1)
     if partial.any():
         rows = partial.nonzero().squeeze(1)
-        present = sample_mask[rows].double()
-        design = fit.design.double()
-        normal_matrix = fit.prior.double() + torch.einsum("np,kp,mp->knm", design, present, design)
-        right_hand_side = torch.einsum("np,kpe->kne", design, samples[rows].double() * present[..., None])
+        present_design = fit.design * sample_mask[rows, None, :].to(fit.design.dtype)
+        normal_matrix = fit.prior + present_design @ fit.design.T
+        right_hand_side = present_design @ samples[rows].to(fit.design.dtype)
         solved = torch.cholesky_solve(right_hand_side, torch.linalg.cholesky(normal_matrix))
         coefficients = coefficients.index_put((rows,), solved.to(coefficients.dtype))
     return coefficients
-
-
-def continuous_attention_weights(
-    mean: torch.Tensor, variance: torch.Tensor, centers: torch.Tensor, widths: torch.Tensor
-) -> torch.Tensor:
-    """r_j = E_{t ~ N(mean, variance)}[ψ_j(t)] = N(mean; c_j, variance + s_j²), in closed form: `[...]` -> `[..., N]`."""
-    return gaussian_density(mean[..., None], centers, variance[..., None] + widths**2)
 
 
 def density_bin_mass(mean: torch.Tensor, variance: torch.Tensor, num_bins: int) -> torch.Tensor:
@@ -135,6 +142,12 @@ def sample_from_histogram(bin_mass: torch.Tensor, quantiles: torch.Tensor) -> to
     return (bins + within_bin.clamp(0.0, 1.0)) / num_bins
 
 
+def kl_divergence_to_prior(variance: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) || N(μ, σ₀²)) = ½(σ²/σ₀² − log(σ²/σ₀²) − 1), elementwise."""
+    ratio = variance / KL_PRIOR_STD**2
+    return 0.5 * (ratio - torch.log(ratio) - 1)
+
+
 @dataclass
 class InfinityMemoryState:
     """The long-term memory of one layer for every row of a batch.
@@ -143,20 +156,28 @@ class InfinityMemoryState:
         coefficients: basis coefficients of each row's memory signal, `[batch, N, hidden]`, float32.
         has_memory: `[batch]`, False for rows that have not read an event yet.
         attention_mass: sticky memories only: where the last segment's queries looked, `[batch, bins]`.
-        regularization_loss: KL regulariser of the last segment's densities (when `ltm_kl_weight > 0`).
+        divergence_sum: with the KL regulariser: its sum over the heads and events read so far, `[batch]`.
+        num_divergences: the number of terms in `divergence_sum`, `[batch]`.
     """
 
     coefficients: torch.Tensor
     has_memory: torch.Tensor
     attention_mass: torch.Tensor | None = None
-    regularization_loss: torch.Tensor | None = None
+    divergence_sum: torch.Tensor | None = None
+    num_divergences: torch.Tensor | None = None
+
+    @property
+    def regularization_loss(self) -> torch.Tensor | None:
+        """The KL regulariser averaged over every (head, event) read so far, all segments alike (None when off)."""
+        if self.divergence_sum is None:
+            return None
+        return self.divergence_sum.sum() / self.num_divergences.sum().clamp(min=1)
 
     def detach(self) -> "InfinityMemoryState":
-        """The same memory without autograd history (and without the per-segment loss)."""
+        """The same memory without autograd history."""
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         return InfinityMemoryState(
-            coefficients=self.coefficients.detach(),
-            has_memory=self.has_memory,
-            attention_mass=None if self.attention_mass is None else self.attention_mass.detach(),
+            **{name: None if value is None else value.detach() for name, value in values.items()}
         )
 
 
@@ -165,18 +186,17 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
     segment; the long-term part reads the memory of every segment read so far, the current one included (the memory
     is updated before it is read). Shares the query projection with the short-term part."""
 
-    # The basis arithmetic needs float32 (centre spacing ~1/64, σ² + s² ~ 1e-4).
+    # The basis arithmetic needs float32 (centre spacing ~1/64, σ² + s² ~ 1e-4); the normal equations of the
+    # partial fits are ill-conditioned and are solved in float64, like the precomputed solutions.
     float32_buffers = (
         "basis_centers",
         "basis_widths",
         "segment_solution",
-        "segment_design",
-        "segment_prior",
         "memory_solution",
-        "memory_design",
-        "memory_prior",
+        "memory_transition",
         "sample_basis",
     )
+    float64_buffers = ("segment_design", "segment_prior", "memory_design", "memory_prior")
 
     def __init__(self, config: TxFormerConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -187,54 +207,51 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
         self.sticky_bins = config.ltm_sticky_bins
         self.kl_weight = config.ltm_kl_weight
         num_basis = config.ltm_num_basis
-        self.ltm_k_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.ltm_v_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.ltm_o_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.mean_proj = nn.Linear(num_basis, 1)
-        self.variance_proj = nn.Linear(num_basis, 1)
+        # No biases, as in the reference: a value bias would enter the context multiplied by Σ_j r_j.
+        self.ltm_k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.ltm_v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.ltm_o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.mean_proj = nn.Linear(num_basis, 1, bias=False)
+        self.variance_proj = nn.Linear(num_basis, 1, bias=False)
         self.gate = (
             nn.Conv1d(config.hidden_size, config.hidden_size, kernel_size=3, padding=1) if config.ltm_gating else None
         )
-        # Derived from the config (not saved); kept in float32 whatever the module's dtype (`float32_buffers`).
+        # Derived from the config (not saved), with a fixed dtype whatever the module's (`float32_buffers`,
+        # `float64_buffers`).
+        memory_points = self.num_samples + self.segment_length
         for name, shape in (
-            ("basis_centers", (num_basis,)),
-            ("basis_widths", (num_basis,)),
+            ("basis_centers", (num_basis // len(config.ltm_basis_widths),)),
+            ("basis_widths", (len(config.ltm_basis_widths),)),
             ("segment_solution", (self.segment_length, num_basis)),
             ("segment_design", (num_basis, self.segment_length)),
             ("segment_prior", (num_basis, num_basis)),
-            ("memory_solution", (self.num_samples + self.segment_length, num_basis)),
-            ("memory_design", (num_basis, self.num_samples + self.segment_length)),
+            ("memory_solution", (memory_points, num_basis)),
+            ("memory_design", (num_basis, memory_points)),
             ("memory_prior", (num_basis, num_basis)),
+            ("memory_transition", (num_basis, num_basis)),
             ("sample_basis", (self.num_samples, num_basis)),
         ):
-            self.register_buffer(name, torch.empty(shape, dtype=torch.float32), persistent=False)
+            dtype = torch.float64 if name in self.float64_buffers else torch.float32
+            self.register_buffer(name, torch.empty(shape, dtype=dtype), persistent=False)
         self.reset_buffers()
 
     def compute_buffers(self) -> dict[str, torch.Tensor]:
-        """The basis, the two ridge fits (first segment; old samples plus a new segment) and the basis at the uniform
-        sample points, computed in float64 on the CPU from the config."""
+        """The basis grid, the two ridge fits (first segment; old samples plus a new segment), the basis at the
+        uniform sample points and the map from old to new coefficients through them, in float64 on the CPU."""
         config = self.config
         length, num_samples = self.segment_length, self.num_samples
         centers, widths = basis_centers_and_widths(config.ltm_num_basis, config.ltm_basis_widths)
-        segment_positions = (torch.arange(1, length + 1, dtype=torch.float64, device="cpu") - 0.5) / length
-        segment = ridge_fit(segment_positions, length // 2, 1.0 / length, centers, widths, config.ltm_ridge_penalty)
-        old_positions = (
-            self.contraction * torch.arange(1, num_samples + 1, dtype=torch.float64, device="cpu") / num_samples
-        )
-        new_positions = (
-            self.contraction
-            + (1 - self.contraction) * torch.arange(1, length + 1, dtype=torch.float64, device="cpu") / length
-        )
-        total = num_samples + length
-        memory = ridge_fit(
-            torch.cat([old_positions, new_positions]),
-            total // 2,
-            1.0 / total,
-            centers,
-            widths,
-            config.ltm_ridge_penalty,
-        )
-        uniform_samples = torch.arange(1, num_samples + 1, dtype=torch.float64, device="cpu") / num_samples
+        # Midpoints of L equal cells, extended by L // 2 cells of zero targets on each side.
+        cells = torch.arange(1 - length // 2, length + length // 2 + 1, dtype=torch.float64, device="cpu")
+        cells = (cells - 0.5) / length
+        inside = (cells > 0) & (cells < 1)
+        segment = ridge_fit(cells[inside], cells[~inside], centers, widths, config.ltm_ridge_penalty)
+        steps = torch.arange(1, num_samples + 1, dtype=torch.float64, device="cpu") / num_samples
+        new_positions = torch.arange(1, length + 1, dtype=torch.float64, device="cpu") / length
+        positions = torch.cat([self.contraction * steps, self.contraction + (1 - self.contraction) * new_positions])
+        padding = reference_padding(2 * (num_samples + length), 1.0 / (2 * length + num_samples))
+        memory = ridge_fit(positions, padding, centers, widths, config.ltm_ridge_penalty)
+        sample_basis = evaluate_basis(steps, centers, widths)
         return {
             "basis_centers": centers,
             "basis_widths": widths,
@@ -244,7 +261,8 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             "memory_solution": memory.solution,
             "memory_design": memory.design,
             "memory_prior": memory.prior,
-            "sample_basis": evaluate_basis(uniform_samples, centers, widths),
+            "memory_transition": memory.solution[:num_samples].T @ sample_basis,
+            "sample_basis": sample_basis,
         }
 
     def reset_buffers(self) -> None:
@@ -295,27 +313,37 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             )
             state.attention_mass = torch.where(read_any[:, None], mass, state.attention_mass)
         if self.kl_weight > 0:
-            state.regularization_loss = self.kl_regularizer(variance, key_padding_mask)
+            divergence = torch.where(key_padding_mask[:, None, :], kl_divergence_to_prior(variance), 0.0)
+            state.divergence_sum = state.divergence_sum + divergence.sum((1, 2))
+            state.num_divergences = state.num_divergences + key_padding_mask.sum(dim=1) * self.num_heads
         return short_term + long_term.to(short_term.dtype), attn_weights, state
+
+    def empty_state(self, hidden_states: torch.Tensor) -> InfinityMemoryState:
+        """The memory of rows that have read nothing yet."""
+        batch_size, _, hidden_size = hidden_states.shape
+        zeros = hidden_states.new_zeros(batch_size, dtype=torch.float32)
+        return InfinityMemoryState(
+            coefficients=hidden_states.new_zeros(
+                batch_size, self.segment_solution.shape[1], hidden_size, dtype=torch.float32
+            ),
+            has_memory=torch.zeros(batch_size, dtype=torch.bool, device=hidden_states.device),
+            attention_mass=(
+                hidden_states.new_zeros(batch_size, self.sticky_bins, dtype=torch.float32)
+                if self.sticky_memories
+                else None
+            ),
+            divergence_sum=zeros if self.kl_weight > 0 else None,
+            num_divergences=zeros if self.kl_weight > 0 else None,
+        )
 
     def update_memory(
         self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor, past_state: InfinityMemoryState | None
     ) -> InfinityMemoryState:
         """Write the segment into each row's memory: the first segment of a row is fitted alone; later ones after the
         old signal sampled at M points and contracted into [0, τ]. Rows without events in the segment keep theirs."""
-        batch_size, length, hidden_size = hidden_states.shape
+        length = hidden_states.shape[1]
         if past_state is None:
-            past_state = InfinityMemoryState(
-                coefficients=hidden_states.new_zeros(
-                    batch_size, self.basis_centers.shape[0], hidden_size, dtype=torch.float32
-                ),
-                has_memory=torch.zeros(batch_size, dtype=torch.bool, device=hidden_states.device),
-                attention_mass=(
-                    hidden_states.new_zeros(batch_size, self.sticky_bins, dtype=torch.float32)
-                    if self.sticky_memories
-                    else None
-                ),
-            )
+            past_state = self.empty_state(hidden_states)
         memory_input = hidden_states.masked_fill(~key_padding_mask[..., None], 0.0)
         if self.gate is not None:
             gate = self.gate(memory_input.transpose(1, 2)).transpose(1, 2)
@@ -329,21 +357,36 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             has_memory = past_state.has_memory
             coefficients = past_state.coefficients
             if not has_memory.all():
-                first = fit_coefficients(memory_input, mask, self.fit("segment"))
+                first = fit_coefficients(memory_input, mask & ~has_memory[:, None], self.fit("segment"))
                 coefficients = torch.where(has_memory[:, None, None], coefficients, first)
             if has_memory.any():
-                old_samples = self.sample_old_signal(past_state)
-                samples = torch.cat([old_samples, memory_input], dim=1)
-                sample_mask = torch.cat([has_memory[:, None].expand(-1, self.num_samples), mask], dim=1)
-                continued = fit_coefficients(samples, sample_mask, self.fit("memory"))
+                continued = self.continue_memory(past_state, memory_input, mask)
                 coefficients = torch.where(has_memory[:, None, None], continued, coefficients)
             read_any = mask.any(dim=1)
             coefficients = torch.where(read_any[:, None, None], coefficients, past_state.coefficients)
-        return InfinityMemoryState(
-            coefficients=coefficients,
-            has_memory=has_memory | read_any,
-            attention_mass=past_state.attention_mass,
-        )
+        return dataclasses.replace(past_state, coefficients=coefficients, has_memory=has_memory | read_any)
+
+    def continue_memory(
+        self, state: InfinityMemoryState, memory_input: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The memory after a new segment `memory_input [batch, L, hidden]` for rows with a memory: `G_infᵀ [X_past;
+        X_new]`, split into the old part, `G_oldᵀ Ψ B_past` (a fixed N x N map for uniform samples), and the new part.
+        Rows whose segment is partial are solved from the float64 normal equations, as `fit_coefficients` does."""
+        old_solution, new_solution = self.memory_solution.split([self.num_samples, self.segment_length])
+        partial = state.has_memory & mask.any(dim=1) & ~mask.all(dim=1)
+        old_samples = self.sample_old_signal(state) if self.sticky_memories or partial.any() else None
+        if self.sticky_memories:
+            coefficients = torch.matmul(old_solution.T, old_samples)
+        else:
+            coefficients = torch.matmul(self.memory_transition, state.coefficients)
+        coefficients = coefficients + torch.matmul(new_solution.T, memory_input)
+        if partial.any():
+            rows = partial.nonzero().squeeze(1)
+            samples = torch.cat([old_samples[rows], memory_input[rows]], dim=1)
+            sample_mask = torch.cat([torch.ones_like(mask[rows, :1]).expand(-1, self.num_samples), mask[rows]], dim=1)
+            solved = fit_coefficients(samples, sample_mask, self.fit("memory"))
+            coefficients = coefficients.index_put((rows,), solved)
+        return coefficients
 
     def fit(self, name: str) -> RidgeFit:
         """The precomputed ridge fit `"segment"` (a first segment) or `"memory"` (old samples and a new segment)."""
@@ -357,7 +400,7 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
         """The old signal at M points, `[batch, M, hidden]`: uniform points, or with sticky memories points drawn
         where the previous segment's queries looked (random in training; evenly spaced quantiles in evaluation)."""
         if not self.sticky_memories:
-            return torch.einsum("mn,bne->bme", self.sample_basis, state.coefficients)
+            return torch.matmul(self.sample_basis, state.coefficients)
         batch_size = state.coefficients.shape[0]
         device = state.coefficients.device
         if self.training:
@@ -367,7 +410,7 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             quantiles = quantiles.expand(batch_size, -1).contiguous()
         positions = sample_from_histogram(state.attention_mass, quantiles)
         basis = evaluate_basis(positions, self.basis_centers, self.basis_widths)
-        return torch.einsum("bmn,bne->bme", basis, state.coefficients)
+        return torch.matmul(basis, state.coefficients)
 
     def read_memory(
         self, query: torch.Tensor, state: InfinityMemoryState
@@ -375,28 +418,18 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
         """Continuous attention of `query [batch, heads, length, head_dim]` over each row's memory. Returns the
         context `[batch, length, hidden]` and the density mean and variance `[batch, heads, length]`."""
         batch_size, _, length, _ = query.shape
-        coefficients = state.coefficients.to(self.ltm_k_proj.weight.dtype)
-        key = self.split_heads(self.ltm_k_proj(coefficients))
-        value = self.split_heads(self.ltm_v_proj(coefficients))
+        value = self.split_heads(self.ltm_v_proj(state.coefficients.to(self.ltm_v_proj.weight.dtype)))
         with torch.autocast(device_type=query.device.type, enabled=False):
-            scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * self.scaling
-            mean = torch.sigmoid(self.density_parameter(self.mean_proj, scores))
-            variance = nn.functional.softplus(self.density_parameter(self.variance_proj, scores))
-            variance = variance.clamp(min=MIN_DENSITY_VARIANCE)
+            # μ and σ² are linear read-outs w_μᵀ s, w_σᵀ s of the scores s_j = q · K_j / √d over the basis, so they
+            # equal q · (Kᵀ w) / √d: two keys per head instead of the N x length score matrix.
+            readout = torch.cat([self.mean_proj.weight, self.variance_proj.weight]).float()
+            keys = nn.functional.linear(torch.matmul(readout, state.coefficients), self.ltm_k_proj.weight.float())
+            mean_logit, variance_logit = (
+                torch.matmul(self.split_heads(keys), query.float().transpose(2, 3)) * self.scaling
+            ).unbind(2)
+            mean = torch.sigmoid(mean_logit)
+            variance = nn.functional.softplus(variance_logit).clamp(min=MIN_DENSITY_VARIANCE)
             weights = continuous_attention_weights(mean, variance, self.basis_centers, self.basis_widths)
             context = torch.matmul(weights, value.float())
         context = context.transpose(1, 2).reshape(batch_size, length, -1).to(query.dtype)
         return context, mean, variance
-
-    @staticmethod
-    def density_parameter(projection: nn.Linear, scores: torch.Tensor) -> torch.Tensor:
-        """A float32 linear read-out of the scores over the basis (shared by all heads): `[..., N]` -> `[...]`."""
-        return nn.functional.linear(scores, projection.weight.float(), projection.bias.float()).squeeze(-1)
-
-    @staticmethod
-    def kl_regularizer(variance: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
-        """Mean over real queries and heads of KL(N(μ, σ²) || N(μ, σ₀²)) = ½(σ²/σ₀² − log(σ²/σ₀²) − 1)."""
-        ratio = variance / KL_PRIOR_STD**2
-        divergence = 0.5 * (ratio - torch.log(ratio) - 1)
-        mask = key_padding_mask[:, None, :].expand_as(divergence)
-        return divergence[mask].sum() / mask.sum().clamp(min=1)

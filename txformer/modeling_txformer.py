@@ -1,7 +1,7 @@
 """TxFormer: a transformer over event sequences (bank transactions) with pluggable attention."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -582,25 +582,38 @@ class TxFormerModel(TxFormerPreTrainedModel):
             segment_time = torch.where(
                 segment_mask, gather_events(event_time, index, segment_mask), previous_event_time[:, None]
             )
+            # Rows whose history starts in a later segment hold only padding here and keep their state, so they are
+            # left out (except when attention weights are asked for: every row returns them).
+            started = segment_mask[:, -1]
+            rows = None if output_attentions or started.all() or not started.any() else started.nonzero().squeeze(1)
+            inputs = (
+                gather_events(input_ids, index, segment_mask),
+                gather_events(numeric_values, index, segment_mask),
+                segment_time,
+                segment_mask,
+            )
+            carried_states, carried_context, carried_time, carried_code = select_rows(
+                (layer_states, event_context, previous_event_time, last_event_code), rows
+            )
             keeps_graph = not self.config.ltm_detach_memory or segment_index == num_segments - 1
             with torch.set_grad_enabled(torch.is_grad_enabled() and keeps_graph):
                 encoded = self._encode(
-                    gather_events(input_ids, index, segment_mask),
-                    gather_events(numeric_values, index, segment_mask),
-                    segment_time,
-                    segment_mask,
+                    *select_rows(inputs, rows),
                     TxFormerState(
-                        layer_states=layer_states,
-                        event_context=event_context,
-                        last_event_time=previous_event_time,
-                        last_event_code=last_event_code,
+                        layer_states=carried_states,
+                        event_context=carried_context,
+                        last_event_time=carried_time,
+                        last_event_code=carried_code,
                     ),
                     output_attentions,
                     output_hidden_states,
                 )
-            hidden_states, aux_loss = encoded.last_hidden_state, encoded.aux_loss
-            layer_states, event_context = encoded.past_state.layer_states, encoded.past_state.event_context
-            last_event_code = encoded.past_state.last_event_code
+            # The auxiliary loss of the last segment averages over every segment read (the layers carry its sums).
+            aux_loss = encoded.aux_loss
+            hidden_states = scatter_rows(None, rows, encoded.last_hidden_state, batch_size)
+            layer_states = scatter_rows(layer_states, rows, encoded.past_state.layer_states, batch_size)
+            event_context = scatter_rows(event_context, rows, encoded.past_state.event_context, batch_size)
+            last_event_code = scatter_rows(last_event_code, rows, encoded.past_state.last_event_code, batch_size)
             if self.config.ltm_detach_memory:
                 layer_states = tuple(layer_state.detach() for layer_state in layer_states)
                 event_context = None if event_context is None else event_context.detach()
@@ -609,7 +622,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
             last_hidden = torch.where(segment_mask[:, -1:], hidden_states[:, -1], last_hidden)
             if return_event_states:
                 segment_outputs.append(hidden_states)
-                segment_hidden_states.append(encoded.hidden_states)
+                segment_hidden_states.append(scatter_rows(None, rows, encoded.hidden_states, batch_size))
             segment_attentions.append(encoded.attentions)
         events_read = events_read + num_real
 
@@ -677,6 +690,39 @@ def gather_events(events: torch.Tensor, index: torch.Tensor, mask: torch.Tensor)
     batch_size, num_slots = index.shape
     gathered = events.gather(1, index.view(batch_size, num_slots, *trailing).expand(-1, -1, *events.shape[2:]))
     return gathered.masked_fill(~mask.view(batch_size, num_slots, *trailing), 0)
+
+
+def select_rows(value, rows: torch.Tensor | None):
+    """The batch rows `rows` of a tensor, or of every tensor in a tuple or dataclass of them (None: all rows)."""
+    if rows is None or value is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows)
+    if isinstance(value, tuple):
+        return tuple(select_rows(item, rows) for item in value)
+    return replace(value, **{field.name: select_rows(getattr(value, field.name), rows) for field in fields(value)})
+
+
+def scatter_rows(value, rows: torch.Tensor | None, part, batch_size: int):
+    """`value` (a structure as in `select_rows`, or None for zeros) with its batch rows `rows` replaced by `part`
+    (None: `part` holds every row)."""
+    if rows is None or part is None:
+        return part
+    if isinstance(part, torch.Tensor):
+        base = part.new_zeros(batch_size, *part.shape[1:]) if value is None else value
+        return base.index_copy(0, rows, part)
+    if isinstance(part, tuple):
+        values = (None,) * len(part) if value is None else value
+        return tuple(scatter_rows(old, rows, new, batch_size) for old, new in zip(values, part, strict=True))
+    return replace(
+        part,
+        **{
+            field.name: scatter_rows(
+                None if value is None else getattr(value, field.name), rows, getattr(part, field.name), batch_size
+            )
+            for field in fields(part)
+        },
+    )
 
 
 def masked_sum(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

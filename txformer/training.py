@@ -248,6 +248,9 @@ class TxFormerTrainingArguments(TrainingArguments):
         if launched_world_size > 1 and not torch.accelerator.is_available():
             self.use_cpu = True
             self.ddp_backend = self.ddp_backend or "gloo"
+        # Pinned memory serves only transfers to an accelerator; without one, every loader would warn about it.
+        if self.use_cpu or not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False
         if self.group_by_length:
             if self.max_tokens_per_batch is not None:
                 raise ValueError("--group_by_length and --max_tokens_per_batch both group by length: pass one.")

@@ -1,0 +1,180 @@
+"""Training and scoring throughput (real events per second) of attention kinds at their natural batch shapes, side by
+side in one run: e.g. the ∞-former over 8 histories of 4,096 events against full attention over 128 histories of 256
+events, the same number of events per step. The points are measured in turn for several rounds, so that they share
+the machine's load; the report gives the median of the rounds and their range, and each point's ratio to the first.
+"""
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import HfArgumentParser
+
+from .measure import measure_callable
+from .models import METHODS, synthetic_batch
+from .suite import DTYPES, BenchmarkConfig, MethodRunner, load_average
+
+
+LEVEL_NAMES = {"train": "training step", "forward": "scoring (forward, no gradient)"}
+
+
+@dataclass
+class ThroughputConfig:
+    """What to measure (one command-line flag per field)."""
+
+    points: list[str] = field(
+        default_factory=lambda: ["full_sdpa:128x256", "infinity:8x4096"],
+        metadata={"help": "Points as METHOD:HISTORIESxLENGTH; the first is the reference of the ratios."},
+    )
+    levels: list[str] = field(
+        default_factory=lambda: ["train", "forward"], metadata={"help": f"Levels, of {list(LEVEL_NAMES)}."}
+    )
+    ragged: bool = field(
+        default=False,
+        metadata={
+            "help": "Histories of a batch evenly spread from LENGTH/8 to LENGTH events (right padding), instead of "
+            "all LENGTH long; events/s counts the real events."
+        },
+    )
+    rounds: int = field(default=3, metadata={"help": "Rounds over all points (the median round is reported)."})
+    repeats: int = field(default=3, metadata={"help": "Measured runs per point and round (their median is kept)."})
+    warmup: int = field(default=1, metadata={"help": "Unmeasured runs before them."})
+    num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: torch's default."})
+    dtype: str = field(default="float32", metadata={"help": f"Compute dtype, of {list(DTYPES)}."})
+    device: str = field(default="auto", metadata={"help": "torch device; auto: cuda if available, else cpu."})
+    config_overrides: str = field(
+        default="", metadata={"help": "Model config fields, e.g. 'hidden_size=128,num_hidden_layers=4'."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the weights and inputs."})
+
+    def __post_init__(self):
+        for point in self.points:
+            parse_point(point)
+        if any(level not in LEVEL_NAMES for level in self.levels):
+            raise ValueError(f"Unknown levels {self.levels}; valid: {list(LEVEL_NAMES)}.")
+
+
+def parse_point(point: str) -> tuple[str, int, int]:
+    """`"infinity:8x4096"` -> `("infinity", 8, 4096)`, with a clear error for anything else."""
+    try:
+        method, shape = point.split(":")
+        batch_size, length = (int(part) for part in shape.split("x"))
+    except ValueError:
+        raise ValueError(f"A point is METHOD:HISTORIESxLENGTH (e.g. infinity:8x4096), got {point!r}.") from None
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r} in point {point!r}; valid: {list(METHODS)}.")
+    return method, batch_size, length
+
+
+def ragged_batch(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """The batch with its histories cut to lengths evenly spread from `length / 8` to `length` (right padding)."""
+    batch_size = batch["attention_mask"].shape[0]
+    lengths = torch.linspace(length / 8, length, batch_size).round().long().to(batch["attention_mask"].device)
+    mask = torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
+    ragged = {"labels": batch["labels"], "attention_mask": mask.long()}
+    for key in ("input_ids", "numeric_values", "event_time"):
+        value = batch[key]
+        ragged[key] = value * mask.view(*mask.shape, *[1] * (value.dim() - 2)).to(value.dtype)
+    return ragged
+
+
+@dataclass
+class ThroughputRow:
+    """Real events per second of one point at one level: the median round, the range, the ratio to the first."""
+
+    level: str
+    point: str
+    events_per_step: int
+    events_per_s: float
+    min_events_per_s: float
+    max_events_per_s: float
+    vs_first: float
+
+
+def run_throughput(
+    config: ThroughputConfig, log: Callable[[str], None] = print
+) -> tuple[list[ThroughputRow], dict[str, list[float]]]:
+    """Measures every point at every level, `rounds` times in turn. Returns the rows and the load averages."""
+    loads = {"start": load_average()}
+    if config.num_threads > 0:
+        torch.set_num_threads(config.num_threads)
+    suite_config = BenchmarkConfig(
+        warmup=config.warmup,
+        dtype=config.dtype,
+        device=config.device,
+        config_overrides=config.config_overrides,
+        seed=config.seed,
+    )
+    device = suite_config.resolved_device()
+    runs = []
+    for point in config.points:
+        method, batch_size, length = parse_point(point)
+        runner = MethodRunner(METHODS[method], suite_config, device)
+        batch = synthetic_batch(runner.model_config, batch_size, length, device, config.seed)
+        if config.ragged:
+            batch = ragged_batch(batch, length)
+        runs.append((point, runner, batch, int(batch["attention_mask"].sum())))
+    rates = {(level, point): [] for level in config.levels for point in config.points}
+    for round_index in range(config.rounds):
+        for level in config.levels:
+            for point, runner, batch, num_events in runs:
+                runner.model.train(level != "forward")
+                measurement = measure_callable(
+                    runner.step_function(level, batch),
+                    device,
+                    config.repeats,
+                    config.warmup,
+                    prepare=runner.clear_gradients,
+                )
+                rate = num_events / measurement.seconds
+                rates[(level, point)].append(rate)
+                log(f"round {round_index + 1} {level:>8} {point:>20}: {rate:12,.0f} events/s")
+    rows = []
+    for level in config.levels:
+        reference = statistics.median(rates[(level, config.points[0])])
+        for point, _, _, num_events in runs:
+            values = rates[(level, point)]
+            rows.append(
+                ThroughputRow(
+                    level=level,
+                    point=point,
+                    events_per_step=num_events,
+                    events_per_s=statistics.median(values),
+                    min_events_per_s=min(values),
+                    max_events_per_s=max(values),
+                    vs_first=statistics.median(values) / reference,
+                )
+            )
+    loads["end"] = load_average()
+    return rows, loads
+
+
+def format_throughput(rows: list[ThroughputRow], config: ThroughputConfig, loads: dict[str, list[float]]) -> str:
+    """A Markdown table of the rows, with the machine's thread count and load averages."""
+    threads = torch.get_num_threads()
+    lines = [
+        f"{config.rounds} rounds × {config.repeats} runs, {threads} torch threads, dtype {config.dtype}"
+        f"{', ragged histories' if config.ragged else ''}; load average (1, 5, 15 min) "
+        f"{loads['start']} at the start, {loads['end']} at the end.",
+        "",
+        "| level | point | events per step | events/s (median round) | range over rounds | vs first |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {LEVEL_NAMES[row.level]} | {row.point} | {row.events_per_step:,} | {row.events_per_s:,.0f} | "
+            f"{row.min_events_per_s:,.0f}–{row.max_events_per_s:,.0f} | {row.vs_first:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`scripts/benchmark_throughput.py`: measure and print the table."""
+    (config,) = HfArgumentParser(ThroughputConfig).parse_args_into_dataclasses(args=argv)
+    started = time.perf_counter()
+    rows, loads = run_throughput(config)
+    print()
+    print(format_throughput(rows, config, loads))
+    print(f"\n{time.perf_counter() - started:.0f} s")
