@@ -48,6 +48,7 @@ setup(
             "txformer-pretrain=txformer.pretraining:main",
             "txformer-embed=txformer.embedding:main",
             "txformer-baseline=txformer.baseline:main",
+            "txformer-prepare=txformer.data.prepare:main",
         ],
     },
 )

@@ -3,6 +3,7 @@
 
     python scripts/benchmark_data.py                      # 15,000 customers (~6.85 M rows): read, fit, encode
     python scripts/benchmark_data.py --learnability       # also: oracle AUROCs and the mean-feature baseline
+    python scripts/benchmark_data.py --scale 1 10         # prepare_training_data at 1x and 10x the real size
 
 Generation is timed apart. Reading and encoding run in a fresh process, so its peak RSS (getrusage) is theirs alone.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
+from txformer.benchmark.data_scale import run_scale_benchmark
 from txformer.data import (
     EventVocabulary,
     SyntheticOracle,
@@ -65,7 +67,13 @@ def main() -> None:
     parser.add_argument("--num_customers", type=int, default=15_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learnability", action="store_true", help="Oracle AUROCs and the mean-feature baseline.")
+    parser.add_argument(
+        "--scale", type=int, nargs="+", help="Only the sharded preparation, at these multiples of the real size."
+    )
     args = parser.parse_args()
+    if args.scale:
+        run_scale_benchmark(args.scale, Path(args.data_dir), args.seed)
+        return
 
     data_dir = Path(args.data_dir) / f"synthetic-n{args.num_customers}-seed{args.seed}"
     ensure_data(data_dir, args.num_customers, args.seed)

@@ -1,11 +1,19 @@
 """Sharded, cached preparation of many transaction files: the same customers and training data as the in-memory
-reader, whatever the number of shards; the cache and its invalidation; errors naming the input file and line; the
-stream split across ranks and grouped by length."""
+reader, whatever the number of shards; the cache and its invalidation; one preparation for the two processes of an
+`accelerate launch`; errors naming the input file and line; the stream split across ranks and grouped by length.
+
+Run as a script (`accelerate launch ... tests/test_prepare.py CACHE OUTPUT FILES... LABELS`), this file is the launched
+program: each rank prepares the training data inside `main_process_first`, as training does.
+"""
 
 import gzip
 import itertools
+import json
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -31,8 +39,10 @@ from txformer.data.prepare import (
 )
 
 
+REPO = Path(__file__).resolve().parent.parent
 # Parts far smaller than a file, so that every file is read in several parts.
 PART_BYTES = 64 << 10
+LAUNCH_TIMEOUT_S = 300
 HEADER = "customer_id,tr_datetime,mcc_code,tr_type,amount,term_id"
 
 
@@ -147,6 +157,52 @@ def write_lines(path, lines: list[str]):
     return path
 
 
+def prepare_in_launched_process(cache_dir: Path, output_dir: Path, files: list[str], labels: str) -> None:
+    """The launched program: this rank prepares the training data inside `main_process_first(local=False)`, streams
+    its share of the training customers, and writes what it got to `rank<r>.json`."""
+    from transformers import TrainingArguments
+
+    rank = os.environ["RANK"]
+    logging.basicConfig(level=logging.INFO, format=f"rank {rank} %(name)s: %(message)s", stream=sys.stdout)
+    arguments = TrainingArguments(output_dir=str(output_dir), use_cpu=True, ddp_backend="gloo", report_to=[])
+    with arguments.main_process_first(local=False, desc="preparing the data"):
+        prepared = prepare_training_data(files, labels, cache_dir=cache_dir, part_bytes=PART_BYTES)
+    stream = streaming_dataset(
+        prepared.train, 4, num_shards=4, rank=arguments.process_index, world_size=arguments.world_size
+    )
+    result = {
+        "world_size": arguments.world_size,
+        "directory": str(prepared.directory),
+        "train": list(prepared.train["customer_id"]),
+        "streamed": [example["customer_id"] for example in stream],
+    }
+    (output_dir / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def test_two_launched_processes_prepare_once_then_stream_disjoint_shares(inputs, tmp_path):
+    environment = {key: value for key, value in os.environ.items() if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")]))
+    environment["CUDA_VISIBLE_DEVICES"] = ""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "cpu_2proc.yaml"),
+        __file__, str(tmp_path / "cache"), str(tmp_path), *map(str, inputs["files"]), str(inputs["labels"]),
+    ]  # fmt: skip
+    launched = subprocess.run(
+        command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+    )
+    assert launched.returncode == 0, launched.stdout[-4000:] + launched.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [rank["world_size"] for rank in ranks] == [2, 2]
+    assert ranks[0]["directory"] == ranks[1]["directory"] and ranks[0]["train"] == ranks[1]["train"]
+    streamed = ranks[0]["streamed"] + ranks[1]["streamed"]
+    assert sorted(streamed) == sorted(ranks[0]["train"]), "each training customer streamed once, by one rank"
+    assert ranks[0]["streamed"] and ranks[1]["streamed"]
+    log = launched.stdout.splitlines()
+    encoding = [line for line in log if "txformer.data.prepare: Encoding" in line]
+    assert len(encoding) == 1 and encoding[0].startswith("rank 0"), "\n".join(log)
+    assert f"rank 1 txformer.data.prepare: Using the prepared data in {ranks[1]['directory']}." in log
+
+
 @pytest.mark.parametrize("name", ["late.csv", "late.csv.gz"])
 def test_an_error_deep_in_a_file_names_the_file_and_its_line(inputs, tmp_path, name):
     lines = [f"{1000 + row % 50},{row % 400} 10:00:00,5411,1010,-{row}.5,T{row}" for row in range(6000)]
@@ -255,3 +311,7 @@ def test_the_script_prepares_and_prints_the_folder(inputs, tmp_path, capsys):
     assert str(directory) in capsys.readouterr().out
     assert len(datasets.load_from_disk(str(directory / "train"))) > 0
     assert os.path.isfile(directory / "event_vocabulary.json")
+
+
+if __name__ == "__main__":
+    prepare_in_launched_process(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:-1], sys.argv[-1])

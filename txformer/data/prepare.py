@@ -72,14 +72,15 @@ PREPARED_FOLDER = "prepared"
 # Bump when the prepared data of the same inputs and settings changes (the package version is in the key too).
 PREPARED_FORMAT_VERSION = 1
 PREPARATION_FILE = "preparation.json"
-DEFAULT_PART_BYTES = 64 << 20
-DEFAULT_SHARD_ROWS = 2_000_000
+DEFAULT_PART_BYTES = 32 << 20
+DEFAULT_SHARD_ROWS = 1_000_000
 # Only for the default number of shards: a CSV row of the real data takes about 45 bytes, gzipped about 10.
 ESTIMATED_CSV_ROW_BYTES = 45
 ESTIMATED_COMPRESSED_ROW_BYTES = 10
 COMPRESSED_CSV = {".gz": lambda raw: gzip.GzipFile(fileobj=raw), ".bz2": bz2.BZ2File}
+NON_BLANK = re.compile(rb"\S")
 # Grouped shards are stored in small record batches because the merge holds one batch of every shard at a time.
-CUSTOMERS_PER_STORED_BATCH = 128
+CUSTOMERS_PER_STORED_BATCH = 64
 CUSTOMERS_PER_ENCODED_BATCH = 1000
 SINGLE_DATA_FILE = "data-00000-of-00001.arrow"
 # Fibonacci hashing: consecutive or patterned ids still spread evenly over the shards.
@@ -393,7 +394,7 @@ def _csv_parts(path: Path, spill: Path, part_bytes: int, progress: tqdm) -> Iter
                 block = text.read(part_bytes)
                 data = rest + block
                 cut = _last_line_end(data) if block else len(data)
-                if data[:cut].strip():
+                if NON_BLANK.search(data, 0, cut):
                     part = spill / f"{path.name}.line-{first_line}.csv"
                     with open(part, "wb") as file:
                         file.write(header if header.endswith(b"\n") else header + b"\n")
