@@ -22,13 +22,16 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
+from txformer.benchmark.data_scale import scaled_data
 from txformer.data import (
     EventVocabulary,
     TransactionDataError,
     build_customer_dataset,
     customer_table,
     generate_synthetic_data,
+    read_labels,
     split_for_evaluation,
+    stratified_split,
 )
 from txformer.data.prepare import (
     main,
@@ -93,26 +96,43 @@ def test_the_number_of_shards_does_not_change_the_customers(inputs, tmp_path, nu
     assert len(at_tie) == 2 and tied["mcc_code"][at_tie[1]] == 9999, "the row of the last file comes second"
 
 
-@pytest.mark.parametrize(("num_shards", "max_train_customers"), [(1, None), (4, None), (4, 60)])
-def test_training_data_is_the_in_memory_preparation(inputs, tmp_path, num_shards, max_train_customers):
+@pytest.mark.parametrize(
+    ("num_shards", "max_train_customers", "num_validation"), [(1, None, None), (4, None, None), (4, 60, 7)]
+)
+def test_training_data_is_the_in_memory_preparation(inputs, tmp_path, num_shards, max_train_customers, num_validation):
     prepared = prepare_training_data(
         inputs["files"],
         inputs["labels"],
         max_train_customers=max_train_customers,
+        validation_size=None if num_validation is None else lambda num_train: num_validation,
         min_count=2,
         cache_dir=tmp_path,
         num_shards=num_shards,
         part_bytes=PART_BYTES,
     )
     customers = build_customer_dataset(inputs["whole"], inputs["labels"])
-    train, held_out = split_for_evaluation(customers, 0.1, 42, max_train_customers)
-    vocabulary = EventVocabulary.fit(train, min_count=2)
+    parts = dict(zip(("train", "eval"), split_for_evaluation(customers, 0.1, 42, max_train_customers), strict=True))
+    if num_validation is not None:
+        parts["train"], parts["validation"] = stratified_split(parts["train"], test_size=num_validation, seed=42)
+    vocabulary = EventVocabulary.fit(parts["train"], min_count=2)
     assert prepared.vocabulary.to_dict() == vocabulary.to_dict()
-    for got, expected in ((prepared.train, train), (prepared.eval, held_out)):
+    assert (prepared.validation is None) == (num_validation is None)
+    for name, expected in parts.items():
+        got = getattr(prepared, name)
         # Prepared rows are in ascending id order (a subsampled training part in memory is in shuffled order).
-        expected = customer_table(vocabulary.encode(expected)).sort_by("customer_id")
-        assert customer_table(got).equals(expected)
+        assert customer_table(got).equals(customer_table(vocabulary.encode(expected)).sort_by("customer_id"))
         assert got.cache_files, "memory-mapped from the cache"
+
+
+def test_a_given_vocabulary_encodes_every_part_unfitted(inputs, prepared, tmp_path):
+    customers = build_customer_dataset(inputs["whole"], inputs["labels"])
+    train, held_out = split_for_evaluation(customers, 0.1, 42)
+    given = EventVocabulary.fit(held_out, min_count=1)
+    again = prepare_training_data(
+        inputs["files"], inputs["labels"], vocabulary=given, cache_dir=tmp_path, part_bytes=PART_BYTES
+    )
+    assert again.vocabulary.to_dict() == given.to_dict() != prepared.vocabulary.to_dict()
+    assert customer_table(again.train).equals(customer_table(given.encode(train)))
 
 
 def test_a_second_call_loads_the_cache_without_encoding_again(inputs, tmp_path, caplog):
@@ -311,6 +331,22 @@ def test_the_script_prepares_and_prints_the_folder(inputs, tmp_path, capsys):
     assert str(directory) in capsys.readouterr().out
     assert len(datasets.load_from_disk(str(directory / "train"))) > 0
     assert os.path.isfile(directory / "event_vocabulary.json")
+
+
+def test_scaled_benchmark_data_holds_every_copy_with_distinct_ids(tmp_path):
+    single = build_customer_dataset(scaled_data(tmp_path, 1, seed=5, num_customers=12) / "transactions.csv")
+    folder = scaled_data(tmp_path, 3, seed=5, num_customers=12)
+    tripled = build_customer_dataset(folder / "transactions.csv", folder / "gender_train.csv", keep_unlabelled=True)
+    copies = [
+        build_customer_dataset(tmp_path / f"synthetic-n12-seed{seed}" / "transactions.csv") for seed in (5, 6, 7)
+    ]
+    assert len(tripled) == sum(len(copy) for copy in copies) == 36
+    assert customer_table(tripled).slice(0, 12).drop_columns(["labels"]).equals(customer_table(single))
+    offsets = np.asarray(tripled["customer_id"]) // 10**8
+    assert np.bincount(offsets).tolist() == [12, 12, 12]
+    assert tripled.filter(lambda row: row["labels"] is not None).num_rows == sum(
+        len(read_labels(tmp_path / f"synthetic-n12-seed{seed}" / "gender_train.csv")) for seed in (5, 6, 7)
+    )
 
 
 if __name__ == "__main__":

@@ -22,22 +22,20 @@ from ..data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
 
 # About 6.85 M rows: the size of the real transactions file.
 REAL_SIZE_CUSTOMERS = 15_000
-# Generated customer ids have 8 digits, so copy k of a scaled file writes `k` before them: ids stay distinct.
-GENERATED_ID_DIGITS = 8
 STEPS = ("prepare", "load from cache")
 IN_MEMORY = "in memory"
 
 
-def scaled_data(root: Path, scale: int, seed: int) -> Path:
+def scaled_data(root: Path, scale: int, seed: int, num_customers: int = REAL_SIZE_CUSTOMERS) -> Path:
     """A folder with `transactions.csv` and `gender_train.csv` of `scale` times the real size: `scale` generated
     data sets of the real size (seeds `seed`, `seed + 1`, ...) in one file, the ids of copy k > 0 prefixed with k."""
-    copies = [root / f"synthetic-n{REAL_SIZE_CUSTOMERS}-seed{seed + copy}" for copy in range(scale)]
-    for folder in copies:
+    copies = [root / f"synthetic-n{num_customers}-seed{seed + copy}" for copy in range(scale)]
+    for copy, folder in enumerate(copies):
         if not (folder / ORACLE_FILE).exists():
-            generate_synthetic_data(folder, num_customers=REAL_SIZE_CUSTOMERS, seed=int(folder.name.split("seed")[-1]))
+            generate_synthetic_data(folder, num_customers=num_customers, seed=seed + copy)
     if scale == 1:
         return copies[0]
-    folder = root / f"scale-{scale}-seed{seed}"
+    folder = root / f"scale-{scale}-n{num_customers}-seed{seed}"
     if not (folder / TRAIN_LABELS_FILE).exists():
         folder.mkdir(parents=True, exist_ok=True)
         for name in (TRANSACTIONS_FILE, TRAIN_LABELS_FILE):
@@ -46,6 +44,7 @@ def scaled_data(root: Path, scale: int, seed: int) -> Path:
                     header, rows = (source / name).read_bytes().split(b"\n", 1)
                     if copy == 0:
                         output.write(header + b"\n")
+                    # Generated ids have 8 digits: a leading k adds k * 10^8, so the copies' ids stay distinct.
                     prefix = str(copy).encode() if copy else b""
                     output.write(prefix + rows.rstrip(b"\n").replace(b"\n", b"\n" + prefix) + b"\n")
         for name in (TRANSACTIONS_FILE, TRAIN_LABELS_FILE):
@@ -106,9 +105,8 @@ def run_scale_benchmark(scales: list[int], root: Path, seed: int = 0) -> list[di
         for step in (*STEPS, IN_MEMORY) if scale == scales[0] else STEPS:
             figures = measure_in_fresh_process(step, data_dir, cache_dir)
             cache_bytes = sum(path.stat().st_size for path in cache_dir.rglob("*") if path.is_file())
-            results.append(
-                {"scale": scale, "step": step, "input_rows": input_rows, "cache_gib": cache_bytes / 2**30, **figures}
-            )
+            cache_gib = None if step == IN_MEMORY else cache_bytes / 2**30
+            results.append({"scale": scale, "step": step, "input_rows": input_rows, "cache_gib": cache_gib, **figures})
             print(json.dumps(results[-1]), flush=True)
         shutil.rmtree(cache_dir)
     print(format_results(results))
@@ -125,10 +123,11 @@ def format_results(results: list[dict]) -> str:
     ]
     for result in results:
         base = first[result["step"]]
+        cache = "" if result["cache_gib"] is None else f"{result['cache_gib']:.2f}"
         lines.append(
             f"| {result['scale']}× | {result['input_rows']:,} | {result['customers']:,} ({result['events']:,}) | "
             f"{result['step']} | {result['seconds']:.2f} | {result['seconds'] / base['seconds']:.2f} | "
             f"{result['process_seconds']:.1f} | {result['peak_rss_gib']:.2f} | "
-            f"{result['peak_rss_gib'] / base['peak_rss_gib']:.2f} | {result['cache_gib']:.2f} |"
+            f"{result['peak_rss_gib'] / base['peak_rss_gib']:.2f} | {cache} |"
         )
     return "\n".join(lines)

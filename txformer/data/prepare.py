@@ -55,7 +55,7 @@ from .reader import (
     read_transactions,
     sort_by_customer_and_time,
 )
-from .split import split_for_evaluation
+from .split import split_for_evaluation, stratified_split
 from .vocabulary import (
     DEFAULT_CATEGORICAL_FIELDS,
     DEFAULT_MAX_SIZE,
@@ -89,13 +89,14 @@ HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 
 @dataclass
 class PreparedData:
-    """The encoded training and held-out customers (memory-mapped), the vocabulary fitted on the training ones, and
-    the cache folder that holds them."""
+    """The encoded training, held-out and (when asked) validation customers, memory-mapped; the vocabulary they are
+    encoded with; the cache folder that holds them."""
 
     train: datasets.Dataset
     eval: datasets.Dataset
     vocabulary: EventVocabulary
     directory: Path
+    validation: datasets.Dataset | None = None
 
 
 def transaction_files(transactions: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -163,6 +164,8 @@ def prepare_training_data(
     eval_fraction: float = 0.1,
     split_seed: int = 42,
     max_train_customers: int | None = None,
+    validation_size: Callable[[int], int] | None = None,
+    vocabulary: EventVocabulary | None = None,
     min_count: int = DEFAULT_MIN_COUNT,
     max_size: int | None = DEFAULT_MAX_SIZE,
     label_column: str = "gender",
@@ -170,35 +173,67 @@ def prepare_training_data(
     num_shards: int | None = None,
     part_bytes: int = DEFAULT_PART_BYTES,
 ) -> PreparedData:
-    """The labelled customers split by `split_for_evaluation`, a vocabulary fitted on the training part, and both
-    parts encoded with it (rows in ascending customer id order), memory-mapped from a cache prepared on the first call.
+    """The labelled customers split as training splits them in memory, encoded, memory-mapped from a cache prepared on
+    the first call; rows in ascending customer id order.
 
-    Under `accelerate launch`, call it inside `TrainingArguments.main_process_first(local=False)`: the main process
-    prepares while the others wait, then they find the cache and memory-map it."""
+    The held-out part comes from `split_for_evaluation`. With `validation_size` (number of validation customers for a
+    number of training customers), a validation part is split off the training part (stratified, `split_seed`). The
+    vocabulary is `vocabulary` when given, else fitted on the training part (`min_count`, `max_size`). Under
+    `accelerate launch`, call it inside `TrainingArguments.main_process_first(local=False)`: the main process prepares
+    while the others wait, then they find the cache and memory-map it."""
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
     customers_directory = _prepare_customers_folder(
         transaction_files(transactions), labels_path, False, False, label_column, cache_dir, num_shards, part_bytes
     )
-    settings = {
-        "customers": customers_directory.name,
-        "eval_fraction": eval_fraction,
-        "split_seed": split_seed,
-        "max_train_customers": max_train_customers,
+    parts = _training_parts(customers_directory, eval_fraction, split_seed, max_train_customers, validation_size)
+    fit_settings = {
         "categorical_fields": list(DEFAULT_CATEGORICAL_FIELDS),
         "numeric_fields": list(DEFAULT_NUMERIC_FIELDS),
         "min_count": min_count,
         "max_size": max_size,
     }
+    settings = {
+        "customers": customers_directory.name,
+        "parts": {name: hashlib.sha256(ids.tobytes()).hexdigest() for name, ids in parts.items()},
+        "vocabulary": fit_settings if vocabulary is None else vocabulary.to_dict(),
+    }
     directory = _cached(
         cache_dir / PREPARED_FOLDER / f"training-{_fingerprint(settings)}",
-        lambda folder: _encode_training_data(folder, customers_directory, settings),
+        lambda folder: {
+            "settings": settings,
+            **_encode_training_data(folder, customers_directory, parts, vocabulary, fit_settings),
+        },
     )
+    loaded = {name: datasets.load_from_disk(str(directory / name)) for name in parts}
     return PreparedData(
-        train=datasets.load_from_disk(str(directory / "train")),
-        eval=datasets.load_from_disk(str(directory / "eval")),
+        train=loaded["train"],
+        eval=loaded["eval"],
         vocabulary=EventVocabulary.from_pretrained(directory),
         directory=directory,
+        validation=loaded.get("validation"),
     )
+
+
+def _training_parts(
+    customers_directory: Path,
+    eval_fraction: float,
+    split_seed: int,
+    max_train_customers: int | None,
+    validation_size: Callable[[int], int] | None,
+) -> dict[str, np.ndarray]:
+    """The sorted customer ids of the `train`, `eval` and (with `validation_size`) `validation` parts, split as in
+    memory: the same operations on the (id, label) rows in the same order. Cheap: two small columns are read."""
+    index = pa.concat_tables(
+        _stored_columns(path, ["customer_id", "labels"]) for path in _data_files(customers_directory)
+    )
+    labelled = datasets.Dataset(index.sort_by("customer_id"))
+    train, held_out = split_for_evaluation(labelled, eval_fraction, split_seed, max_train_customers)
+    parts = {"train": train, "eval": held_out}
+    if validation_size is not None:
+        parts["train"], parts["validation"] = stratified_split(
+            train, test_size=validation_size(len(train)), seed=split_seed
+        )
+    return {name: np.sort(part["customer_id"]) for name, part in parts.items()}
 
 
 def _signature(path: str | os.PathLike) -> dict:
@@ -504,7 +539,7 @@ def _write_dataset_state(folder: Path, data_files: list[str], features: datasets
     `datasets.load_from_disk(folder)` memory-maps them."""
     state = {
         "_data_files": [{"filename": name} for name in data_files],
-        "_fingerprint": _fingerprint({"folder": folder.name, "files": data_files}),
+        "_fingerprint": _fingerprint({"folder": str(folder), "files": data_files}),
         "_format_columns": None,
         "_format_kwargs": {},
         "_format_type": None,
@@ -537,58 +572,51 @@ def _read_stored(path: Path) -> pa.Table:
 
 
 def _is_in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Mask of the `values` found in the sorted array `sorted_set`."""
     position = np.minimum(np.searchsorted(sorted_set, values), max(len(sorted_set) - 1, 0))
     return sorted_set[position] == values if len(sorted_set) else np.zeros(len(values), dtype=bool)
 
 
-def _encode_training_data(folder: Path, customers_directory: Path, settings: dict) -> dict:
-    """Pass 3: the held-out split, the vocabulary fitted on the training customers, and one encoding pass writing the
-    `train` and `eval` datasets in ascending customer id order."""
+def _encode_training_data(
+    folder: Path,
+    customers_directory: Path,
+    parts: dict[str, np.ndarray],
+    vocabulary: EventVocabulary | None,
+    fit_settings: dict,
+) -> dict:
+    """Pass 3: the vocabulary (unless given) fitted on the training customers shard by shard, then one encoding pass
+    that merges the shards into ascending customer id order and writes each part's dataset."""
     data_files = _data_files(customers_directory)
-    index = pa.concat_tables(_stored_columns(path, ["customer_id", "labels"]) for path in data_files)
-    labelled = datasets.Dataset(index.sort_by("customer_id"))
-    train, held_out = split_for_evaluation(
-        labelled, settings["eval_fraction"], settings["split_seed"], settings["max_train_customers"]
-    )
-    wanted = {"train": np.sort(train["customer_id"]), "eval": np.sort(held_out["customer_id"])}
-    training_shards = (
-        table.filter(_is_in_sorted(table.column("customer_id").to_numpy(), wanted["train"]))
-        for table in map(_read_stored, tqdm(data_files, desc="fitting the vocabulary", unit="shard"))
-    )
-    vocabulary = EventVocabulary.fit_tables(
-        training_shards,
-        settings["categorical_fields"],
-        settings["numeric_fields"],
-        settings["min_count"],
-        settings["max_size"],
-    )
+    if vocabulary is None:
+        training_shards = (
+            table.filter(_is_in_sorted(table.column("customer_id").to_numpy(), parts["train"]))
+            for table in map(_read_stored, tqdm(data_files, desc="fitting the vocabulary", unit="shard"))
+        )
+        vocabulary = EventVocabulary.fit_tables(training_shards, **fit_settings)
     vocabulary.save_pretrained(folder)
     logger.info(
-        "Encoding %d training and %d held-out customers with %s: one pass over %d shards.",
-        len(wanted["train"]),
-        len(wanted["eval"]),
+        "Encoding %s customers with %s: one pass over %d shards.",
+        ", ".join(f"{len(ids)} {name}" for name, ids in parts.items()),
         vocabulary,
         len(data_files),
     )
     shard_ids = [_stored_columns(path, ["customer_id"]).column("customer_id").to_numpy() for path in data_files]
-    writers = {split: _SplitWriter(folder / split) for split in wanted}
+    writers = {name: _SplitWriter(folder / name) for name in parts}
     for customers in tqdm(
         _in_id_order(data_files, shard_ids, CUSTOMERS_PER_ENCODED_BATCH),
-        total=math.ceil(len(labelled) / CUSTOMERS_PER_ENCODED_BATCH),
+        total=math.ceil(sum(map(len, shard_ids)) / CUSTOMERS_PER_ENCODED_BATCH),
         desc="encoding events",
         unit="batch",
     ):
         customer_ids = customers.column("customer_id").to_numpy()
-        for split, ids in wanted.items():
+        for name, ids in parts.items():
             selected = customers.filter(_is_in_sorted(customer_ids, ids))
             if selected.num_rows:
-                writers[split].write(vocabulary.encode_table(selected))
+                writers[name].write(vocabulary.encode_table(selected))
     for writer in writers.values():
         writer.close()
     return {
-        "settings": settings,
-        "num_train": len(wanted["train"]),
-        "num_eval": len(wanted["eval"]),
+        "parts": {name: len(ids) for name, ids in parts.items()},
         "vocab_sizes": dict(zip(vocabulary.categorical_fields, vocabulary.vocab_sizes, strict=True)),
     }
 
