@@ -36,6 +36,7 @@ from txformer.data import (
 from txformer.data.prepare import (
     main,
     prepare_customers,
+    prepare_encoded_customers,
     prepare_training_data,
     streaming_dataset,
     transaction_files,
@@ -133,6 +134,17 @@ def test_a_given_vocabulary_encodes_every_part_unfitted(inputs, prepared, tmp_pa
     )
     assert again.vocabulary.to_dict() == given.to_dict() != prepared.vocabulary.to_dict()
     assert customer_table(again.train).equals(customer_table(given.encode(train)))
+
+
+def test_every_customer_encoded_with_a_trained_vocabulary_for_prediction(inputs, prepared, tmp_path):
+    encoded = prepare_encoded_customers(
+        inputs["files"], prepared.vocabulary, cache_dir=tmp_path, part_bytes=PART_BYTES
+    )
+    expected = prepared.vocabulary.encode(build_customer_dataset(inputs["whole"]))
+    assert customer_table(encoded).equals(customer_table(expected))
+    prepare_customers(inputs["files"], keep_unlabelled=True, cache_dir=tmp_path, part_bytes=PART_BYTES)
+    folders = sorted(path.name.split("-")[0] for path in (tmp_path / "prepared").iterdir())
+    assert folders == ["customers", "encoded"], "the customers folder is shared"
 
 
 def test_a_second_call_loads_the_cache_without_encoding_again(inputs, tmp_path, caplog):

@@ -3,7 +3,14 @@ cached for data larger than memory), the event vocabulary, the batch collator, t
 with a known Bayes-optimal posterior."""
 
 from .collator import TransactionCollator
-from .prepare import PreparedData, prepare_customers, prepare_training_data, streaming_dataset, transaction_files
+from .prepare import (
+    PreparedData,
+    prepare_customers,
+    prepare_encoded_customers,
+    prepare_training_data,
+    streaming_dataset,
+    transaction_files,
+)
 from .reader import (
     TransactionDataError,
     build_customer_dataset,
@@ -40,6 +47,7 @@ __all__ = [
     "mean_feature_baseline_auroc",
     "oracle_auroc",
     "prepare_customers",
+    "prepare_encoded_customers",
     "prepare_training_data",
     "read_customer_ids",
     "read_labels",

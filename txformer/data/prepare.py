@@ -151,11 +151,8 @@ def prepare_customers(
         num_shards,
         part_bytes,
     )
-    customers = datasets.load_from_disk(str(directory))
-    customer_ids = np.concatenate(
-        [_stored_columns(path, ["customer_id"]).column("customer_id").to_numpy() for path in _data_files(directory)]
-    )
-    return customers.select(np.argsort(customer_ids), keep_in_memory=True)
+    customer_ids = np.concatenate(_stored_ids(_data_files(directory)))
+    return datasets.load_from_disk(str(directory)).select(np.argsort(customer_ids), keep_in_memory=True)
 
 
 def prepare_training_data(
@@ -201,7 +198,7 @@ def prepare_training_data(
         cache_dir / PREPARED_FOLDER / f"training-{_fingerprint(settings)}",
         lambda folder: {
             "settings": settings,
-            **_encode_training_data(folder, customers_directory, parts, vocabulary, fit_settings),
+            **_encode_parts(folder, customers_directory, parts, vocabulary, fit_settings),
         },
     )
     loaded = {name: datasets.load_from_disk(str(directory / name)) for name in parts}
@@ -212,6 +209,31 @@ def prepare_training_data(
         directory=directory,
         validation=loaded.get("validation"),
     )
+
+
+def prepare_encoded_customers(
+    transactions: str | os.PathLike | Sequence[str | os.PathLike],
+    vocabulary: EventVocabulary,
+    cache_dir: str | os.PathLike | None = None,
+    num_shards: int | None = None,
+    part_bytes: int = DEFAULT_PART_BYTES,
+) -> datasets.Dataset:
+    """Every customer of the files encoded with a trained model's `vocabulary` (what prediction scores), in ascending
+    id order, memory-mapped from a cache prepared on the first call."""
+    cache_dir = Path(cache_dir or DEFAULT_CACHE)
+    customers_directory = _prepare_customers_folder(
+        transaction_files(transactions), None, False, False, "gender", cache_dir, num_shards, part_bytes
+    )
+    customer_ids = np.concatenate(_stored_ids(_data_files(customers_directory)))
+    settings = {"customers": customers_directory.name, "vocabulary": vocabulary.to_dict()}
+    directory = _cached(
+        cache_dir / PREPARED_FOLDER / f"encoded-{_fingerprint(settings)}",
+        lambda folder: {
+            "settings": settings,
+            **_encode_parts(folder, customers_directory, {"customers": np.sort(customer_ids)}, vocabulary, {}),
+        },
+    )
+    return datasets.load_from_disk(str(directory / "customers"))
 
 
 def _training_parts(
@@ -290,8 +312,9 @@ def _prepare_customers_folder(
         "txformer": __version__,
         "files": [_signature(path) for path in files],
         "labels": None if labels_path is None else _signature(labels_path),
-        "label_column": label_column,
-        "keep_unlabelled": keep_unlabelled,
+        # Without labels, the label settings change nothing: one folder for every spelling of them.
+        "label_column": None if labels_path is None else label_column,
+        "keep_unlabelled": labels_path is not None and keep_unlabelled,
         "drop_duplicates": drop_duplicates,
     }
     num_shards = num_shards or _default_num_shards(files)
@@ -565,6 +588,11 @@ def _stored_columns(path: Path, columns: list[str]) -> pa.Table:
     return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().select(columns)
 
 
+def _stored_ids(data_files: list[Path]) -> list[np.ndarray]:
+    """The customer ids of each stored data file."""
+    return [_stored_columns(path, ["customer_id"]).column("customer_id").to_numpy() for path in data_files]
+
+
 def _read_stored(path: Path) -> pa.Table:
     """A whole stored data file, read without memory mapping (its pages do not stay in the resident size)."""
     with pa.OSFile(str(path)) as source:
@@ -577,15 +605,15 @@ def _is_in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     return sorted_set[position] == values if len(sorted_set) else np.zeros(len(values), dtype=bool)
 
 
-def _encode_training_data(
+def _encode_parts(
     folder: Path,
     customers_directory: Path,
     parts: dict[str, np.ndarray],
     vocabulary: EventVocabulary | None,
     fit_settings: dict,
 ) -> dict:
-    """Pass 3: the vocabulary (unless given) fitted on the training customers shard by shard, then one encoding pass
-    that merges the shards into ascending customer id order and writes each part's dataset."""
+    """Pass 3: the vocabulary (unless given) fitted on the `train` part shard by shard, then one encoding pass that
+    merges the shards into ascending customer id order and writes the dataset of each part (sorted ids)."""
     data_files = _data_files(customers_directory)
     if vocabulary is None:
         training_shards = (
@@ -600,7 +628,7 @@ def _encode_training_data(
         vocabulary,
         len(data_files),
     )
-    shard_ids = [_stored_columns(path, ["customer_id"]).column("customer_id").to_numpy() for path in data_files]
+    shard_ids = _stored_ids(data_files)
     writers = {name: _SplitWriter(folder / name) for name in parts}
     for customers in tqdm(
         _in_id_order(data_files, shard_ids, CUSTOMERS_PER_ENCODED_BATCH),
