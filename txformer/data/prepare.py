@@ -255,7 +255,7 @@ def _training_parts(
         parts["train"], parts["validation"] = stratified_split(
             train, test_size=validation_size(len(train)), seed=split_seed
         )
-    return {name: np.sort(part["customer_id"]) for name, part in parts.items()}
+    return {name: np.sort(part.with_format("arrow")["customer_id"].to_numpy()) for name, part in parts.items()}
 
 
 def _signature(path: str | os.PathLike) -> dict:
