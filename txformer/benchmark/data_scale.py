@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
+
 from ..data import EventVocabulary, build_customer_dataset, generate_synthetic_data, split_for_evaluation
 from ..data.prepare import prepare_training_data
 from ..data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
@@ -70,7 +72,7 @@ def measure(step: str, data_dir: Path, cache_dir: Path) -> dict:
         prepared = prepare_training_data(transactions, labels, cache_dir=cache_dir)
         splits = (prepared.train, prepared.eval)
     seconds = time.perf_counter() - start
-    num_events = sum(sum(split["num_events"]) for split in splits)
+    num_events = sum(pc.sum(split.with_format("arrow")["num_events"]).as_py() for split in splits)
     peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1])
     return {
         "seconds": seconds,

@@ -7,8 +7,9 @@ and the settings.
    input file and its line; the rows go to `num_shards` shard files by a hash of the customer id.
 2. Group: each shard alone is sorted by customer and time (stable: ties keep the input order), grouped into one row
    per customer and labelled, as `build_customer_dataset` does with one file in memory.
-3. For training: the held-out split of `split_for_evaluation`, a vocabulary fitted in one pass over the training
-   customers, and one encoding pass that merges the shards into ascending customer id order.
+3. Encode: for training, the parts of `split_for_evaluation` (and a validation part), a vocabulary fitted in one
+   pass over the training customers (or a given one); for prediction, every customer with a trained vocabulary. One
+   encoding pass merges the shards into ascending customer id order.
 
 Peak memory is that of one part or one shard, not of the data, and no step memory-maps what it reads, so the resident
 size of the preparing process stays bounded too. A second call with the same inputs and settings loads the cache.
@@ -74,7 +75,8 @@ PREPARED_FORMAT_VERSION = 1
 PREPARATION_FILE = "preparation.json"
 DEFAULT_PART_BYTES = 32 << 20
 DEFAULT_SHARD_ROWS = 1_000_000
-# Only for the default number of shards: a CSV row of the real data takes about 45 bytes, gzipped about 10.
+# Bytes per CSV row, plain and compressed, for the default number of shards only: a wrong estimate changes the size
+# of the shards, not the result.
 ESTIMATED_CSV_ROW_BYTES = 45
 ESTIMATED_COMPRESSED_ROW_BYTES = 10
 COMPRESSED_CSV = {".gz": lambda raw: gzip.GzipFile(fileobj=raw), ".bz2": bz2.BZ2File}
