@@ -18,6 +18,7 @@ size of the preparing process stays bounded too. A second call with the same inp
 import bz2
 import gzip
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -85,6 +86,9 @@ NON_BLANK = re.compile(rb"\S")
 CUSTOMERS_PER_STORED_BATCH = 64
 CUSTOMERS_PER_ENCODED_BATCH = 1000
 SINGLE_DATA_FILE = "data-00000-of-00001.arrow"
+# Next to the data files of a customers folder: the ids (and labels) of its customers, file by file.
+INDEX_FILE = "customer_index.arrow"
+INDEX_COLUMNS = ("customer_id", "labels")
 # Fibonacci hashing: consecutive or patterned ids still spread evenly over the shards.
 HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 
@@ -153,7 +157,7 @@ def prepare_customers(
         num_shards,
         part_bytes,
     )
-    customer_ids = np.concatenate(_stored_ids(_data_files(directory)))
+    customer_ids = _customer_index(directory).column("customer_id").to_numpy()
     return datasets.load_from_disk(str(directory)).select(np.argsort(customer_ids), keep_in_memory=True)
 
 
@@ -226,7 +230,7 @@ def prepare_encoded_customers(
     customers_directory = _prepare_customers_folder(
         transaction_files(transactions), None, False, False, "gender", cache_dir, num_shards, part_bytes
     )
-    customer_ids = np.concatenate(_stored_ids(_data_files(customers_directory)))
+    customer_ids = _customer_index(customers_directory).column("customer_id").to_numpy()
     settings = {"customers": customers_directory.name, "vocabulary": vocabulary.to_dict()}
     directory = _cached(
         cache_dir / PREPARED_FOLDER / f"encoded-{_fingerprint(settings)}",
@@ -246,10 +250,8 @@ def _training_parts(
     validation_size: Callable[[int], int] | None,
 ) -> dict[str, np.ndarray]:
     """The sorted customer ids of the `train`, `eval` and (with `validation_size`) `validation` parts, split as in
-    memory: the same operations on the (id, label) rows in the same order. Cheap: two small columns are read."""
-    index = pa.concat_tables(
-        _stored_columns(path, ["customer_id", "labels"]) for path in _data_files(customers_directory)
-    )
+    memory: the same operations on the (id, label) rows in the same order, read from the customer index."""
+    index = _customer_index(customers_directory).select(["customer_id", "labels"])
     labelled = datasets.Dataset(index.sort_by("customer_id"))
     train, held_out = split_for_evaluation(labelled, eval_fraction, split_seed, max_train_customers)
     parts = {"train": train, "eval": held_out}
@@ -496,8 +498,8 @@ def _parquet_parts(path: Path, spill: Path, part_bytes: int, progress: tqdm) -> 
 def _group_shards(folder: Path, spill: Path, num_shards: int, labels: pa.Table | None, drop_duplicates: bool) -> dict:
     """Pass 2: each shard alone sorted by customer and time, grouped into one row per customer, labelled, and written
     to `folder` as a data file of a `save_to_disk` dataset."""
-    data_files, features = [], None
-    num_customers = num_events = num_duplicates = 0
+    data_files, index_parts, features = [], [], None
+    num_events = num_duplicates = 0
     for index in tqdm(range(num_shards), desc="grouping customers", unit="shard"):
         if not _spill_file(spill, index).exists():
             continue
@@ -517,12 +519,19 @@ def _group_shards(folder: Path, spill: Path, num_shards: int, labels: pa.Table |
         features = features or datasets.Features.from_arrow_schema(customers.schema)
         data_files.append(folder / f"shard-{index:05d}.arrow")
         _write_arrow(data_files[-1], [customers], features, CUSTOMERS_PER_STORED_BATCH)
-        num_customers += customers.num_rows
+        index_parts.append(
+            customers.select([name for name in INDEX_COLUMNS if name in customers.column_names]).append_column(
+                "data_file", pa.array(np.full(customers.num_rows, len(data_files) - 1, np.int32))
+            )
+        )
     names = [f"data-{number:05d}-of-{len(data_files):05d}.arrow" for number in range(len(data_files))]
     for path, name in zip(data_files, names, strict=True):
         path.rename(folder / name)
     _write_dataset_state(folder, names, features)
-    return {"num_customers": num_customers, "num_events": num_events, "num_duplicates": num_duplicates}
+    index = pa.concat_tables(index_parts)
+    with pa.OSFile(str(folder / INDEX_FILE), "wb") as sink, pa.ipc.new_file(sink, index.schema) as writer:
+        writer.write_table(index)
+    return {"num_customers": index.num_rows, "num_events": num_events, "num_duplicates": num_duplicates}
 
 
 def _write_arrow(path: Path, tables: Iterator[pa.Table], features: datasets.Features, batch_rows: int) -> int:
@@ -585,14 +594,20 @@ def _data_files(folder: Path) -> list[Path]:
     return [folder / entry["filename"] for entry in state["_data_files"]]
 
 
-def _stored_columns(path: Path, columns: list[str]) -> pa.Table:
-    """Some (small) columns of a stored data file; the file is memory-mapped, so only their pages are read."""
-    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().select(columns)
+def _customer_index(folder: Path) -> pa.Table:
+    """`customer_id`, `labels` (when labelled) and `data_file` (position in the folder's data files) of every customer
+    of a customers folder, in data file order: what the split and the merge need, without reading the events."""
+    with pa.OSFile(str(folder / INDEX_FILE)) as source:
+        return pa.ipc.open_file(source).read_all()
 
 
-def _stored_ids(data_files: list[Path]) -> list[np.ndarray]:
-    """The customer ids of each stored data file."""
-    return [_stored_columns(path, ["customer_id"]).column("customer_id").to_numpy() for path in data_files]
+def _ids_per_data_file(folder: Path) -> list[np.ndarray]:
+    """The customer ids of each data file of a customers folder, in stored order."""
+    index = _customer_index(folder)
+    data_file = index.column("data_file").to_numpy()
+    bounds = np.searchsorted(data_file, np.arange(len(_data_files(folder)) + 1))
+    customer_ids = index.column("customer_id").to_numpy()
+    return [customer_ids[start:end] for start, end in itertools.pairwise(bounds)]
 
 
 def _read_stored(path: Path) -> pa.Table:
@@ -630,7 +645,7 @@ def _encode_parts(
         vocabulary,
         len(data_files),
     )
-    shard_ids = _stored_ids(data_files)
+    shard_ids = _ids_per_data_file(customers_directory)
     writers = {name: _SplitWriter(folder / name) for name in parts}
     for customers in tqdm(
         _in_id_order(data_files, shard_ids, CUSTOMERS_PER_ENCODED_BATCH),
