@@ -44,7 +44,6 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from .. import __version__
-from ..cli import configure_logging
 from ..io_utils import atomic_write, atomic_write_json
 from .reader import (
     TRANSACTION_COLUMNS,
@@ -764,6 +763,8 @@ class PreparationArguments:
 def main(argv: list[str] | None = None) -> Path:
     """Command line: `python scripts/prepare_data.py --transactions FILES... [--labels gender_train.csv]`."""
     (args,) = HfArgumentParser(PreparationArguments).parse_args_into_dataclasses(args=argv)
+    from ..cli import configure_logging  # here, not on top: the CLI module imports this package
+
     configure_logging()
     common = {"cache_dir": args.data_cache_dir, "num_shards": args.num_shards, "part_bytes": args.part_bytes}
     if args.labels is None:
