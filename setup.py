@@ -48,6 +48,7 @@ setup(
             "txformer-pretrain=txformer.cli:pretrain_command",
             "txformer-embed=txformer.cli:embed_command",
             "txformer-baseline=txformer.cli:baseline_command",
+            "txformer-prepare=txformer.cli:prepare_command",
         ],
     },
 )

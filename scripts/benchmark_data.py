@@ -5,6 +5,7 @@
     python scripts/benchmark_data.py --learnability       # also: oracle AUROCs and the mean-feature baseline
     python scripts/benchmark_data.py --family order --learnability   # another family: oracle AUROCs at several
                                                           # windows against order-free aggregate baselines
+    python scripts/benchmark_data.py --scale 1 10         # prepare_training_data at 1x and 10x the real size
 
 Generation is timed apart. Reading and encoding run in a fresh process, so its peak RSS (getrusage) is theirs alone.
 """
@@ -20,6 +21,7 @@ import numpy as np
 import pyarrow.compute as pc
 from sklearn.metrics import roc_auc_score
 
+from txformer.benchmark.data_scale import run_scale_benchmark
 from txformer.cli import run_cli
 from txformer.data import (
     SYNTHETIC_FAMILIES,
@@ -87,7 +89,13 @@ def main() -> None:
     parser.add_argument("--num_customers", type=int, default=None, help="Default: about 6.8 M rows of the family.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learnability", action="store_true", help="Oracle AUROCs and the feature baselines.")
+    parser.add_argument(
+        "--scale", type=int, nargs="+", help="Only the sharded preparation, at these multiples of the real size."
+    )
     args = parser.parse_args()
+    if args.scale:
+        run_scale_benchmark(args.scale, Path(args.data_dir), args.seed)
+        return
 
     num_customers = args.num_customers or TIMING_CUSTOMERS[args.family]
     data_dir = data_folder(Path(args.data_dir), args.family, num_customers, args.seed)

@@ -117,3 +117,22 @@ def test_bad_datasets(train):
     ragged = customers([customer(5, [5411, 6011], [1010], ["A", "B"])])
     with pytest.raises(ValueError, match="Customer 5: tr_type has 1 values but 2 events"):
         vocabulary.encode(ragged)
+
+
+def test_fit_over_many_tables_is_fit_over_their_concatenation():
+    rows = [
+        customer(
+            index,
+            [index % 7, 3, 3][: 1 + index % 3],
+            [1, index % 4, 2][: 1 + index % 3],
+            ["A", None, ""][: 1 + index % 3],
+        )
+        for index in range(40)
+    ]
+    whole = EventVocabulary.fit(customers(rows), min_count=2, max_size={"mcc_code": 4})
+    # 40 one-customer tables: the counts are merged on the way (every COUNTS_TO_MERGE tables).
+    parts = [pa.Table.from_pylist([row], schema=customers(rows).data.schema) for row in rows]
+    assert EventVocabulary.fit_tables(parts, min_count=2, max_size={"mcc_code": 4}).to_dict() == whole.to_dict()
+    assert whole.fields[0].codes == [3, 0, 1, 2] and whole.fields[2].codes == ["A"]
+    with pytest.raises(ValueError, match="No customers"):
+        EventVocabulary.fit_tables([])

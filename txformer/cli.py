@@ -231,6 +231,7 @@ predict_command = console_command("prediction")
 pretrain_command = console_command("pretraining")
 embed_command = console_command("embedding")
 baseline_command = console_command("baseline")
+prepare_command = console_command("data.prepare")
 
 
 __all__ = [

@@ -1,8 +1,17 @@
-"""Data pipeline: real-format transaction files to per-customer datasets, the event vocabulary, the batch collator,
-the stratified split, token-budget batches and synthetic data with a known Bayes-optimal posterior."""
+"""Data pipeline: real-format transaction files to per-customer datasets (in memory, or prepared once in shards and
+cached for data larger than memory), the event vocabulary, the batch collator, the stratified split, token-budget
+batches, random training windows and synthetic data with a known Bayes-optimal posterior."""
 
 from .augmentation import RandomWindow, RandomWindowEpochCallback
 from .collator import TransactionCollator
+from .prepare import (
+    PreparedData,
+    prepare_customers,
+    prepare_encoded_customers,
+    prepare_training_data,
+    streaming_dataset,
+    transaction_files,
+)
 from .reader import (
     TransactionDataError,
     build_customer_dataset,
@@ -37,6 +46,7 @@ __all__ = [
     "RandomWindowEpochCallback",
     "FieldVocabulary",
     "OrderSyntheticConfig",
+    "PreparedData",
     "SyntheticConfig",
     "SyntheticDataInfo",
     "SyntheticOracle",
@@ -49,9 +59,14 @@ __all__ = [
     "generate_synthetic_data",
     "mean_feature_baseline_auroc",
     "oracle_auroc",
+    "prepare_customers",
+    "prepare_encoded_customers",
+    "prepare_training_data",
     "read_customer_ids",
     "read_labels",
     "read_transactions",
     "split_for_evaluation",
     "stratified_split",
+    "streaming_dataset",
+    "transaction_files",
 ]

@@ -475,17 +475,26 @@ def build_customer_dataset(
         customer_ids_present = customers.column("customer_id").to_numpy()
         expected_ids = label_ids if customer_ids is None else np.intersect1d(label_ids, wanted)
         _warn_absent(expected_ids, customer_ids_present, f"labelled customers of {labels_path}", transactions_path)
-        label_order = np.argsort(label_ids)
-        sorted_label_ids = label_ids[label_order]
-        position = np.clip(np.searchsorted(sorted_label_ids, customer_ids_present), 0, len(label_ids) - 1)
-        has_label = sorted_label_ids[position] == customer_ids_present
-        values = labels.column("labels").to_numpy()[label_order][position]
-        customers = customers.append_column("labels", pa.array(values, pa.int64(), mask=~has_label))
-        if not has_label.all():
+        customers = attach_labels(customers, labels)
+        if customers.column("labels").null_count:
             logger.info(
-                "%d customers without a label in %s are kept (null label).", int((~has_label).sum()), labels_path
+                "%d customers without a label in %s are kept (null label).",
+                customers.column("labels").null_count,
+                labels_path,
             )
     return datasets.Dataset(customers)
+
+
+def attach_labels(customers: pa.Table, labels: pa.Table) -> pa.Table:
+    """`customers` (one row per customer) with a `labels` column from a `read_labels` table, null where a customer
+    has no label."""
+    label_ids, customer_ids = labels.column("customer_id").to_numpy(), customers.column("customer_id").to_numpy()
+    label_order = np.argsort(label_ids)
+    sorted_label_ids = label_ids[label_order]
+    position = np.clip(np.searchsorted(sorted_label_ids, customer_ids), 0, len(label_ids) - 1)
+    has_label = sorted_label_ids[position] == customer_ids
+    values = labels.column("labels").to_numpy()[label_order][position]
+    return customers.append_column("labels", pa.array(values, pa.int64(), mask=~has_label))
 
 
 def customer_table(dataset: datasets.Dataset) -> pa.Table:

@@ -21,6 +21,10 @@ VOCABULARY_FILE = "event_vocabulary.json"
 PROCESSOR_FILE = "preprocessor_config.json"
 DEFAULT_CATEGORICAL_FIELDS = ("mcc_code", "tr_type", "term_id")
 DEFAULT_NUMERIC_FIELDS = ("amount",)
+DEFAULT_MIN_COUNT = 5
+DEFAULT_MAX_SIZE = 4096
+# Per-part code counts are merged once this many have piled up, so a stream of parts holds few tables at a time.
+COUNTS_TO_MERGE = 16
 
 
 def _per_field(setting, name: str, default):
@@ -98,14 +102,27 @@ def _value_type(arrow_type: pa.DataType, name: str) -> str:
     raise ValueError(f"Field {name!r} has {arrow_type} values; categorical fields must hold integers or strings.")
 
 
-def _fit_field(name: str, column: pa.ChunkedArray, min_count: int, max_size: int | None) -> FieldVocabulary:
-    """Codes seen at least `min_count` times, the `max_size` most frequent of them (ties: smaller code first)."""
+def _count_codes(column: pa.ChunkedArray, value_type: str) -> pa.Table:
+    """`values` and their `counts` in a categorical list column; nulls and (string fields) empty strings left out."""
     _, values = list_offsets_and_values(column)
-    value_type = _value_type(values.type, name)
     values = values.drop_null()
     if value_type == "string":
         values = values.filter(pc.not_equal(values, ""))
-    counted = pa.Table.from_struct_array(pc.value_counts(values))
+    return pa.Table.from_struct_array(pc.value_counts(values))
+
+
+def _merge_counts(counts: list[pa.Table]) -> pa.Table:
+    """One `values`, `counts` table from several (the counts of a value are summed)."""
+    if len(counts) == 1:
+        return counts[0]
+    summed = pa.concat_tables(counts).group_by("values").aggregate([("counts", "sum")])
+    return pa.table({"values": summed.column("values"), "counts": summed.column("counts_sum")})
+
+
+def _field_from_counts(
+    name: str, value_type: str, counted: pa.Table, min_count: int, max_size: int | None
+) -> FieldVocabulary:
+    """Codes seen at least `min_count` times, the `max_size` most frequent of them (ties: smaller code first)."""
     counted = counted.take(pc.sort_indices(counted, sort_keys=[("counts", "descending"), ("values", "ascending")]))
     kept = counted.filter(pc.greater_equal(counted.column("counts"), min_count)).column("values")[:max_size]
     return FieldVocabulary(
@@ -140,16 +157,46 @@ class EventVocabulary:
         dataset: datasets.Dataset,
         categorical_fields: Iterable[str] = DEFAULT_CATEGORICAL_FIELDS,
         numeric_fields: Iterable[str] = DEFAULT_NUMERIC_FIELDS,
-        min_count: int | Mapping[str, int] = 5,
-        max_size: int | None | Mapping[str, int | None] = 4096,
+        min_count: int | Mapping[str, int] = DEFAULT_MIN_COUNT,
+        max_size: int | None | Mapping[str, int | None] = DEFAULT_MAX_SIZE,
     ) -> "EventVocabulary":
         """Fits on the customers of `dataset` (the training split only): per field, the codes seen at least
         `min_count` times, at most `max_size` of them, most frequent first; both may be a per-field mapping."""
         categorical_fields, numeric_fields = list(categorical_fields), list(numeric_fields)
         _check_columns(dataset, categorical_fields + numeric_fields)
         table = customer_table(dataset.select_columns(categorical_fields))
+        return cls.fit_tables([table], categorical_fields, numeric_fields, min_count, max_size)
+
+    @classmethod
+    def fit_tables(
+        cls,
+        tables: Iterable[pa.Table],
+        categorical_fields: Iterable[str] = DEFAULT_CATEGORICAL_FIELDS,
+        numeric_fields: Iterable[str] = DEFAULT_NUMERIC_FIELDS,
+        min_count: int | Mapping[str, int] = DEFAULT_MIN_COUNT,
+        max_size: int | None | Mapping[str, int | None] = DEFAULT_MAX_SIZE,
+    ) -> "EventVocabulary":
+        """`fit` in one pass over customers given as arrow tables (e.g. the shards of data larger than memory): the
+        same vocabulary as `fit` on their concatenation, holding only code counts between tables."""
+        categorical_fields = list(categorical_fields)
+        value_types: dict[str, str] = {}
+        counts: dict[str, list[pa.Table]] = {name: [] for name in categorical_fields}
+        for table in tables:
+            for name in categorical_fields:
+                value_types.setdefault(name, _value_type(table.schema.field(name).type.value_type, name))
+                counts[name].append(_count_codes(table.column(name), value_types[name]))
+                if len(counts[name]) >= COUNTS_TO_MERGE:
+                    counts[name] = [_merge_counts(counts[name])]
+        if not value_types:
+            raise ValueError("No customers to fit the vocabulary on.")
         fields = [
-            _fit_field(name, table.column(name), _per_field(min_count, name, 1), _per_field(max_size, name, None))
+            _field_from_counts(
+                name,
+                value_types[name],
+                _merge_counts(counts[name]),
+                _per_field(min_count, name, 1),
+                _per_field(max_size, name, None),
+            )
             for name in categorical_fields
         ]
         return cls(fields, numeric_fields)
@@ -159,11 +206,12 @@ class EventVocabulary:
         `num_events` added. Vectorised per batch of customers."""
         _check_columns(dataset, [*self.categorical_fields, *self.numeric_fields, "event_time"])
         encoded = dataset.with_format("arrow").map(
-            self._encode_batch, batched=True, batch_size=1000, num_proc=num_proc, desc="encoding events"
+            self.encode_table, batched=True, batch_size=1000, num_proc=num_proc, desc="encoding events"
         )
         return encoded.with_format(None)
 
-    def _encode_batch(self, batch: pa.Table) -> pa.Table:
+    def encode_table(self, batch: pa.Table) -> pa.Table:
+        """`encode` of the customers of an arrow table (what `encode` runs on each batch)."""
         event_counts = pc.list_value_length(batch.column("event_time")).to_numpy(zero_copy_only=False)
         for name in self.numeric_fields + self.categorical_fields:
             lengths = pc.list_value_length(batch.column(name)).to_numpy(zero_copy_only=False)
