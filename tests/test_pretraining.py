@@ -335,13 +335,9 @@ def pretrained_folder(synthetic, tmp_path_factory):
 
 
 def test_pretraining_writes_a_folder_that_the_classifier_loads_with_only_its_head_new(pretrained_folder):
-    assert {"model.safetensors", "event_vocabulary.json", "preprocessing.json"} <= {
-        path.name for path in pretrained_folder.iterdir()
-    }
-    assert json.loads((pretrained_folder / "preprocessing.json").read_text()) == {
-        "max_length": 256,
-        "label_prior": None,
-    }
+    assert {"model.safetensors", "preprocessor_config.json"} <= {path.name for path in pretrained_folder.iterdir()}
+    processor = json.loads((pretrained_folder / "preprocessor_config.json").read_text())
+    assert processor["max_length"] == 256 and processor["label_prior"] is None
     vocabulary = EventVocabulary.from_pretrained(pretrained_folder)
     model, loading_info = TxFormerForSequenceClassification.from_pretrained(
         pretrained_folder, output_loading_info=True
@@ -385,7 +381,7 @@ def test_embed_writes_one_row_per_customer(pretrained_folder, synthetic, tmp_pat
 def test_embed_refuses_contrastive_embeddings_of_a_folder_without_them(tmp_path, synthetic, pretrained_folder):
     classifier = TxFormerForSequenceClassification.from_pretrained(pretrained_folder)
     classifier.save_pretrained(tmp_path / "classifier")
-    for name in ("event_vocabulary.json", "preprocessing.json"):
+    for name in ("preprocessor_config.json",):
         (tmp_path / "classifier" / name).write_bytes((pretrained_folder / name).read_bytes())
     with pytest.raises(ValueError, match="Use --embedding pooled"):
         embed_main(

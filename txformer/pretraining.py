@@ -24,7 +24,6 @@ from .cli import configure_logging
 from .data import EventVocabulary, TransactionCollator, build_customer_dataset
 from .hub import RESULTS_FILE, TRAINING_RUN_FILE, PushCodeFilesCallback
 from .io_utils import atomic_write_json
-from .prediction import PREPROCESSING_FILE
 from .profiling import add_profiling_callback
 from .training import (
     DataArguments,
@@ -157,7 +156,7 @@ class PretrainingDataArguments(DataArguments):
     max_length: int | None = field(
         default=256,
         metadata={
-            "help": "Most recent events kept per history by the masked objective; saved in preprocessing.json as "
+            "help": "Most recent events kept per history by the masked objective; saved in the processor as "
             "the window of scripts/embed.py; 0 = whole histories."
         },
     )
@@ -230,7 +229,7 @@ def build_pretraining_model(model_args: PretrainingModelArguments, vocabulary: E
 def pretrain(
     model_args: PretrainingModelArguments, data_args: PretrainingDataArguments, training_args: TrainingArguments
 ) -> dict:
-    """Pretrains and writes the model (safetensors), the vocabulary and `preprocessing.json` to `output_dir`."""
+    """Pretrains and writes the model (safetensors), and the processor (vocabulary, `max_length`) to `output_dir`."""
     resume_from_checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     set_seed(training_args.seed)
     data = prepare_pretraining_data(model_args, data_args, training_args)
@@ -247,15 +246,16 @@ def pretrain(
         )
     else:
         collator = TransactionCollator(**fields, max_length=data_args.max_length)
-    # The format of training's preprocessing.json; no labels were seen, so there is no label prior.
-    preprocessing = {"max_length": data_args.max_length, "label_prior": None}
+    # The processor that fine-tuning and embedding read back; no labels were seen, so there is no label prior.
+    processor = vocabulary.to_processor(max_length=data_args.max_length, label_prior=None)
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=data["train"],
         eval_dataset=data["eval"],
         data_collator=collator,
-        callbacks=[PerformerRedrawCallback(), PushCodeFilesCallback(vocabulary, preprocessing)],
+        processing_class=processor,
+        callbacks=[PerformerRedrawCallback(), PushCodeFilesCallback()],
     )
     add_profiling_callback(trainer)
     train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -266,8 +266,6 @@ def pretrain(
     # On every process: under FSDP and DeepSpeed ZeRO-3 gathering the weights is collective; only the main one writes.
     trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
-        vocabulary.save_pretrained(output_dir)
-        atomic_write_json(output_dir / PREPROCESSING_FILE, preprocessing)
         atomic_write_json(output_dir / RESULTS_FILE, metrics)
         atomic_write_json(
             output_dir / TRAINING_RUN_FILE,

@@ -47,10 +47,11 @@ from .data import (
     stratified_split,
 )
 from .data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
+from .data.vocabulary import PROCESSOR_FILE
 from .hub import PushCodeFilesCallback, push_folder_to_hub
 from .io_utils import atomic_write_json
 from .metrics import compute_metrics
-from .prediction import PREPROCESSING_FILE
+from .pipeline_txformer import custom_pipelines
 from .profiling import add_profiling_callback
 
 
@@ -81,7 +82,7 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Start from this trained or pretrained model folder; its event_vocabulary.json, if any, is used "
+            "help": "Start from this trained or pretrained model folder; its vocabulary (processor), if any, is used "
             "instead of fitting a new one, and a missing classifier head is newly initialised."
         },
     )
@@ -423,8 +424,11 @@ def validation_size(num_customers: int, fraction: float, minimum: int) -> int:
 
 
 def pretrained_vocabulary(model_name_or_path: str | None) -> EventVocabulary | None:
-    """The vocabulary saved in the model folder to start from, if it holds one."""
-    if model_name_or_path is None or not (Path(model_name_or_path) / VOCABULARY_FILE).is_file():
+    """The vocabulary saved in the model folder to start from (its processor, or an older `event_vocabulary.json`),
+    if it holds one."""
+    if model_name_or_path is None or not any(
+        (Path(model_name_or_path) / name).is_file() for name in (PROCESSOR_FILE, VOCABULARY_FILE)
+    ):
         return None
     return EventVocabulary.from_pretrained(model_name_or_path)
 
@@ -541,10 +545,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         numeric_fields=list(data["vocabulary"].numeric_fields),
         max_length=data_args.max_length,
     )
-    preprocessing = {
-        "max_length": data_args.max_length,
-        "label_prior": float(np.mean(data["train"]["labels"])),
-    }
+    # What turns raw transactions into model inputs: saved (and pushed) with every checkpoint and the final folder.
+    processor = data["vocabulary"].to_processor(
+        max_length=data_args.max_length, label_prior=float(np.mean(data["train"]["labels"]))
+    )
+    model.config.custom_pipelines = custom_pipelines()
     batch_sampler = None
     if training_args.max_tokens_per_batch is not None:
         batch_sampler = TokenBudgetBatchSampler(
@@ -564,7 +569,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             num_batches, training_args.world_size, training_args.gradient_accumulation_steps, drop_last=drop_last
         ),
     )
-    callbacks = [PerformerRedrawCallback(), PushCodeFilesCallback(data["vocabulary"], preprocessing)]
+    callbacks = [PerformerRedrawCallback(), PushCodeFilesCallback()]
     if training_args.evaluates and training_args.early_stopping_patience > 0:
         callbacks.append(
             BudgetEarlyStoppingCallback(
@@ -586,6 +591,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         train_dataset=train_dataset,
         eval_dataset={VALIDATION_DATASET: data["validation"]} if training_args.evaluates else None,
         data_collator=collator,
+        processing_class=processor,
         compute_metrics=compute_metrics,
         callbacks=callbacks,
         train_batch_sampler=batch_sampler,
@@ -616,8 +622,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     trainer.save_model(output_dir)
     trainer.save_state()  # trainer_state.json: the loss and validation curves of the run
     if trainer.is_world_process_zero():
-        data["vocabulary"].save_pretrained(output_dir)
-        atomic_write_json(output_dir / PREPROCESSING_FILE, preprocessing)
         atomic_write_json(output_dir / RESULTS_FILE, metrics)
         atomic_write_json(
             output_dir / "training_run.json",
