@@ -47,6 +47,7 @@ CONFIG_OVERRIDES = (
 )
 # Both runs compute in float32; they differ only in summation order (batch split, all-reduce).
 RTOL, ATOL = 1e-5, 1e-6
+PAIR_EMBEDDING_ATOL = 1e-5
 
 
 def train_arguments(data_dir: Path, output_dir: Path, attention_type: str, per_device_batch: int) -> list[str]:
@@ -239,7 +240,10 @@ def test_saved_model_equals_the_one_process_model(runs, attention_type):
     distributed = load_file(runs["two"] / attention_type / "model.safetensors")
     assert single.keys() == distributed.keys()
     for name, value in single.items():
-        torch.testing.assert_close(distributed[name], value, rtol=RTOL, atol=ATOL, msg=name)
+        # A pair-embedding row used by a single event moves by Adam's normalised step whatever the size of its
+        # gradient, so float32 summation-order differences in that gradient show up at ~1e-6 in the row.
+        atol = PAIR_EMBEDDING_ATOL if name.endswith("pair_embedding.weight") else ATOL
+        torch.testing.assert_close(distributed[name], value, rtol=RTOL, atol=atol, msg=name)
 
 
 def test_performer_projection_is_the_deterministic_redraw_of_the_last_step(runs):
