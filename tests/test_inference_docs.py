@@ -14,8 +14,11 @@ from txformer.data import EventVocabulary, build_customer_dataset, generate_synt
 from txformer.pipeline_txformer import read_csv_rows
 
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "inference.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "inference.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+# The README's section of the same name shows the first steps; its blocks run here too.
+README_SECTION = re.compile(r"^## From the Hub\n(.*?)^## ", re.MULTILINE | re.DOTALL)
 
 RUNNER = textwrap.dedent(
     """
@@ -33,8 +36,10 @@ RUNNER = textwrap.dedent(
 
 
 def python_blocks(repository: str) -> list[str]:
-    """The doc's Python blocks, with the placeholder repository and revision replaced."""
-    blocks = BLOCK.findall(DOC.read_text())
+    """The Python blocks of the doc and of the README's "From the Hub" section, with the placeholder repository and
+    revision replaced."""
+    readme_section = README_SECTION.search((ROOT / "README.md").read_text()).group(1)
+    blocks = BLOCK.findall(DOC.read_text()) + BLOCK.findall(readme_section)
     return [block.replace("<user>/<name>", repository).replace("<commit hash>", "main") for block in blocks]
 
 

@@ -46,6 +46,7 @@ from .data import (
     split_for_evaluation,
     stratified_split,
 )
+from .data.prepare import DEFAULT_CACHE
 from .data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
 from .data.vocabulary import PROCESSOR_FILE
 from .hub import PushCodeFilesCallback, push_folder_to_hub
@@ -57,7 +58,6 @@ from .profiling import add_profiling_callback
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CACHE = Path(os.environ.get("TXFORMER_CACHE", Path.home() / ".cache" / "txformer"))
 RESULTS_FILE = "all_results.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # The Trainer writes a checkpoint's files in turn and trainer_state.json last.
