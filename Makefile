@@ -28,8 +28,8 @@ test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check txformer scripts tests
-	$(BIN)/ruff format --check txformer scripts tests
+	$(BIN)/ruff check txformer scripts tests benchmarks
+	$(BIN)/ruff format --check txformer scripts tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
