@@ -225,8 +225,7 @@ REMOTE_CODE_FILES = [
     "processing_txformer.py",
     "pipeline_txformer.py",
 ]
-# safetensors is a dependency of transformers, so wherever transformers is, it is too.
-ALLOWED_TOP_LEVEL = {"torch", "transformers", "safetensors"}
+ALLOWED_TOP_LEVEL = {"torch", "transformers"}
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,8 @@
 """`pipeline(model=folder_or_repo, trust_remote_code=True)`: customer probabilities from raw transactions, in batches
 or online from saved per-customer states.
 
-Part of the remote-code set (standard library, torch, transformers and its safetensors), copied next to every saved
-processor.
+Part of the remote-code set (standard library, torch, transformers), copied next to every saved processor. The
+safetensors functions come through `transformers.modeling_utils`, as the config takes `strict` from transformers.
 """
 
 import bz2
@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from transformers import Pipeline
+from transformers.modeling_utils import safe_open, safe_save_file  # the safetensors functions transformers uses
 
 from .attention_infinity import InfinityMemoryState
 from .modeling_txformer import TxFormerState
@@ -198,7 +197,9 @@ class OnlineStates:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, temporary, metadata=metadata)
+            safe_save_file(
+                {name: tensor.contiguous() for name, tensor in tensors.items()}, temporary, metadata=metadata
+            )
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
@@ -209,12 +210,12 @@ class OnlineStates:
         """Reads a file written by `save`."""
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
         if metadata.get("format") != STATES_FORMAT or metadata.get("format_version") != STATES_FORMAT_VERSION:
             raise ValueError(
                 f"{path} is not a txformer online-states file of format version {STATES_FORMAT_VERSION} "
                 f"(metadata {metadata})."
             )
-        tensors = load_file(str(path))
         states = cls(mode=metadata["mode"], model_fingerprint=metadata["model_fingerprint"])
         offsets = tensors.pop("events.offsets").tolist() if "events.offsets" in tensors else None
         for row, customer_id in enumerate(tensors.pop("customer_id").tolist()):
