@@ -15,7 +15,8 @@ import torch
 import transformers
 from torch.nn import functional
 
-from ..attention_performer import draw_orthogonal_features, favor_attention
+from txformer.attention_performer import draw_orthogonal_features, favor_attention
+
 from .measure import measure_forward_backward, measure_matmul_flops
 
 

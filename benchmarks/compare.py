@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..io_utils import atomic_write_json
+from txformer.io_utils import atomic_write_json
 
 
 RESULTS_FILE = "all_results.json"
@@ -33,7 +33,7 @@ TRAINER_STATE_FILE = "trainer_state.json"
 WHOLE_HISTORY = 0
 BASELINE = "lightgbm"
 BASELINE_RESULTS_FILE = "baseline_results.json"
-BENCHMARK_DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmark.md"
+BENCHMARK_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmark.md"
 # The installed console scripts (setup.py), so that the comparison runs from a wheel as from a source tree.
 TRAIN_ENTRY_POINT = "txformer-train"
 BASELINE_ENTRY_POINT = "txformer-baseline"

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from ..attention_performer import TxFormerPerformerAttention
-from ..configuration_txformer import TxFormerConfig
-from ..modeling_txformer import TxFormerForSequenceClassification
+from txformer.attention_performer import TxFormerPerformerAttention
+from txformer.configuration_txformer import TxFormerConfig
+from txformer.modeling_txformer import TxFormerForSequenceClassification
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..modeling_txformer import MASK_VALUE
+from txformer.modeling_txformer import MASK_VALUE
+
 from .measure import Measurement, measure_callable, measure_forward_backward, synchronize, tensor_peak_mib
 from .models import EXACT_REFERENCE, METHODS, PEERS, Method, benchmark_config, build_model, synthetic_batch
 

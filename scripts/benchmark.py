@@ -14,9 +14,14 @@ import shlex
 import shutil
 import sys
 from dataclasses import fields
+from pathlib import Path
 
-from txformer.benchmark.report import write_results
-from txformer.benchmark.suite import BenchmarkConfig, run_benchmark
+
+# `benchmarks/` lies next to `scripts/` in the source tree; it is not installed with the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report import write_results
+from benchmarks.suite import BenchmarkConfig, run_benchmark
 from txformer.cli import run_cli
 
 

@@ -11,10 +11,15 @@ import argparse
 import shlex
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
-from txformer.benchmark.attention import (
+
+# `benchmarks/` lies next to `scripts/` in the source tree; it is not installed with the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.attention import (
     AttentionBenchmarkConfig,
     describe_machine,
     format_markdown,

@@ -13,6 +13,7 @@ Generation is timed apart. Reading and encoding run in a fresh process, so its p
 import argparse
 import multiprocessing
 import resource
+import sys
 import time
 from itertools import pairwise
 from pathlib import Path
@@ -21,7 +22,11 @@ import numpy as np
 import pyarrow.compute as pc
 from sklearn.metrics import roc_auc_score
 
-from txformer.benchmark.data_scale import run_scale_benchmark
+
+# `benchmarks/` lies next to `scripts/` in the source tree; it is not installed with the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.data_scale import run_scale_benchmark
 from txformer.cli import run_cli
 from txformer.data import (
     SYNTHETIC_FAMILIES,

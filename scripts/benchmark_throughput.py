@@ -6,7 +6,14 @@ python scripts/benchmark_throughput.py --num_threads 2 --rounds 5 --ragged
 python scripts/benchmark_throughput.py --points full_sdpa:128x256 infinity:8x4096 infinity:32x1024
 """
 
-from txformer.benchmark.throughput import main
+import sys
+from pathlib import Path
+
+
+# `benchmarks/` lies next to `scripts/` in the source tree; it is not installed with the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.throughput import main
 
 
 if __name__ == "__main__":

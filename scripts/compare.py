@@ -15,10 +15,15 @@ to every `scripts/train.py` run.
 
 import shlex
 import sys
+from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from txformer.benchmark.compare import CompareConfig, collect_results, run_all, write_report
+
+# `benchmarks/` lies next to `scripts/` in the source tree; it is not installed with the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.compare import CompareConfig, collect_results, run_all, write_report
 from txformer.cli import run_cli
 
 

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from txformer.attention_performer import favor_attention
-from txformer.benchmark import compare
-from txformer.benchmark.compare import (
+from benchmarks import compare
+from benchmarks.compare import (
     CompareConfig,
     RunSpec,
     micro_batch_size,
@@ -21,10 +20,10 @@ from txformer.benchmark.compare import (
     train_command,
     write_report,
 )
-from txformer.benchmark.measure import Measurement, tensor_peak_mib
-from txformer.benchmark.models import METHODS, benchmark_config, build_model
-from txformer.benchmark.report import write_results
-from txformer.benchmark.suite import (
+from benchmarks.measure import Measurement, tensor_peak_mib
+from benchmarks.models import METHODS, benchmark_config, build_model
+from benchmarks.report import write_results
+from benchmarks.suite import (
     CHECK_LEVEL,
     LEVELS,
     BenchmarkConfig,
@@ -33,7 +32,8 @@ from txformer.benchmark.suite import (
     add_ratios,
     run_benchmark,
 )
-from txformer.benchmark.throughput import ThroughputConfig, format_throughput, run_throughput
+from benchmarks.throughput import ThroughputConfig, format_throughput, run_throughput
+from txformer.attention_performer import favor_attention
 
 
 TINY_MODEL = (
