@@ -22,17 +22,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from transformers.trainer import TRAINER_STATE_NAME
+
+from txformer.file_names import (
+    BASELINE_RESULTS_FILE,
+    PROFILE_STEPS_FILE,
+    PROFILE_SUMMARY_FILE,
+    RESULTS_FILE,
+)
 from txformer.io_utils import atomic_write_json
+from txformer.training import last_complete_checkpoint
 
 
-RESULTS_FILE = "all_results.json"
-STEPS_FILE = "profile_steps.jsonl"
-SUMMARY_FILE = "profile_summary.json"
 RUN_RECORD_FILE = "compare_run.json"
-TRAINER_STATE_FILE = "trainer_state.json"
+RUN_LOG_FILE = "train.log"
 WHOLE_HISTORY = 0
 BASELINE = "lightgbm"
-BASELINE_RESULTS_FILE = "baseline_results.json"
 BENCHMARK_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmark.md"
 # The installed console scripts (setup.py), so that the comparison runs from a wheel as from a source tree.
 TRAIN_ENTRY_POINT = "txformer-train"
@@ -148,18 +153,6 @@ def micro_batch_size(spec: RunSpec, config: CompareConfig) -> int:
     return size
 
 
-def last_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The newest `checkpoint-N` whose trainer state (written last by the Trainer) is readable."""
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[-1]), reverse=True)
-    for checkpoint in checkpoints:
-        try:
-            json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        return checkpoint
-    return None
-
-
 def entry_point(name: str) -> str:
     """The console script `name` of the running Python environment (next to its interpreter), else from `PATH`."""
     sibling = Path(sys.executable).with_name(name)
@@ -220,7 +213,7 @@ def run_one(spec: RunSpec, config: CompareConfig, extra_args: list[str], log: Ca
         environment["OMP_NUM_THREADS"] = str(config.num_threads)
     log(f"[{spec.name}] {shlex.join(command)}")
     start = time.perf_counter()
-    with open(run_dir / "train.log", "a") as log_file:
+    with open(run_dir / RUN_LOG_FILE, "a") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment)
         timeout = config.time_limit_minutes * 60 if config.time_limit_minutes > 0 else None
         try:
@@ -247,7 +240,7 @@ def run_one(spec: RunSpec, config: CompareConfig, extra_args: list[str], log: Ca
     )
     atomic_write_json(record_path, record)
     if return_code not in (0, None):
-        log(f"[{spec.name}] failed (exit {return_code}) after {wall_s / 60:.1f} min: see {run_dir / 'train.log'}")
+        log(f"[{spec.name}] failed (exit {return_code}) after {wall_s / 60:.1f} min: see {run_dir / RUN_LOG_FILE}")
     else:
         state = "finished" if finished else "stopped at the time limit, resumes at the next call"
         log(f"[{spec.name}] {state} after {wall_s / 60:.1f} min")
@@ -314,14 +307,14 @@ def read_run(run_dir: Path, spec: RunSpec) -> RunResult:
         metrics = json.loads((run_dir / BASELINE_RESULTS_FILE).read_text())["metrics"]
     else:
         metrics = json.loads((run_dir / RESULTS_FILE).read_text())
-    steps = read_steps(run_dir / STEPS_FILE)
+    steps = read_steps(run_dir / PROFILE_STEPS_FILE)
     counted = [step for step in steps if step.get("tokens") is not None]
     step_time = sum(step["step_time_s"] for step in counted)
-    summary_path = run_dir / SUMMARY_FILE
+    summary_path = run_dir / PROFILE_SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     record_path = run_dir / RUN_RECORD_FILE
     calls = json.loads(record_path.read_text())["calls"] if record_path.exists() else []
-    state_path = run_dir / TRAINER_STATE_FILE
+    state_path = run_dir / TRAINER_STATE_NAME
     log_history = json.loads(state_path.read_text()).get("log_history", []) if state_path.exists() else []
     return RunResult(
         spec=spec,

@@ -28,6 +28,7 @@ from .data import (
     stratified_split,
 )
 from .data.reader import SECONDS_PER_DAY, list_offsets_and_values
+from .file_names import BASELINE_PREDICTIONS_FILE, BASELINE_RESULTS_FILE
 from .io_utils import atomic_write, atomic_write_json
 from .metrics import classification_metrics
 from .training import DataArguments, data_files
@@ -35,8 +36,6 @@ from .training import DataArguments, data_files
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "baseline_results.json"
-PREDICTIONS_FILE = "baseline_predictions.csv"
 # Fields with a column per code; distinct values are counted for these and the terminal.
 CODE_FIELDS = ("mcc_code", "tr_type")
 DISTINCT_FIELDS = (*CODE_FIELDS, "term_id")
@@ -610,9 +609,9 @@ def run_baseline(data_args: DataArguments, baseline_args: BaselineArguments, lig
             )
         )
 
-    atomic_write(output_dir / PREDICTIONS_FILE, write_rows)
+    atomic_write(output_dir / BASELINE_PREDICTIONS_FILE, write_rows)
     atomic_write_json(
-        output_dir / RESULTS_FILE,
+        output_dir / BASELINE_RESULTS_FILE,
         {
             "metrics": metrics,
             "top_features_by_gain": top_features(result),

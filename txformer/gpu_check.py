@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 
 from .configuration_txformer import ATTENTION_TYPES
+from .file_names import PROFILE_SUMMARY_FILE, RESULTS_FILE
 
 
-PROFILE_FILE = "profile_summary.json"
-RESULTS_FILE = "all_results.json"
 REQUIRED_PACKAGES = ("transformers", "accelerate", "datasets", "safetensors", "scikit-learn", "pytest")
 # Used when present: parallel tests, the benchmark's peer and plots.
 OPTIONAL_PACKAGES = ("pytest-xdist", "performer-pytorch", "matplotlib")
@@ -154,9 +153,9 @@ def training_table(output_dir: str | Path) -> str:
     ]
     output_dir = Path(output_dir)
     for folder in sorted([*output_dir.glob("train_*"), output_dir / "fsdp2"]):
-        if not (folder / PROFILE_FILE).is_file():
+        if not (folder / PROFILE_SUMMARY_FILE).is_file():
             continue
-        profile = json.loads((folder / PROFILE_FILE).read_text())
+        profile = json.loads((folder / PROFILE_SUMMARY_FILE).read_text())
         results_path = folder / RESULTS_FILE
         results = json.loads(results_path.read_text()) if results_path.is_file() else {}
         cells = [

@@ -25,6 +25,7 @@ from .cli import configure_logging
 from .data import EventVocabulary, TransactionCollator, build_customer_dataset, customer_table, read_customer_ids
 from .data.reader import list_offsets_and_values
 from .data.vocabulary import UNKNOWN_INDEX, VOCABULARY_FILE
+from .file_names import PREDICTIONS_FILE, PREDICTIONS_REPORT_SUFFIX
 from .io_utils import atomic_write, atomic_write_json
 from .metrics import positive_class_probability
 from .modeling_txformer import TxFormerForSequenceClassification
@@ -36,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 # Older folders keep the processor's content in two files: the vocabulary and this one.
 PREPROCESSING_FILE = "preprocessing.json"
-REPORT_SUFFIX = ".report.json"
 
 
 @dataclass
@@ -51,7 +51,7 @@ class PredictionArguments:
     revision: str | None = field(
         default=None, metadata={"help": "Hub revision (a commit hash pins exactly what runs); default: main."}
     )
-    output_file: str = field(default="predictions.csv", metadata={"help": "Where to write customer_id,probability."})
+    output_file: str = field(default=PREDICTIONS_FILE, metadata={"help": "Where to write customer_id,probability."})
     customer_ids: str | None = field(
         default=None,
         metadata={"help": "CSV with a customer_id column (e.g. the sample submission): score exactly these ids."},
@@ -216,7 +216,7 @@ def check_writable(output_file: str | os.PathLike) -> Path:
 def report_path(output_file: str | os.PathLike) -> Path:
     """Where the report of a predictions file goes: next to it, `<name>.report.json`."""
     output_file = Path(output_file)
-    return output_file.with_name(output_file.name + REPORT_SUFFIX)
+    return output_file.with_name(output_file.name + PREDICTIONS_REPORT_SUFFIX)
 
 
 def write_predictions(output_file: str | os.PathLike, rows: list[tuple[int, float]], report: dict) -> Path:

@@ -17,11 +17,10 @@ import torch
 import transformers
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .file_names import PROFILE_SUMMARY_FILE, profile_steps_file
 from .io_utils import atomic_write, atomic_write_json
 
 
-STEPS_FILE = "profile_steps.jsonl"
-SUMMARY_FILE = "profile_summary.json"
 BYTES_PER_MIB = 2**20
 STEP_TIME_PERCENTILES = (10, 90, 99)
 
@@ -316,13 +315,11 @@ class ProfilingCallback(TrainerCallback):
         self.output_dir = Path(args.output_dir)
         self.rank = args.process_index
         self.world_size = args.world_size
-        self.steps_path = self.output_dir / (
-            STEPS_FILE if self.world_size == 1 else f"profile_steps.rank{self.rank}.jsonl"
-        )
+        self.steps_path = self.output_dir / profile_steps_file(self.rank, self.world_size)
         kept_lines = _complete_records_up_to(self.steps_path, state.global_step) if self.steps_path.exists() else []
         atomic_write(self.steps_path, lambda steps_file: steps_file.writelines(kept_lines))
         if state.is_world_process_zero:
-            (self.output_dir / SUMMARY_FILE).unlink(missing_ok=True)
+            (self.output_dir / PROFILE_SUMMARY_FILE).unlink(missing_ok=True)
         self.steps_file = open(self.steps_path, "ab")
         self.pending_lines: list[str] = []
         self.model = kwargs["model"]
@@ -514,7 +511,7 @@ class ProfilingCallback(TrainerCallback):
             "software": describe_software(),
             "model_config": model_config.to_diff_dict() if hasattr(model_config, "to_diff_dict") else None,
         }
-        atomic_write_json(self.output_dir / SUMMARY_FILE, summary)
+        atomic_write_json(self.output_dir / PROFILE_SUMMARY_FILE, summary)
 
 
 def add_profiling_callback(trainer: Trainer, callback: ProfilingCallback | None = None) -> ProfilingCallback:

@@ -26,6 +26,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, seed_worker
 from transformers.training_args import ParallelMode
 
@@ -49,6 +50,7 @@ from .data import (
 from .data.prepare import DEFAULT_CACHE
 from .data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
 from .data.vocabulary import PROCESSOR_FILE
+from .file_names import RESULTS_FILE, TRAINING_RUN_FILE
 from .hub import PushCodeFilesCallback, push_folder_to_hub
 from .io_utils import atomic_write_json
 from .metrics import compute_metrics
@@ -58,10 +60,7 @@ from .profiling import add_profiling_callback
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "all_results.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-# The Trainer writes a checkpoint's files in turn and trainer_state.json last.
-CHECKPOINT_STATE_FILE = "trainer_state.json"
 # Config keys that a checkpoint may differ in from the model the flags build: bookkeeping, not the model.
 RESUME_IGNORED_KEYS = frozenset(
     {"_name_or_path", "transformers_version", "architectures", "auto_map", "dtype", "problem_type", "custom_pipelines"}
@@ -466,12 +465,20 @@ def build_model(model_args: ModelArguments, vocabulary: EventVocabulary) -> TxFo
 
 
 def is_complete_checkpoint(folder: Path) -> bool:
-    """Whether the Trainer finished writing `folder`: its last file, trainer_state.json, reads back as JSON."""
+    """Whether the Trainer finished writing `folder`: it writes a checkpoint's files in turn and its trainer state
+    last, so the checkpoint is complete when that file reads back as JSON."""
     try:
-        json.loads((folder / CHECKPOINT_STATE_FILE).read_text())
+        json.loads((folder / TRAINER_STATE_NAME).read_text())
     except (OSError, ValueError):
         return False
     return True
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete `checkpoint-N` folder of `output_dir`, None if it has none."""
+    folders = [path for path in Path(output_dir).glob("checkpoint-*") if CHECKPOINT_PATTERN.match(path.name)]
+    folders.sort(key=lambda path: int(CHECKPOINT_PATTERN.match(path.name).group(1)), reverse=True)
+    return next((folder for folder in folders if is_complete_checkpoint(folder)), None)
 
 
 def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> str | None:
@@ -480,17 +487,15 @@ def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint.lower() in ("last", "true"):
-        folders = [path for path in Path(output_dir).glob("checkpoint-*") if CHECKPOINT_PATTERN.match(path.name)]
-        folders.sort(key=lambda path: int(CHECKPOINT_PATTERN.match(path.name).group(1)), reverse=True)
-        for folder in folders:
-            if is_complete_checkpoint(folder):
-                return str(folder)
-        raise ValueError(
-            f"--resume_from_checkpoint {resume_from_checkpoint}: {output_dir} has no complete checkpoint."
-        )
+        checkpoint = last_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            raise ValueError(
+                f"--resume_from_checkpoint {resume_from_checkpoint}: {output_dir} has no complete checkpoint."
+            )
+        return str(checkpoint)
     if not is_complete_checkpoint(Path(resume_from_checkpoint)):
         raise ValueError(
-            f"{resume_from_checkpoint} is not a complete checkpoint (no readable {CHECKPOINT_STATE_FILE}; a run killed "
+            f"{resume_from_checkpoint} is not a complete checkpoint (no readable {TRAINER_STATE_NAME}; a run killed "
             "while saving leaves such a folder): pass an earlier checkpoint, or `last` for the newest complete one."
         )
     return resume_from_checkpoint
@@ -624,7 +629,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if trainer.is_world_process_zero():
         atomic_write_json(output_dir / RESULTS_FILE, metrics)
         atomic_write_json(
-            output_dir / "training_run.json",
+            output_dir / TRAINING_RUN_FILE,
             {
                 "model_args": asdict(model_args),
                 "data_args": asdict(data_args),
