@@ -31,6 +31,7 @@ from txformer.file_names import (
     RESULTS_FILE,
 )
 from txformer.io_utils import atomic_write_json
+from txformer.machine import describe_machine
 from txformer.training import last_complete_checkpoint
 
 
@@ -543,10 +544,7 @@ def format_report(
     """`docs/results.md`: a section per family, with its table, verdict and figures."""
     summaries = summarize(results)
     hardware = next((result.hardware for result in results if result.hardware), None) or {}
-    machine = (
-        f"{hardware.get('cpu_model', '?')}, {hardware.get('cpu_count', '?')} CPUs, "
-        f"{(hardware.get('memory_total_mib') or 0) / 1024:.0f} GiB, GPUs: {hardware.get('gpu_names') or 'none'}"
-    )
+    machine = describe_machine(hardware)
     lines = [
         "# Results: quality and cost of each attention kind, against the baseline and the oracle",
         "",

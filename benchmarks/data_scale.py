@@ -8,7 +8,6 @@ The peak is the process's own high-water mark of resident memory (`VmHWM`, impor
 """
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pyarrow.compute as pc
 from txformer.data import EventVocabulary, build_customer_dataset, generate_synthetic_data, split_for_evaluation
 from txformer.data.prepare import prepare_training_data
 from txformer.data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
+from txformer.machine import process_peak_memory_mib
 
 
 # The source tree that holds `benchmarks/`, for the fresh processes to import this module from.
@@ -75,12 +75,11 @@ def measure(step: str, data_dir: Path, cache_dir: Path) -> dict:
         splits = (prepared.train, prepared.eval)
     seconds = time.perf_counter() - start
     num_events = sum(pc.sum(split.with_format("arrow")["num_events"]).as_py() for split in splits)
-    peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1])
     return {
         "seconds": seconds,
         "customers": sum(len(split) for split in splits),
         "events": num_events,
-        "peak_rss_gib": peak_kib / 2**20,
+        "peak_rss_gib": process_peak_memory_mib() / 1024,
     }
 
 

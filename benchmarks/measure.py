@@ -1,110 +1,36 @@
-"""Generic measurements: median time and peak memory of a callable (e.g. a forward + backward pass or a training
-step), peak tensor memory from the profiler's allocation events, and the achieved GEMM throughput of the machine
-(the roofline a GEMM-bound kernel is compared with)."""
+"""Generic measurements: median time (`torch.utils.benchmark.Timer`) and peak memory of a callable (e.g. a forward
++ backward pass or a training step), peak tensor memory from the profiler's allocation events, and the achieved GEMM
+throughput of the machine (the roofline a GEMM-bound kernel is compared with)."""
 
-import ctypes
-import ctypes.util
-import math
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch._C._profiler import _EventType
+from torch.utils import benchmark
 
-
-BYTES_PER_MIB = 2**20
-KIB_PER_MIB = 1024
-PROC_STATUS = "/proc/self/status"
-PROC_CLEAR_REFS = "/proc/self/clear_refs"
+from txformer.machine import BYTES_PER_MIB, memory_probe_for
 
 
 @dataclass
 class Measurement:
-    """Median wall time (s) over the repeats, every repeat's time, and the median peak memory (MiB) above the level
-    before each repeat (NaN where the platform cannot tell)."""
+    """Median wall time (s) of one run, the per-run time of every timed block, and the median peak memory (MiB) of
+    the blocks above the level before each (NaN where the platform cannot tell)."""
 
     seconds: float
     all_seconds: list[float]
     peak_memory_mib: float
 
 
-def _proc_status_kib(field: str) -> int:
-    """A `kB` field of /proc/self/status (VmRSS, VmHWM)."""
-    with open(PROC_STATUS) as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-class HostPeakMemory:
-    """Peak resident memory of this process above its level at `reset` (Linux): VmHWM of /proc/self/status after
-    resetting it to the current RSS through /proc/self/clear_refs. Freed heap pages are first handed back to the OS
-    (glibc `malloc_trim`), so that memory kept by the allocator from earlier work is not reused unseen."""
-
-    def __init__(self):
-        libc_path = ctypes.util.find_library("c")
-        self._malloc_trim = getattr(ctypes.CDLL(libc_path), "malloc_trim", None) if libc_path else None
-        self._baseline_kib = 0
-
-    def reset(self) -> None:
-        """Starts a new peak window at the current resident size."""
-        if self._malloc_trim is not None:
-            self._malloc_trim(0)
-        with open(PROC_CLEAR_REFS, "w") as clear_refs:
-            clear_refs.write("5")
-        self._baseline_kib = _proc_status_kib("VmRSS")
-
-    def peak_mib(self) -> float:
-        """Highest resident size since `reset`, minus the size at `reset`."""
-        return (_proc_status_kib("VmHWM") - self._baseline_kib) / KIB_PER_MIB
-
-
-class CudaPeakMemory:
-    """Peak CUDA memory allocated by tensors above the level at `reset` (`max_memory_allocated`)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._baseline_bytes = 0
-
-    def reset(self) -> None:
-        """Starts a new peak window at the currently allocated memory."""
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._baseline_bytes = torch.cuda.memory_allocated(self.device)
-
-    def peak_mib(self) -> float:
-        """Highest allocated memory since `reset`, minus the memory allocated at `reset`."""
-        return (torch.cuda.max_memory_allocated(self.device) - self._baseline_bytes) / BYTES_PER_MIB
-
-
-class UnknownPeakMemory:
-    """Platforms without /proc or CUDA statistics: no peak memory (NaN)."""
-
-    def reset(self) -> None:
-        """Nothing to reset."""
-
-    def peak_mib(self) -> float:
-        """Unknown."""
-        return math.nan
-
-
-def peak_memory_probe(device: torch.device) -> HostPeakMemory | CudaPeakMemory | UnknownPeakMemory:
-    """The peak-memory probe of a device: CUDA statistics, else the process's resident memory where /proc exists."""
-    if device.type == "cuda":
-        return CudaPeakMemory(device)
-    try:
-        probe = HostPeakMemory()
-        probe.reset()
-        return probe
-    except OSError:
-        return UnknownPeakMemory()
+def timer(stmt: str, setup: str = "pass", **names: object) -> benchmark.Timer:
+    """A `torch.utils.benchmark.Timer` of `stmt` over `names`, with torch's current number of CPU threads (the
+    Timer's default is one)."""
+    return benchmark.Timer(stmt=stmt, setup=setup, globals=names, num_threads=torch.get_num_threads())
 
 
 def synchronize(device: torch.device) -> None:
-    """Waits for the device's queued work, so that a clock read after it covers that work."""
+    """Waits for the device's queued work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -112,41 +38,38 @@ def synchronize(device: torch.device) -> None:
 def measure_callable(
     step: Callable[[], object],
     device: torch.device,
-    repeats: int = 5,
-    warmup: int = 1,
+    min_run_time: float = 1.0,
     prepare: Callable[[], object] | None = None,
 ) -> Measurement:
-    """Time and peak memory of `step()`, median over `repeats` after `warmup` runs. `prepare()` runs before every run,
-    outside the clock and before the memory window opens (e.g. clearing gradients); `step`'s return value is dropped
-    inside the window, so what it allocates and frees counts in the peak."""
-    probe = peak_memory_probe(device)
-    for _ in range(max(warmup, 1)):
-        if prepare is not None:
-            prepare()
-        step()
-    times, peaks = [], []
-    for _ in range(repeats):
-        if prepare is not None:
-            prepare()
-        probe.reset()
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-        peaks.append(probe.peak_mib())
+    """Time and peak memory of `step()` with `Timer.blocked_autorange`: a warm-up run sizes the blocks (one run each
+    once a run is long enough that the clock's overhead does not count), then blocks run until `min_run_time`
+    seconds; the time is the median per run. Before every block, outside the clock, `prepare()` runs (e.g. clearing
+    gradients) and the memory window opens; each block's peak is read after it, so what `step` allocates and frees
+    counts, and the median over the blocks is kept."""
+    probe = memory_probe_for(device, release_freed_memory=True)
+    peaks = []
+    try:
+        step_timer = timer(
+            "step()", "prepare(); probe.reset()", step=step, prepare=prepare or (lambda: None), probe=probe
+        )
+        result = step_timer.blocked_autorange(
+            callback=lambda number, seconds: peaks.append(probe.peak_rise_mib()), min_run_time=min_run_time
+        )
+    finally:
+        probe.close()
     if prepare is not None:
         prepare()
-    return Measurement(statistics.median(times), times, statistics.median(peaks))
+    return Measurement(result.median, list(result.times), statistics.median(peaks))
 
 
 def measure_forward_backward(
-    function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], repeats: int = 5, warmup: int = 1
+    function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], min_run_time: float = 1.0
 ) -> Measurement:
-    """Time and peak memory of `function(*inputs).backward(gradient)`, median over `repeats` after `warmup` runs.
+    """Time and peak memory of `function(*inputs).backward(gradient)`, as `measure_callable` measures a step.
 
-    The output gradient is drawn once, and the inputs' `.grad` are cleared before every run, so each run allocates
-    the same tensors (its output, the saved activations and the input gradients): that is what the peak counts.
+    The output gradient is drawn once, and the inputs' `.grad` are cleared before every block, so a block's first
+    run allocates what every run of a fresh pass does (its output, the saved activations and the input gradients):
+    that is what the peak counts.
     """
     output_grad: list[torch.Tensor] = []
 
@@ -160,7 +83,7 @@ def measure_forward_backward(
         for tensor in inputs:
             tensor.grad = None
 
-    return measure_callable(step, inputs[0].device, repeats, warmup, prepare=clear_grads)
+    return measure_callable(step, inputs[0].device, min_run_time, prepare=clear_grads)
 
 
 def tensor_peak_mib(step: Callable[[], object], device: torch.device) -> float:
@@ -193,18 +116,13 @@ def tensor_peak_mib(step: Callable[[], object], device: torch.device) -> float:
 
 
 def measure_matmul_flops(
-    device: torch.device, size: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 5
+    device: torch.device, size: int = 2048, dtype: torch.dtype = torch.float32, min_run_time: float = 1.0
 ) -> float:
-    """Achieved FLOP/s of a `size`×`size` matrix product on `device` (median of `repeats`, after one warm-up)."""
+    """Achieved FLOP/s of a `size`×`size` matrix product on `device` (median time of `Timer.blocked_autorange`)."""
     generator = torch.Generator(device=device).manual_seed(0)
     left = torch.randn(size, size, generator=generator, device=device, dtype=dtype)
     right = torch.randn(size, size, generator=generator, device=device, dtype=dtype)
-    torch.matmul(left, right)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        torch.matmul(left, right)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times)
+    seconds = timer("torch.matmul(left, right)", torch=torch, left=left, right=right).blocked_autorange(
+        min_run_time=min_run_time
+    )
+    return 2 * size**3 / seconds.median

@@ -13,20 +13,18 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-import torch
-
 
 # `benchmarks/` lies next to `scripts/` in the source tree; it is not installed with the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.attention import (
     AttentionBenchmarkConfig,
-    describe_machine,
     format_markdown,
     run_attention_benchmark,
     write_results,
 )
 from txformer.cli import run_cli
+from txformer.machine import describe_machine
 
 
 def parse_args() -> tuple[AttentionBenchmarkConfig, str]:
@@ -49,7 +47,7 @@ def parse_args() -> tuple[AttentionBenchmarkConfig, str]:
 def main() -> None:
     config, output_dir = parse_args()
     rows, summary = run_attention_benchmark(config)
-    machine = describe_machine(torch.device(config.device))
+    machine = describe_machine()
     command = shlex.join(["python", "scripts/benchmark_attention.py", *sys.argv[1:]])
     markdown = format_markdown(rows, summary, config, machine, command)
     print()

@@ -7,12 +7,11 @@
                                                           # windows against order-free aggregate baselines
     python scripts/benchmark_data.py --scale 1 10         # prepare_training_data at 1x and 10x the real size
 
-Generation is timed apart. Reading and encoding run in a fresh process, so its peak RSS (getrusage) is theirs alone.
+Generation is timed apart. Reading and encoding run in a fresh process, so its peak RSS (VmHWM) is theirs alone.
 """
 
 import argparse
 import multiprocessing
-import resource
 import sys
 import time
 from itertools import pairwise
@@ -40,11 +39,7 @@ from txformer.data import (
 )
 from txformer.data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
 from txformer.data.synthetic_order import OrderPosterior
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+from txformer.machine import process_peak_memory_mib
 
 
 def count_events(customers) -> int:
@@ -56,10 +51,26 @@ def time_pipeline(data_dir: str, results) -> None:
     """Child process: reads the file into customers, then fits and encodes the vocabulary, timing each step."""
     start = time.perf_counter()
     customers = build_customer_dataset(Path(data_dir) / TRANSACTIONS_FILE)
-    results.put(("read", time.perf_counter() - start, peak_rss_gib(), len(customers), count_events(customers)))
+    results.put(
+        (
+            "read",
+            time.perf_counter() - start,
+            process_peak_memory_mib() / 1024,
+            len(customers),
+            count_events(customers),
+        )
+    )
     start = time.perf_counter()
     encoded = EventVocabulary.fit(customers).encode(customers)
-    results.put(("fit + encode", time.perf_counter() - start, peak_rss_gib(), len(encoded), count_events(encoded)))
+    results.put(
+        (
+            "fit + encode",
+            time.perf_counter() - start,
+            process_peak_memory_mib() / 1024,
+            len(encoded),
+            count_events(encoded),
+        )
+    )
 
 
 # About 6.8 M rows each: the size of the real file.

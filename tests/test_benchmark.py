@@ -5,6 +5,7 @@ and the ratios, the peak tensor memory, the performer-pytorch peer, and the comp
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from benchmarks.compare import (
     train_command,
     write_report,
 )
-from benchmarks.measure import Measurement, tensor_peak_mib
+from benchmarks.measure import Measurement, measure_callable, measure_matmul_flops, tensor_peak_mib
 from benchmarks.models import METHODS, benchmark_config, build_model
 from benchmarks.report import write_results
 from benchmarks.suite import (
@@ -46,7 +47,7 @@ def test_tiny_benchmark_writes_every_point_and_output(tmp_path):
     config = BenchmarkConfig(
         lengths=[8, 16],
         batch_size=2,
-        repeats=1,
+        min_run_time=0.01,
         config_overrides=TINY_MODEL,
         check_lengths=[16, 40],
         max_seconds=60,
@@ -55,7 +56,8 @@ def test_tiny_benchmark_writes_every_point_and_output(tmp_path):
     result = run_benchmark(config, log=lambda line: None)
     methods = [name for name in METHODS if METHODS[name].available]
     measured = {(row.level, row.method, row.length) for row in result.rows}
-    expected = {(level, method, length) for level in LEVELS for method in methods for length in (8, 16)}
+    model_levels = [level for level in LEVELS if level != CHECK_LEVEL]
+    expected = {(level, method, length) for level in model_levels for method in methods for length in (8, 16)}
     expected |= {(CHECK_LEVEL, method, length) for method in config.check_methods for length in (16, 40)}
     assert measured == expected
     assert not result.skipped
@@ -68,10 +70,20 @@ def test_tiny_benchmark_writes_every_point_and_output(tmp_path):
     markdown = (tmp_path / "benchmark.md").read_text()
     assert "## Training step" in markdown and "## ∞-former check" in markdown
     assert "∞-former time per event at L=40 / at L=16" in markdown
-    assert {path.name for path in paths if path.suffix == ".png"} == {
-        f"benchmark_{level}.png" for level in [*LEVELS, CHECK_LEVEL]
-    }
+    assert {path.name for path in paths if path.suffix == ".png"} == {f"benchmark_{level}.png" for level in LEVELS}
     assert json.loads((tmp_path / "benchmark.json").read_text())["config"]["lengths"] == [8, 16]
+
+
+def test_levels_choose_the_model_levels_and_the_check():
+    config = BenchmarkConfig(
+        levels=[CHECK_LEVEL], check_methods=["infinity"], check_lengths=[8, 16], tensor_memory=False,
+        min_run_time=0.01, config_overrides=TINY_MODEL,
+    )  # fmt: skip
+    result = run_benchmark(config, log=lambda line: None)
+    assert [(row.level, row.length) for row in result.rows] == [(CHECK_LEVEL, 8), (CHECK_LEVEL, 16)]
+    assert BenchmarkConfig(levels=["train", "attention"]).model_levels() == ["attention", "train"]
+    with pytest.raises(ValueError, match="Unknown levels"):
+        BenchmarkConfig(levels=["check"])
 
 
 def test_budget_skips_lengths_by_growth_exponent():
@@ -107,6 +119,25 @@ def test_ratios_against_exact_peer_and_first_length():
     assert rows[3].us_per_event_vs_first == pytest.approx(1.0) and rows[3].memory_vs_first == 2.0
     assert rows[3].time_vs_exact is None  # no SDPA point at 200
     assert rows[4].memory_vs_exact is None  # unknown memory gives no ratio
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs a writable /proc/self/clear_refs")
+def test_measure_callable_times_blocks_and_counts_what_each_allocates():
+    calls = []
+
+    def step():
+        calls.append("step")
+        allocation = torch.ones(32 * 2**20 // 4)  # 32 MiB, written
+        return allocation.sum()
+
+    measurement = measure_callable(
+        step, torch.device("cpu"), min_run_time=0.05, prepare=lambda: calls.append("prepare")
+    )
+    assert calls.count("step") > len(measurement.all_seconds) >= 1  # the warm-up run is not timed
+    assert 0 < min(measurement.all_seconds) <= measurement.seconds <= max(measurement.all_seconds)
+    assert 30 <= measurement.peak_memory_mib <= 48
+    assert calls[-1] == "prepare"  # left cleared, as before the first block
+    assert measure_matmul_flops(torch.device("cpu"), size=64, min_run_time=0.01) > 0
 
 
 def test_tensor_peak_counts_live_tensor_bytes():
@@ -262,7 +293,11 @@ def test_report_aggregates_seeds_and_states_the_goals_per_family(tmp_path):
 
 def test_throughput_measures_every_point_side_by_side():
     config = ThroughputConfig(
-        points=["full_sdpa:4x8", "infinity:2x16"], rounds=2, repeats=1, ragged=True, config_overrides=TINY_MODEL
+        points=["full_sdpa:4x8", "infinity:2x16"],
+        rounds=2,
+        min_run_time=0.01,
+        ragged=True,
+        config_overrides=TINY_MODEL,
     )
     rows, loads = run_throughput(config, log=lambda line: None)
     assert [(row.level, row.point) for row in rows] == [

@@ -16,7 +16,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from txformer.file_names import PROFILE_STEPS_FILE, PROFILE_SUMMARY_FILE
 from txformer.profiling import (
-    ProcessHighWaterMarkProbe,
     ProfilingCallback,
     add_profiling_callback,
     aggregate_rank_summaries,
@@ -399,19 +398,3 @@ def test_aggregate_rank_summaries_with_a_rank_without_tokens():
     ranks[1].update(tokens_per_s_median=None, tokens_total=None)
     aggregate = aggregate_rank_summaries(ranks)
     assert aggregate["tokens_per_s_median"] is None and aggregate["tokens_total"] is None
-
-
-@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs a writable /proc/self/clear_refs")
-def test_process_high_water_mark_is_reset_per_window():
-    probe = ProcessHighWaterMarkProbe()
-    try:
-        probe.reset()
-        baseline = probe.read()["peak_memory_mib"]
-        allocation = np.ones(64 * 2**20 // 8)  # 64 MiB, written so that its pages are resident
-        del allocation
-        peak = probe.read()["peak_memory_mib"]
-        probe.reset()
-        assert peak >= baseline + 60
-        assert probe.read()["peak_memory_mib"] < peak - 50
-    finally:
-        probe.close()

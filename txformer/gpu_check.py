@@ -11,7 +11,6 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
-import platform
 import runpy
 import shlex
 import sys
@@ -23,6 +22,7 @@ import torch
 
 from .configuration_txformer import ATTENTION_TYPES
 from .file_names import PROFILE_SUMMARY_FILE, RESULTS_FILE
+from .machine import describe_machine, installed_version
 
 
 REQUIRED_PACKAGES = ("transformers", "accelerate", "datasets", "safetensors", "scikit-learn", "pytest")
@@ -118,18 +118,17 @@ def check_plan(plan: str | Path) -> int:
     return failures
 
 
-def describe_machine() -> bool:
-    """Prints the versions of Python, torch and the packages that the check runs with, and the GPUs; whether CUDA
-    and the required packages are there."""
-    print(f"python {platform.python_version()} ({sys.executable})")
-    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+def check_machine() -> bool:
+    """Prints the machine, the versions of the packages that the check runs with, and the GPUs; whether CUDA and the
+    required packages are there."""
+    print(f"{describe_machine()} ({sys.executable})")
+    print(f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
     missing = []
     for package in [*REQUIRED_PACKAGES, *OPTIONAL_PACKAGES]:
-        try:
-            print(f"{package} {importlib.metadata.version(package)}")
-        except importlib.metadata.PackageNotFoundError:
-            print(f"{package} not installed")
-            missing += [package] if package in REQUIRED_PACKAGES else []
+        version = installed_version(package)
+        print(f"{package} {version or 'not installed'}")
+        if version is None and package in REQUIRED_PACKAGES:
+            missing.append(package)
     if missing:
         print(f"Missing required packages: {missing} (pip install -e '.[dev]').")
     if not torch.cuda.is_available():
@@ -187,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("table", help="Print the table of the training runs.").add_argument("output_dir")
     args = parser.parse_args(argv)
     if args.command == "machine":
-        return 0 if describe_machine() else 1
+        return 0 if check_machine() else 1
     if args.command == "kinds":
         print(" ".join(ATTENTION_TYPES))
     elif args.command == "check":
