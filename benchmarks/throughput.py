@@ -5,12 +5,10 @@ the machine's load; the report gives the median of the rounds and their range, a
 """
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser
 
 from .measure import measure_callable
 from .models import METHODS, synthetic_batch
@@ -166,13 +164,3 @@ def format_throughput(rows: list[ThroughputRow], config: ThroughputConfig, loads
             f"{row.min_events_per_s:,.0f}–{row.max_events_per_s:,.0f} | {row.vs_first:.2f}× |"
         )
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`scripts/benchmark_throughput.py`: measure and print the table."""
-    (config,) = HfArgumentParser(ThroughputConfig).parse_args_into_dataclasses(args=argv)
-    started = time.perf_counter()
-    rows, loads = run_throughput(config)
-    print()
-    print(format_throughput(rows, config, loads))
-    print(f"\n{time.perf_counter() - started:.0f} s")

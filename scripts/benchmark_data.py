@@ -10,10 +10,10 @@
 Generation is timed apart. Reading and encoding run in a fresh process, so its peak RSS (VmHWM) is theirs alone.
 """
 
-import argparse
 import multiprocessing
 import sys
 import time
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.data_scale import run_scale_benchmark
-from txformer.cli import run_cli
+from txformer.cli import run_cli, script_parser
 from txformer.data import (
     SYNTHETIC_FAMILIES,
     EventVocabulary,
@@ -98,17 +98,30 @@ def ensure_data(data_dir: Path, num_customers: int, seed: int, family: str = "in
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", default="outputs/benchmark-data", help="Where the benchmark data is written.")
-    parser.add_argument("--family", default="independent", choices=SYNTHETIC_FAMILIES)
-    parser.add_argument("--num_customers", type=int, default=None, help="Default: about 6.8 M rows of the family.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--learnability", action="store_true", help="Oracle AUROCs and the feature baselines.")
-    parser.add_argument(
-        "--scale", type=int, nargs="+", help="Only the sharded preparation, at these multiples of the real size."
+@dataclass
+class DataBenchmarkArguments:
+    """What to measure (one command-line flag per field)."""
+
+    data_dir: str = field(default="outputs/benchmark-data", metadata={"help": "Where the benchmark data is written."})
+    family: str = field(
+        default="independent", metadata={"help": "Synthetic data family.", "choices": SYNTHETIC_FAMILIES}
     )
-    args = parser.parse_args()
+    num_customers: int | None = field(default=None, metadata={"help": "Default: about 6.8 M rows of the family."})
+    seed: int = field(default=0, metadata={"help": "Seed of the generated data."})
+    learnability: bool = field(default=False, metadata={"help": "Oracle AUROCs and the feature baselines."})
+    scale: list[int] | None = field(
+        default=None, metadata={"help": "Only the sharded preparation, at these multiples of the real size."}
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> DataBenchmarkArguments:
+    """The arguments of the benchmark."""
+    (args,) = script_parser(DataBenchmarkArguments, __doc__).parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.scale:
         run_scale_benchmark(args.scale, Path(args.data_dir), args.seed)
         return

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import runpy
 import sys
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from benchmarks.throughput import ThroughputConfig, format_throughput, run_throu
 from txformer.attention_performer import favor_attention
 
 
+REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = (
     "hidden_size=16,num_attention_heads=2,intermediate_size=32,segment_length=8,ltm_num_basis=8,"
     "ltm_num_samples=8,performer_num_random_features=16"
@@ -309,6 +311,30 @@ def test_throughput_measures_every_point_side_by_side():
     assert rows[0].vs_first == 1.0
     table = format_throughput(rows, config, loads)
     assert "| training step | infinity:2x16 | 18 |" in table
+
+
+def script_namespace(name: str) -> dict:
+    return runpy.run_path(str(REPO / "scripts" / f"{name}.py"), run_name="script")
+
+
+def test_scripts_parse_every_field_as_a_flag_with_hf_argument_parser(capsys):
+    config, output = script_namespace("benchmark")["parse_args"](
+        ["--levels", "train", "--lengths", "8", "16", "--no_tensor_memory", "--figures_dir", "docs/figures"]
+    )
+    assert config.levels == ["train"] and config.lengths == [8, 16] and not config.tensor_memory
+    assert output.output_dir == "outputs/benchmark" and output.figures_dir == "docs/figures"
+    config, output = script_namespace("benchmark_attention")["parse_args"](["--min_run_time", "0.5"])
+    assert config.min_run_time == 0.5 and output.output_dir == "outputs/benchmark_attention"
+    assert script_namespace("benchmark_throughput")["parse_args"](["--ragged"]).ragged
+    parse_data_args = script_namespace("benchmark_data")["parse_args"]
+    assert parse_data_args([]).scale is None and parse_data_args(["--scale", "1", "10"]).scale == [1, 10]
+    config, extra_args = script_namespace("compare")["parse_args"](["--seeds", "1", "--", "--bf16", "true"])
+    assert config.seeds == [1] and extra_args == ["--bf16", "true"]
+    with pytest.raises(SystemExit):
+        script_namespace("benchmark")["parse_args"](["--help"])
+    help_text = capsys.readouterr().out
+    assert "python scripts/benchmark.py --levels train" in help_text  # the docstring's examples, as written
+    assert "(default: 1.0)" in help_text  # --min_run_time
 
 
 @pytest.mark.parametrize("point", ["infinity", "infinity:8", "infinity:8xlong", "nope:8x16"])
