@@ -27,10 +27,9 @@ from .data.reader import list_offsets_and_values
 from .data.vocabulary import UNKNOWN_INDEX, VOCABULARY_FILE
 from .file_names import PREDICTIONS_FILE, PREDICTIONS_REPORT_SUFFIX
 from .io_utils import atomic_write, atomic_write_json
-from .metrics import positive_class_probability
 from .modeling_txformer import TxFormerForSequenceClassification
 from .pipeline_txformer import PIPELINE_TASK, TransactionClassificationPipeline, custom_pipelines
-from .processing_txformer import TxFormerProcessor
+from .processing_txformer import TxFormerProcessor, probability_of_positive_class
 
 
 logger = logging.getLogger(__name__)
@@ -197,7 +196,7 @@ def predict_probabilities(
     probabilities = np.empty(len(dataset), dtype=np.float64)
     model.eval().to(device)
     for rows, batch in length_sorted_batches(dataset, collator, batch_size, device, desc="scoring"):
-        probabilities[rows] = positive_class_probability(model(**batch).logits.float().cpu().numpy())
+        probabilities[rows] = probability_of_positive_class(model(**batch).logits.double().cpu()).numpy()
     return probabilities
 
 
