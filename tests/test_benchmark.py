@@ -10,6 +10,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +37,7 @@ from benchmarks.suite import (
 )
 from benchmarks.throughput import ThroughputConfig, format_throughput, run_throughput
 from txformer.attention_performer import favor_attention
+from txformer.metrics import bootstrap_auroc_interval, write_evaluated_predictions
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,6 +257,20 @@ def fake_run(run_dir, auroc, accuracy, oracle_window, tokens_per_s, results_file
     (run_dir / "trainer_state.json").write_text(json.dumps({"log_history": history}))
 
 
+HELD_OUT_IDS = np.arange(1000, 1200)
+HELD_OUT_LABELS = np.random.default_rng(0).integers(0, 2, size=len(HELD_OUT_IDS))
+
+
+def fake_predictions(run_dir, strength, seed):
+    """Held-out predictions of a run, written in a shuffled customer order: noisy scores of the labels."""
+    rng = np.random.default_rng(seed)
+    probabilities = 1 / (1 + np.exp(-(strength * (HELD_OUT_LABELS - 0.5) + rng.normal(size=len(HELD_OUT_IDS)))))
+    order = rng.permutation(len(HELD_OUT_IDS))
+    name = "baseline_predictions.csv" if "lightgbm" in run_dir.name else "eval_predictions.csv"
+    write_evaluated_predictions(run_dir / name, HELD_OUT_IDS[order], HELD_OUT_LABELS[order], probabilities[order])
+    return probabilities
+
+
 def test_report_aggregates_seeds_and_states_the_goals_per_family(tmp_path):
     output_dir = tmp_path / "runs"
     for family in ("independent", "order"):
@@ -276,10 +292,10 @@ def test_report_aggregates_seeds_and_states_the_goals_per_family(tmp_path):
     report = write_report(config, unfinished, "python scripts/compare.py").read_text()
     assert "## The `order` family (200 customers)" in report
     assert (
-        "| full | last 256 | 2 | 0.8400 ± 0.0141 | 0.7800 ± 0.0141 | 0.8400 | 0.0000 | +0.0300 | 21,000 | 903 |"
+        "| full | last 256 | 2 | 0.8400 ± 0.0141 | – | 0.7800 ± 0.0141 | 0.8400 | 0.0000 | +0.0300 | – | 21,000 | 903 |"
         in report
     )
-    assert "| lightgbm | aggregates of the whole history | 2 | 0.8100 ± 0.0141 |" in report
+    assert "| lightgbm | aggregates of the whole history | 2 | 0.8100 ± 0.0141 | – |" in report
     assert "| Bayes oracle | whole history | | 0.8700 |" in report
     assert "- full, best at last 256: AUROC 0.8400 ± 0.0141; beats the baseline by +0.0300; 0.0000 below" in report
     assert (
@@ -291,6 +307,38 @@ def test_report_aggregates_seeds_and_states_the_goals_per_family(tmp_path):
     for name in ("order_auroc_vs_context", "order_learning_curves", "independent_auroc_vs_context"):
         assert (tmp_path / "figures" / f"results_{name}.png").exists()
     assert "(figures/results_order_learning_curves.png)" in report
+
+
+def test_report_bootstraps_the_held_out_predictions_of_each_configuration(tmp_path):
+    output_dir = tmp_path / "runs"
+    scores = {}
+    for name, strength, auroc in (("lightgbm-seed1", 1.0, 0.70), ("lightgbm-seed2", 1.0, 0.72)):
+        fake_run(output_dir / "order" / name, auroc, 0.6, None, 0, "baseline_results.json")
+        scores[name] = fake_predictions(output_dir / "order" / name, strength, seed=len(scores))
+    for name, strength in (("full-256-seed1", 2.0), ("full-256-seed2", 2.0), ("infinity-whole-seed1", 2.0)):
+        fake_run(output_dir / "order" / name, 0.8, 0.7, 0.84, 20000)
+        scores[name] = fake_predictions(output_dir / "order" / name, strength, seed=len(scores))
+    fake_run(output_dir / "order" / "infinity-whole-seed2", 0.8, 0.7, 0.87, 20000)  # a run without predictions
+    config = CompareConfig(
+        families=["order:200"], runs=["full:256", "infinity:0"], seeds=[1, 2], output_dir=str(output_dir),
+        report=str(tmp_path / "results.md"), figures_dir=str(tmp_path / "figures"),
+    )  # fmt: skip
+    report = write_report(config, [], "python scripts/compare.py").read_text()
+    full = [scores["full-256-seed1"], scores["full-256-seed2"]]
+    baseline = [scores["lightgbm-seed1"], scores["lightgbm-seed2"]]
+    low, high = bootstrap_auroc_interval(HELD_OUT_LABELS, full, num_resamples=compare.BOOTSTRAP_RESAMPLES)
+    margin_low, margin_high = bootstrap_auroc_interval(
+        HELD_OUT_LABELS, full, baseline=baseline, num_resamples=compare.BOOTSTRAP_RESAMPLES
+    )
+    assert 0 < margin_low < margin_high  # stronger scores than the baseline's on the same customers
+    assert f"| full | last 256 | 2 | 0.8000 ± 0.0000 | [{low:.4f}, {high:.4f}] |" in report
+    assert f"| +0.0900 | [{margin_low:+.4f}, {margin_high:+.4f}] |" in report
+    assert f"beats the baseline by +0.0900 (95% CI [{margin_low:+.4f}, {margin_high:+.4f}])" in report
+    baseline_low, baseline_high = bootstrap_auroc_interval(
+        HELD_OUT_LABELS, baseline, num_resamples=compare.BOOTSTRAP_RESAMPLES
+    )
+    assert f"| lightgbm | aggregates of the whole history | 2 | 0.7100 ± 0.0141 | [{baseline_low:.4f}, " in report
+    assert "| infinity | whole history | 2 | 0.8000 ± 0.0000 | – |" in report  # one seed has no predictions
 
 
 def test_throughput_measures_every_point_side_by_side():

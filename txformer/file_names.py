@@ -7,6 +7,7 @@ are named in `txformer.data` (`TRANSACTIONS_FILE`, `VOCABULARY_FILE`, ...), next
 
 RESULTS_FILE = "all_results.json"
 TRAINING_RUN_FILE = "training_run.json"
+EVAL_PREDICTIONS_FILE = "eval_predictions.csv"
 PROFILE_STEPS_FILE = "profile_steps.jsonl"
 PROFILE_SUMMARY_FILE = "profile_summary.json"
 BASELINE_RESULTS_FILE = "baseline_results.json"

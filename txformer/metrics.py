@@ -5,7 +5,9 @@ network are involved; and a bootstrap confidence interval of AUROC for the compa
 Imported by training and reporting code only: `import evaluate` costs seconds (docs/recipe.md, Metrics).
 """
 
+import csv
 import functools
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 from scipy import stats
 from transformers import EvalPrediction
 
+from .io_utils import atomic_write
 from .processing_txformer import probability_of_positive_class
 
 
@@ -67,6 +70,35 @@ def compute_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
     if logits.ndim == 2 and logits.shape[1] > 1:
         metrics["loss"] = cross_entropy(logits, eval_prediction.label_ids)
     return metrics
+
+
+def write_evaluated_predictions(
+    path: str | os.PathLike, customer_ids: Sequence[int], labels: Sequence[int], probabilities: Sequence[float]
+) -> Path:
+    """Writes `customer_id,label,probability` of the evaluated customers, atomically, probabilities to the last digit:
+    what the metrics were computed from (training's held-out customers, the baseline's), for the comparison report
+    to resample."""
+
+    def write_rows(file) -> None:
+        writer = csv.writer(file)
+        writer.writerow(["customer_id", "label", "probability"])
+        writer.writerows(
+            (int(customer), int(label), repr(float(probability)))
+            for customer, label, probability in zip(customer_ids, labels, probabilities, strict=True)
+        )
+
+    return atomic_write(path, write_rows)
+
+
+def read_evaluated_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Customer ids, labels and probabilities of a file of `write_evaluated_predictions`."""
+    with open(path, newline="", encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    return (
+        np.array([int(row["customer_id"]) for row in rows], dtype=np.int64),
+        np.array([int(row["label"]) for row in rows], dtype=np.int64),
+        np.array([float(row["probability"]) for row in rows], dtype=np.float64),
+    )
 
 
 def ranked_auroc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:

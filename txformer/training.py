@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 import transformers
@@ -50,10 +51,10 @@ from .data import (
 from .data.prepare import DEFAULT_CACHE
 from .data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
 from .data.vocabulary import PROCESSOR_FILE
-from .file_names import RESULTS_FILE, TRAINING_RUN_FILE
+from .file_names import EVAL_PREDICTIONS_FILE, RESULTS_FILE, TRAINING_RUN_FILE
 from .hub import PushCodeFilesCallback, push_folder_to_hub
 from .io_utils import atomic_write_json
-from .metrics import compute_metrics
+from .metrics import compute_metrics, positive_class_probability, write_evaluated_predictions
 from .pipeline_txformer import custom_pipelines
 from .profiling import add_profiling_callback
 
@@ -351,6 +352,27 @@ class TxFormerTrainer(Trainer):
         )
         return self.accelerator.prepare(dataloader)
 
+    def evaluate_with_predictions(self, dataset: datasets.Dataset) -> tuple[dict[str, float], np.ndarray]:
+        """`evaluate(dataset)` (the same `eval_*` metrics, logged) that also returns the probability of class 1 of
+        every row of `dataset`, in the dataset's order.
+
+        The evaluation loop gathers predictions in its sampler's order (length-grouped with `--group_by_length`;
+        accelerate deals whole batches to the processes and gathers them back in turn), so they are put back in the
+        dataset's order through that sampler, and checked against the dataset's labels."""
+        output = self.predict(dataset, metric_key_prefix="eval")
+        self.log(output.metrics)
+        sampler = self._get_eval_sampler(dataset)
+        order = np.arange(len(dataset)) if sampler is None else np.fromiter(iter(sampler), dtype=np.int64)
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        labels = np.asarray(dataset["labels"])
+        if not np.array_equal(np.sort(order), np.arange(len(dataset))) or not np.array_equal(
+            np.asarray(output.label_ids).reshape(-1), labels[order]
+        ):
+            raise RuntimeError("the evaluation loop returned the predictions in an order its sampler does not give.")
+        probabilities = np.empty(len(dataset), dtype=np.float64)
+        probabilities[order] = positive_class_probability(logits)
+        return output.metrics, probabilities
+
 
 def prepare_datasets(
     data_args: DataArguments, training_args: TrainingArguments, vocabulary: EventVocabulary | None = None
@@ -605,11 +627,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     # The evaluations below do not steer training.
     trainer.remove_callback(BudgetEarlyStoppingCallback)
+    eval_metrics, eval_probabilities = trainer.evaluate_with_predictions(data["eval"])
     metrics = {
         **train_result.metrics,
         "train_steps": trainer.state.global_step,
         "train_max_steps": training_args.max_steps,
-        **trainer.evaluate(data["eval"]),
+        **eval_metrics,
         "train_samples": len(data["train"]),
         "eval_samples": len(data["eval"]),
     }
@@ -628,6 +651,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     trainer.save_state()  # trainer_state.json: the loss and validation curves of the run
     if trainer.is_world_process_zero():
         atomic_write_json(output_dir / RESULTS_FILE, metrics)
+        write_evaluated_predictions(
+            output_dir / EVAL_PREDICTIONS_FILE, data["eval"]["customer_id"], data["eval"]["labels"], eval_probabilities
+        )
         atomic_write_json(
             output_dir / TRAINING_RUN_FILE,
             {
