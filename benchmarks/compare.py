@@ -526,6 +526,16 @@ def quality_verdict(summaries: list[GroupSummary], tolerance: float = 0.02) -> l
     return lines or ["No finished model run yet: no verdict."]
 
 
+def auroc_figure_name(family: str) -> str:
+    """The file of a family's AUROC-against-context figure."""
+    return f"results_{family}_auroc_vs_context.png"
+
+
+def curves_figure_name(family: str) -> str:
+    """The file of a family's learning-curves figure."""
+    return f"results_{family}_learning_curves.png"
+
+
 def plot_family(summaries: list[GroupSummary], results: list[RunResult], family: str, figures_dir: Path) -> list[Path]:
     """Two figures of one family: AUROC against context (whole histories at the right end) with the oracle of each
     window and the baseline, and the learning curves (train loss, validation AUROC) of the first seed of each model
@@ -566,7 +576,7 @@ def plot_family(summaries: list[GroupSummary], results: list[RunResult], family:
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    auroc_path = figures_dir / f"results_{family}_auroc_vs_context.png"
+    auroc_path = figures_dir / auroc_figure_name(family)
     figure.savefig(auroc_path, dpi=90)
     pyplot.close(figure)
 
@@ -596,7 +606,7 @@ def plot_family(summaries: list[GroupSummary], results: list[RunResult], family:
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
     figure.tight_layout()
-    curves_path = figures_dir / f"results_{family}_learning_curves.png"
+    curves_path = figures_dir / curves_figure_name(family)
     figure.savefig(curves_path, dpi=90)
     pyplot.close(figure)
     return [auroc_path, curves_path]

@@ -192,6 +192,11 @@ def config_order(row: BenchmarkRow) -> int:
     return list(METHODS).index(row.method)
 
 
+def level_figure_name(level: str) -> str:
+    """The file of a level's time-and-memory-against-length figure."""
+    return f"benchmark_{level}.png"
+
+
 def plot_results(result: BenchmarkResult, output_dir: Path) -> list[Path]:
     """One PNG per level: time and peak memory against length, log-log, one line per method."""
     import matplotlib
@@ -227,7 +232,7 @@ def plot_results(result: BenchmarkResult, output_dir: Path) -> list[Path]:
         memory_axis.legend(fontsize=7)
         figure.suptitle(LEVEL_TITLES[level], fontsize=10)
         figure.tight_layout()
-        path = output_dir / f"benchmark_{level}.png"
+        path = output_dir / level_figure_name(level)
         figure.savefig(path, dpi=90)
         pyplot.close(figure)
         paths.append(path)
