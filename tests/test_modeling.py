@@ -124,6 +124,7 @@ def test_flex_attention_gives_the_outputs_of_eager_with_padding(attention_type):
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa", "flex_attention", "flash_attention_2"])
+@torch.no_grad()  # as the other flex attention tests on the CPU: its compiled mask builder is reused, not rebuilt
 def test_the_attention_mask_has_the_form_the_backend_takes(attn_implementation):
     """Padded keys are masked for every query: eager (additive) and SDPA (boolean) get one `[batch, 1, 1, length]` row
     broadcast over the queries, flex attention a block mask, flash attention the `[batch, length]` mask. Without
