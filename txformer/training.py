@@ -78,7 +78,13 @@ class ModelArguments:
     """Which model to train: a fresh config of the given attention kind, or a trained folder to continue from."""
 
     attention_type: str = field(default="full", metadata={"help": "full, performer or infinity."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "Full attention backend: sdpa or eager."})
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={
+            "help": "Exact attention backend (full attention, the ∞-former's short-term attention): sdpa, eager, "
+            "flex_attention (trains on a GPU only) or flash_attention_2 (GPU, flash-attn package)."
+        },
+    )
     model_name_or_path: str | None = field(
         default=None,
         metadata={
