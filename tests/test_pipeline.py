@@ -130,14 +130,16 @@ def hub_cache_from_recorded_push(folder: Path, hub_cache: Path) -> None:
 BARE_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    from transformers import AutoModelForSequenceClassification, AutoProcessor, pipeline
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoProcessor, pipeline
     results = {}
     for name, model, revision, transactions in json.loads(sys.argv[1]):
+        encoder = AutoModel.from_pretrained(model, revision=revision, trust_remote_code=True)
         classifier = AutoModelForSequenceClassification.from_pretrained(model, revision=revision, trust_remote_code=True)
         processor = AutoProcessor.from_pretrained(model, revision=revision, trust_remote_code=True)
         scorer = pipeline(model=model, revision=revision, trust_remote_code=True, device="cpu")
-        modules = {type(part).__module__.split(".")[0] for part in (classifier, processor, scorer, scorer.model)}
+        modules = {type(part).__module__.split(".")[0] for part in (encoder, classifier, processor, scorer, scorer.model)}
         assert modules == {"transformers_modules"}, modules
+        assert type(encoder).__name__ == "TxFormerModel", type(encoder)
         results[name] = scorer(transactions, batch_size=8)
     print(json.dumps(results))
     """
