@@ -148,6 +148,27 @@ def test_every_customer_encoded_with_a_trained_vocabulary_for_prediction(inputs,
     assert folders == ["customers", "encoded"], "the customers folder is shared"
 
 
+def test_every_customer_encoded_with_a_vocabulary_fitted_on_them_all_for_pretraining(inputs, tmp_path):
+    encoded = prepare_encoded_customers(inputs["files"], min_count=2, cache_dir=tmp_path, part_bytes=PART_BYTES)
+    everyone = build_customer_dataset(inputs["whole"])
+    vocabulary = EventVocabulary.fit(everyone, min_count=2)
+    assert encoded.vocabulary.to_dict() == vocabulary.to_dict()
+    assert customer_table(encoded.customers).equals(customer_table(vocabulary.encode(everyone)))
+
+
+def test_requested_customers_are_kept_in_id_order_and_absent_ones_reported(inputs, prepared, tmp_path, caplog):
+    everyone = prepare_encoded_customers(inputs["files"], prepared.vocabulary, cache_dir=tmp_path).customers
+    ids = everyone["customer_id"]
+    with caplog.at_level(logging.WARNING, logger="txformer.data.reader"):
+        chosen = prepare_encoded_customers(
+            inputs["files"], prepared.vocabulary, customer_ids=[ids[7], -5, ids[2]], cache_dir=tmp_path
+        ).customers
+    assert customer_table(chosen).equals(customer_table(everyone.select([2, 7])))
+    assert "1 requested customers have no transactions" in caplog.text and "[-5]" in caplog.text
+    with pytest.raises(TransactionDataError, match="no transactions left for the requested customers"):
+        prepare_encoded_customers(inputs["files"], prepared.vocabulary, customer_ids=[-5], cache_dir=tmp_path)
+
+
 def test_a_second_call_loads_the_cache_without_encoding_again(inputs, tmp_path, caplog):
     def encoding_passes() -> int:
         return sum(record.getMessage().startswith("Encoding") for record in caplog.records)

@@ -177,6 +177,8 @@ class PretrainingDataArguments(DataArguments):
             self.max_length = None
         if self.labels is not None:
             raise ValueError("Pretraining uses no labels: give --transactions alone.")
+        if self.streaming:
+            raise ValueError("--streaming is for scripts/train.py: pretraining reads the prepared customers as a dataset.")
 
 
 @dataclass
