@@ -541,6 +541,11 @@ class BaselineDataArguments(DataArguments):
         default=0, metadata={"help": "Aggregate only the most recent events of each customer; 0 = whole histories."}
     )
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.streaming:
+            raise ValueError("--streaming is for scripts/train.py: the baseline reads the prepared customers at once.")
+
 
 @dataclass
 class BaselineArguments:

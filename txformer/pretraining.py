@@ -178,7 +178,9 @@ class PretrainingDataArguments(DataArguments):
         if self.labels is not None:
             raise ValueError("Pretraining uses no labels: give --transactions alone.")
         if self.streaming:
-            raise ValueError("--streaming is for scripts/train.py: pretraining reads the prepared customers as a dataset.")
+            raise ValueError(
+                "--streaming is for scripts/train.py: pretraining reads the prepared customers as a dataset."
+            )
 
 
 @dataclass

@@ -610,12 +610,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         max_length=data_args.max_length, label_prior=float(np.mean(data["train"]["labels"]))
     )
     model.config.custom_pipelines = custom_pipelines()
+    data_seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
     batch_sampler = None
     if training_args.max_tokens_per_batch is not None:
         batch_sampler = TokenBudgetBatchSampler(
             data["train"][training_args.length_column_name],
             max_tokens=training_args.max_tokens_per_batch,
-            seed=training_args.seed if training_args.data_seed is None else training_args.data_seed,
+            seed=data_seed,
             max_length=data_args.max_length,
         )
         num_batches, drop_last = len(batch_sampler), False
@@ -636,7 +637,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                 training_args.early_stopping_patience, start=training_args.early_stopping_start
             )
         )
-    data_seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
     window = None
     if data_args.train_window_min_share > 0:
         window = RandomWindow(
