@@ -3,9 +3,12 @@
 `--max_steps` batches; the flags it cannot work with are refused before any data is read."""
 
 import itertools
+import shutil
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 from test_recipe import NUM_CUSTOMERS, arguments, tiny_run_flags
 
 from txformer import training
@@ -87,6 +90,31 @@ def test_a_streaming_run_takes_max_steps_and_reads_every_training_customer_first
         arguments(tmp_path, eval_strategy="no"),
     )["train"]["customer_id"]
     assert sorted(seen[:num_train]) == sorted(train_ids), "the first pass holds every training customer once"
+
+
+def test_a_streaming_run_resumed_from_a_checkpoint_ends_as_the_uninterrupted_run(tmp_path):
+    """The resumed run reads the stream again from its start and skips the batches already taken; dropout is on, so
+    the random states must be restored too."""
+    flags = [
+        "--streaming",
+        "--max_steps=10",
+        "--save_strategy=steps",
+        "--save_steps=5",
+        "--eval_strategy=no",
+        "--config_overrides=hidden_size=16,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32,"
+        "hidden_dropout_prob=0.1",
+    ]
+    main(tiny_run_flags(tmp_path / "straight", tmp_path / "cache", *flags))
+    shutil.copytree(tmp_path / "straight" / "checkpoint-5", tmp_path / "resumed" / "checkpoint-5")
+    main(tiny_run_flags(tmp_path / "resumed", tmp_path / "cache", *flags, "--resume_from_checkpoint=last"))
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(resumed[name], tensor) for name, tensor in straight.items())
+    assert not torch.equal(
+        straight["classifier.weight"],
+        load_file(tmp_path / "resumed" / "checkpoint-5" / "model.safetensors")["classifier.weight"],
+    )
 
 
 @pytest.mark.parametrize(
