@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from txformer.modeling_txformer import MASK_VALUE
+from txformer.attention_full import build_attention_mask
 
 from .measure import Measurement, measure_callable, measure_forward_backward, synchronize, tensor_peak_mib
 from .models import EXACT_REFERENCE, METHODS, PEERS, Method, benchmark_config, build_model, synthetic_batch
@@ -200,12 +200,6 @@ class Budget:
         self.stopped[(level, method.name)] = f"from L={length}: {reason}"
 
 
-def additive_mask(key_padding_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The model's additive key mask `[batch, 1, 1, length]` from a boolean `[batch, length]` mask."""
-    mask = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
-    return mask.masked_fill(~key_padding_mask, MASK_VALUE)[:, None, None, :]
-
-
 def attention_layer_function(model: torch.nn.Module, method: Method) -> Callable[[torch.Tensor], torch.Tensor]:
     """`hidden [batch, length, hidden] -> output` through the first layer's attention module. The ∞-former reads the
     sequence segment by segment as the model does: memory carried between segments, earlier segments without
@@ -216,7 +210,7 @@ def attention_layer_function(model: torch.nn.Module, method: Method) -> Callable
     def attend(hidden: torch.Tensor) -> torch.Tensor:
         key_padding_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         if method.attention_type != "infinity":
-            return attention(hidden, additive_mask(key_padding_mask, hidden.dtype), key_padding_mask)[0]
+            return attention(hidden, build_attention_mask(config, hidden, key_padding_mask), key_padding_mask)[0]
         outputs, state = [], None
         starts = range(0, hidden.shape[1], config.segment_length)
         for index, start in enumerate(starts):
@@ -225,7 +219,7 @@ def attention_layer_function(model: torch.nn.Module, method: Method) -> Callable
             with torch.set_grad_enabled(torch.is_grad_enabled() and keeps_graph):
                 mask = key_padding_mask[:, window]
                 output, _, state = attention(
-                    hidden[:, window], additive_mask(mask, hidden.dtype), mask, past_state=state
+                    hidden[:, window], build_attention_mask(config, hidden[:, window], mask), mask, past_state=state
                 )
             if config.ltm_detach_memory:
                 state = state.detach()

@@ -1,9 +1,11 @@
-"""Exact softmax attention (SDPA or eager) and the projection layer every attention kind shares."""
+"""Exact softmax attention (SDPA, eager, flex or flash) and the projection layer every attention kind shares."""
 
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_txformer import TxFormerConfig
@@ -29,6 +31,20 @@ def eager_attention_forward(
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
+
+
+def build_attention_mask(
+    config: TxFormerConfig, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor
+) -> torch.Tensor | BlockMask | None:
+    """The mask of padded keys in the form `config._attn_implementation` takes, from transformers' masking utilities.
+    `hidden_states`: `[batch, length, hidden]`; `key_padding_mask`: `[batch, length]`, True = real event.
+
+    SDPA (boolean) and eager (additive) get one row `[batch, 1, 1, length]` broadcast over the queries (SDPA would
+    turn a `[batch, 1, length, length]` mask into a float tensor of that size), or None without padding; flex attention
+    a `BlockMask` over every query; flash attention the `[batch, length]` mask it unpads the batch by, or None."""
+    # `create_bidirectional_mask` takes the number of query rows from the states it is given.
+    query_rows = hidden_states if config._attn_implementation == "flex_attention" else hidden_states[:, :1]
+    return create_bidirectional_mask(config, query_rows, key_padding_mask)
 
 
 def rotate_half(states: torch.Tensor) -> torch.Tensor:
@@ -101,14 +117,14 @@ class TxFormerSelfAttention(Float32BuffersMixin):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | BlockMask | None,
         key_padding_mask: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_state: None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
-        """Attend over `hidden_states` `[batch, length, hidden]`. `attention_mask` is the additive key mask
-        `[batch, 1, 1, length]` used by exact attention, `key_padding_mask` the boolean `[batch, length]` mask
+        """Attend over `hidden_states` `[batch, length, hidden]`. `attention_mask` is the key mask of exact attention
+        in the form of its backend (`build_attention_mask`), `key_padding_mask` the boolean `[batch, length]` mask
         (True = real event) used by the other kinds, `position_embeddings` the rotary `(cos, sin)` (None: no order
         signal). Returns the output, the weights (eager only) and the state carried to the next segment (stateless
         kinds: None)."""
@@ -124,7 +140,7 @@ class TxFormerSelfAttention(Float32BuffersMixin):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | BlockMask | None,
         key_padding_mask: torch.Tensor,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -58,7 +58,7 @@ class TxFormerConfig(PreTrainedConfig):
             a pair's own evidence is one lookup, as a bigram count is for a linear model. Starts at zero; 0 = off.
         event_context_size (`int`): each event's embedding is mixed with those of the `event_context_size` events
             before it (a causal convolution), so "code a followed by code b" is visible to every layer; 0 = off.
-        attention_type (`str`): `"full"` (exact attention, `attn_implementation` picks SDPA or eager),
+        attention_type (`str`): `"full"` (exact attention, `attn_implementation` picks SDPA, eager, flex or flash),
             `"performer"` (FAVOR+) or `"infinity"` (∞-former).
 
     Performer (`attention_type="performer"`):

@@ -26,8 +26,8 @@ from .machine import describe_machine, installed_version
 
 
 REQUIRED_PACKAGES = ("transformers", "accelerate", "datasets", "safetensors", "scikit-learn", "pytest")
-# Used when present: parallel tests, the benchmark's peer and plots.
-OPTIONAL_PACKAGES = ("pytest-xdist", "performer-pytorch", "matplotlib")
+# Used when present: parallel tests, the benchmark's peer and plots, flash attention 2.
+OPTIONAL_PACKAGES = ("pytest-xdist", "performer-pytorch", "matplotlib", "flash-attn")
 
 
 @contextmanager

@@ -63,7 +63,8 @@ DEFAULT_COMMIT_MESSAGE = "Upload txformer model: weights, code, processor, metri
 ATTENTION_TAGS = {"full": "full-attention", "performer": "performer", "infinity": "infinity-former"}
 ATTENTION_SUMMARIES = {
     "full": "exact softmax attention over every kept event (memory grows with the square of the history length); "
-    'the backend is chosen when loading, `attn_implementation="sdpa"` or `"eager"`.',
+    'the backend is chosen when loading: `attn_implementation="sdpa"`, `"eager"`, `"flex_attention"` or '
+    '`"flash_attention_2"`.',
     "performer": "FAVOR+ (Performer) random-feature approximation of softmax attention, linear in the history length.",
     "infinity": "∞-former: exact attention inside segments of `segment_length` events plus a continuous long-term "
     "memory, so whole histories of any length are read in bounded memory.",

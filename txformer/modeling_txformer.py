@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -12,7 +13,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .attention_full import Float32BuffersMixin, TxFormerSelfAttention
+from .attention_full import Float32BuffersMixin, TxFormerSelfAttention, build_attention_mask
 from .attention_infinity import InfinityMemoryState, TxFormerInfinityAttention
 from .attention_performer import TxFormerPerformerAttention
 from .configuration_txformer import TxFormerConfig
@@ -24,8 +25,6 @@ ATTENTION_CLASSES: dict[str, type[TxFormerSelfAttention]] = {
     "infinity": TxFormerInfinityAttention,
 }
 
-# Additive mask value: exp() of it is 0 in every float dtype, and it is finite in float16 (unlike finfo(float32).min).
-MASK_VALUE = -65504.0
 MINUTES_PER_DAY = 1440.0
 
 
@@ -269,7 +268,7 @@ class TxFormerLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | BlockMask | None,
         key_padding_mask: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_state: InfinityMemoryState | None = None,
@@ -319,6 +318,8 @@ class TxFormerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["TxFormerLayer"]
     _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = True
     _supports_attention_backend = False
 
     @torch.no_grad()
@@ -498,8 +499,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
         event_context = None
         if self.event_context is not None:
             hidden_states, event_context = self.event_context(hidden_states, key_padding_mask, state.event_context)
-        attention_mask = torch.zeros(key_padding_mask.shape, dtype=hidden_states.dtype, device=hidden_states.device)
-        attention_mask = attention_mask.masked_fill(~key_padding_mask, MASK_VALUE)[:, None, None, :]
+        attention_mask = build_attention_mask(self.config, hidden_states, key_padding_mask)
         position_embeddings = None if self.rotary_emb is None else self.rotary_emb(hidden_states.shape[1])
         layer_states = state.layer_states or (None,) * len(self.layers)
         all_hidden_states = () if output_hidden_states else None
