@@ -1,8 +1,8 @@
 """The machine description and the peak-memory probe shared by profiling and the benchmarks."""
 
+import mmap
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,8 +22,11 @@ needs_clear_refs = pytest.mark.skipif(
 
 
 def allocate_and_free(mib: int) -> None:
-    allocation = np.ones(mib * 2**20 // 8)  # written, so that its pages are resident
-    del allocation
+    """Maps `mib` MiB of fresh pages, writes them (resident) and unmaps them: new memory whatever the heap holds."""
+    page = b"\x01" * mmap.PAGESIZE
+    with mmap.mmap(-1, mib * 2**20) as pages:
+        for _ in range(len(pages) // len(page)):
+            pages.write(page)
 
 
 @needs_clear_refs
