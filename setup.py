@@ -16,7 +16,8 @@ setup(
     # The model card template ships inside the package as `txformer/hub_cards/` (the source tree keeps `hub_cards/`).
     packages=[*find_packages(include=["txformer", "txformer.*"]), "txformer.hub_cards"],
     package_dir={"txformer.hub_cards": "hub_cards"},
-    package_data={"txformer.hub_cards": ["*.md"]},
+    # The metric modules are `evaluate` scripts loaded from their path, not modules of the package.
+    package_data={"txformer": ["metric_modules/*.py"], "txformer.hub_cards": ["*.md"]},
     # torch is not pinned here: GPU users keep their own build. CPU-only machines: `make install` pins the CPU wheel.
     install_requires=[
         "torch>=2.6",
@@ -28,9 +29,10 @@ setup(
         "pyarrow>=15",
         "numpy>=1.26",
         "scikit-learn>=1.3",
-        "scipy>=1.10",
+        "scipy>=1.15",
         "lightgbm>=4.0",
         "tqdm>=4.66",
+        "evaluate>=0.4.3",
     ],
     extras_require={
         "dev": [

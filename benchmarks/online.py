@@ -10,7 +10,6 @@ Times are medians of `torch.utils.benchmark.Timer.blocked_autorange`; one proces
 """
 
 import json
-import platform
 import random
 import shlex
 import sys
@@ -25,6 +24,8 @@ from transformers import HfArgumentParser
 
 from txformer import OnlineScorer, OnlineStates, TxFormerConfig, TxFormerForSequenceClassification
 from txformer.data import EventVocabulary, build_customer_dataset, generate_synthetic_data
+from txformer.data.synthetic import TRANSACTIONS_FILE
+from txformer.machine import describe_machine
 from txformer.prediction import load_model, load_processor
 from txformer.processing_txformer import probability_of_positive_class
 
@@ -141,7 +142,7 @@ def measure_fidelity(args: OnlineBenchmarkArguments) -> list[dict]:
         processor.max_length = None
     with tempfile.TemporaryDirectory() as folder:
         generate_synthetic_data(folder, num_customers=args.fidelity_customers, seed=12345)
-        customers = build_customer_dataset(Path(folder) / "transactions.csv")
+        customers = build_customer_dataset(Path(folder) / TRANSACTIONS_FILE)
     histories = [
         {name: customers[row][name] for name in ("customer_id", "event_time", *processor.categorical_fields, "amount")}
         for row in range(len(customers))
@@ -192,11 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.num_threads)
     with tempfile.TemporaryDirectory() as folder:
         generate_synthetic_data(folder, num_customers=200, seed=0)
-        vocabulary = EventVocabulary.fit(build_customer_dataset(Path(folder) / "transactions.csv"))
+        vocabulary = EventVocabulary.fit(build_customer_dataset(Path(folder) / TRANSACTIONS_FILE))
     results = {
         "command": shlex.join(["python", "benchmarks/online.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s)",
+        "machine": describe_machine(),
         "arguments": asdict(args),
         "costs": measure_costs(args, vocabulary),
         "fidelity": measure_fidelity(args) if args.model else None,

@@ -4,56 +4,53 @@ performer-pytorch), at three levels (attention layer, model forward, training st
 89,000-event history against a 2,000-event one. Writes CSV, Markdown, JSON and PNG plots to `--output_dir`.
 
     python scripts/benchmark.py                                   # CPU defaults: under 10 minutes on 2 cores
-    python scripts/benchmark.py --levels train --lengths 256 1024 --check_lengths   # a quick look, no check
+    python scripts/benchmark.py --levels train --lengths 256 1024                   # a quick look, no check
     python scripts/benchmark.py --lengths 1024 4096 16384 65536 --batch_size 16 --dtype bfloat16 \\
         --max_seconds 30                                          # a GPU
 """
 
-import argparse
 import shlex
 import shutil
 import sys
-from dataclasses import fields
-
-from txformer.benchmark.report import write_results
-from txformer.benchmark.suite import BenchmarkConfig, run_benchmark
-from txformer.cli import run_cli
+from dataclasses import dataclass, field
+from pathlib import Path
 
 
-def parse_args() -> tuple[BenchmarkConfig, str, str | None]:
-    """The benchmark config (one flag per field), the output folder and the optional figures folder."""
-    defaults = BenchmarkConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for config_field in fields(BenchmarkConfig):
-        default = getattr(defaults, config_field.name)
-        help_text = f"{config_field.metadata['help']} Default: {default}."
-        if isinstance(default, list):
-            item_type = str if default and isinstance(default[0], str) else int
-            parser.add_argument(f"--{config_field.name}", type=item_type, nargs="*", default=default, help=help_text)
-        elif isinstance(default, bool):
-            parser.add_argument(
-                f"--{config_field.name}", action=argparse.BooleanOptionalAction, default=default, help=help_text
-            )
-        else:
-            parser.add_argument(f"--{config_field.name}", type=type(default), default=default, help=help_text)
-    parser.add_argument("--output_dir", default="outputs/benchmark", help="Folder of the results.")
-    parser.add_argument("--figures_dir", default=None, help="Also copy the PNG plots here (e.g. docs/figures).")
-    args = vars(parser.parse_args())
-    output_dir, figures_dir = args.pop("output_dir"), args.pop("figures_dir")
-    return BenchmarkConfig(**args), output_dir, figures_dir
+# `benchmarks/` lies next to `scripts/` in the source tree; it is not installed with the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report import write_results
+from benchmarks.suite import BenchmarkConfig, run_benchmark
+from txformer.cli import run_cli, script_parser
+
+
+@dataclass
+class OutputArguments:
+    """Where the results go."""
+
+    output_dir: str = field(default="outputs/benchmark", metadata={"help": "Folder of the results."})
+    figures_dir: str | None = field(
+        default=None, metadata={"help": "Also copy the PNG plots here (e.g. docs/figures)."}
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, OutputArguments]:
+    """The benchmark config and the output folders (one flag per field)."""
+    config, output = script_parser((BenchmarkConfig, OutputArguments), __doc__).parse_args_into_dataclasses(args=argv)
+    return config, output
 
 
 def main() -> None:
-    config, output_dir, figures_dir = parse_args()
+    config, output = parse_args()
     command = shlex.join(["python", "scripts/benchmark.py", *sys.argv[1:]])
     result = run_benchmark(config)
-    paths = write_results(result, config, command, output_dir)
+    paths = write_results(result, config, command, output.output_dir)
     print()
     print(paths[1].read_text(encoding="utf-8"))
-    if figures_dir is not None:
+    if output.figures_dir is not None:
         for path in paths:
             if path.suffix == ".png":
-                shutil.copy(path, figures_dir)
+                shutil.copy(path, output.figures_dir)
     print("wrote " + ", ".join(str(path) for path in paths))
 
 

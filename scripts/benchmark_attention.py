@@ -1,55 +1,50 @@
 #!/usr/bin/env python
 """Benchmark the attention ops, forward + backward: FAVOR+ (ours), performer-pytorch (if installed), SDPA, naive.
 
-    python scripts/benchmark_attention.py                                  # 256 ... 32768: 2 minutes on 2 cores
-    python scripts/benchmark_attention.py --lengths 1024 8192 --repeats 3  # a quick check
+    python scripts/benchmark_attention.py                                       # 256 ... 32768: minutes on 2 cores
+    python scripts/benchmark_attention.py --lengths 1024 8192 --min_run_time 3  # two lengths, longer timing
 
 Prints the table and writes `attention_benchmark.csv` and `attention_benchmark.md` to `--output_dir`.
 """
 
-import argparse
 import shlex
 import sys
-from dataclasses import fields
-
-import torch
-
-from txformer.benchmark.attention import (
-    AttentionBenchmarkConfig,
-    describe_machine,
-    format_markdown,
-    run_attention_benchmark,
-    write_results,
-)
-from txformer.cli import run_cli
+from dataclasses import dataclass, field
+from pathlib import Path
 
 
-def parse_args() -> tuple[AttentionBenchmarkConfig, str]:
-    """The benchmark config from the command line (one flag per config field) and the output folder."""
-    defaults = AttentionBenchmarkConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for config_field in fields(AttentionBenchmarkConfig):
-        default = getattr(defaults, config_field.name)
-        help_text = f"{config_field.metadata['help']} Default: {default}."
-        if isinstance(default, list):
-            parser.add_argument(f"--{config_field.name}", type=int, nargs="+", default=default, help=help_text)
-        else:
-            parser.add_argument(f"--{config_field.name}", type=type(default), default=default, help=help_text)
-    parser.add_argument("--output_dir", default="outputs/benchmark_attention", help="Folder of the CSV and Markdown.")
-    args = vars(parser.parse_args())
-    output_dir = args.pop("output_dir")
-    return AttentionBenchmarkConfig(**args), output_dir
+# `benchmarks/` lies next to `scripts/` in the source tree; it is not installed with the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.attention import AttentionBenchmarkConfig, format_markdown, run_attention_benchmark, write_results
+from txformer.cli import run_cli, script_parser
+from txformer.machine import describe_machine
+
+
+@dataclass
+class OutputArguments:
+    """Where the results go."""
+
+    output_dir: str = field(
+        default="outputs/benchmark_attention", metadata={"help": "Folder of the CSV and Markdown."}
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[AttentionBenchmarkConfig, OutputArguments]:
+    """The benchmark config and the output folder (one flag per field)."""
+    parser = script_parser((AttentionBenchmarkConfig, OutputArguments), __doc__)
+    config, output = parser.parse_args_into_dataclasses(args=argv)
+    return config, output
 
 
 def main() -> None:
-    config, output_dir = parse_args()
+    config, output = parse_args()
     rows, summary = run_attention_benchmark(config)
-    machine = describe_machine(torch.device(config.device))
     command = shlex.join(["python", "scripts/benchmark_attention.py", *sys.argv[1:]])
-    markdown = format_markdown(rows, summary, config, machine, command)
+    markdown = format_markdown(rows, summary, config, describe_machine(), command)
     print()
     print(markdown)
-    csv_path, markdown_path = write_results(rows, markdown, output_dir)
+    csv_path, markdown_path = write_results(rows, markdown, output.output_dir)
     print(f"wrote {csv_path} and {markdown_path}")
 
 

@@ -7,13 +7,13 @@
                                                           # windows against order-free aggregate baselines
     python scripts/benchmark_data.py --scale 1 10         # prepare_training_data at 1x and 10x the real size
 
-Generation is timed apart. Reading and encoding run in a fresh process, so its peak RSS (getrusage) is theirs alone.
+Generation is timed apart. Reading and encoding run in a fresh process, so its peak RSS (VmHWM) is theirs alone.
 """
 
-import argparse
 import multiprocessing
-import resource
+import sys
 import time
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
@@ -21,8 +21,12 @@ import numpy as np
 import pyarrow.compute as pc
 from sklearn.metrics import roc_auc_score
 
-from txformer.benchmark.data_scale import run_scale_benchmark
-from txformer.cli import run_cli
+
+# `benchmarks/` lies next to `scripts/` in the source tree; it is not installed with the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.data_scale import run_scale_benchmark
+from txformer.cli import run_cli, script_parser
 from txformer.data import (
     SYNTHETIC_FAMILIES,
     EventVocabulary,
@@ -35,11 +39,7 @@ from txformer.data import (
 )
 from txformer.data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
 from txformer.data.synthetic_order import OrderPosterior
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+from txformer.machine import process_peak_memory_mib
 
 
 def count_events(customers) -> int:
@@ -51,10 +51,26 @@ def time_pipeline(data_dir: str, results) -> None:
     """Child process: reads the file into customers, then fits and encodes the vocabulary, timing each step."""
     start = time.perf_counter()
     customers = build_customer_dataset(Path(data_dir) / TRANSACTIONS_FILE)
-    results.put(("read", time.perf_counter() - start, peak_rss_gib(), len(customers), count_events(customers)))
+    results.put(
+        (
+            "read",
+            time.perf_counter() - start,
+            process_peak_memory_mib() / 1024,
+            len(customers),
+            count_events(customers),
+        )
+    )
     start = time.perf_counter()
     encoded = EventVocabulary.fit(customers).encode(customers)
-    results.put(("fit + encode", time.perf_counter() - start, peak_rss_gib(), len(encoded), count_events(encoded)))
+    results.put(
+        (
+            "fit + encode",
+            time.perf_counter() - start,
+            process_peak_memory_mib() / 1024,
+            len(encoded),
+            count_events(encoded),
+        )
+    )
 
 
 # About 6.8 M rows each: the size of the real file.
@@ -82,17 +98,30 @@ def ensure_data(data_dir: Path, num_customers: int, seed: int, family: str = "in
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", default="outputs/benchmark-data", help="Where the benchmark data is written.")
-    parser.add_argument("--family", default="independent", choices=SYNTHETIC_FAMILIES)
-    parser.add_argument("--num_customers", type=int, default=None, help="Default: about 6.8 M rows of the family.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--learnability", action="store_true", help="Oracle AUROCs and the feature baselines.")
-    parser.add_argument(
-        "--scale", type=int, nargs="+", help="Only the sharded preparation, at these multiples of the real size."
+@dataclass
+class DataBenchmarkArguments:
+    """What to measure (one command-line flag per field)."""
+
+    data_dir: str = field(default="outputs/benchmark-data", metadata={"help": "Where the benchmark data is written."})
+    family: str = field(
+        default="independent", metadata={"help": "Synthetic data family.", "choices": SYNTHETIC_FAMILIES}
     )
-    args = parser.parse_args()
+    num_customers: int | None = field(default=None, metadata={"help": "Default: about 6.8 M rows of the family."})
+    seed: int = field(default=0, metadata={"help": "Seed of the generated data."})
+    learnability: bool = field(default=False, metadata={"help": "Oracle AUROCs and the feature baselines."})
+    scale: list[int] | None = field(
+        default=None, metadata={"help": "Only the sharded preparation, at these multiples of the real size."}
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> DataBenchmarkArguments:
+    """The arguments of the benchmark."""
+    (args,) = script_parser(DataBenchmarkArguments, __doc__).parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.scale:
         run_scale_benchmark(args.scale, Path(args.data_dir), args.seed)
         return

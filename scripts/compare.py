@@ -15,19 +15,22 @@ to every `scripts/train.py` run.
 
 import shlex
 import sys
-
-from transformers import HfArgumentParser
-
-from txformer.benchmark.compare import CompareConfig, collect_results, run_all, write_report
-from txformer.cli import run_cli
+from pathlib import Path
 
 
-def parse_args() -> tuple[CompareConfig, list[str]]:
-    """The comparison config (one flag per field) and the flags passed on to every training run."""
-    argv = sys.argv[1:]
+# `benchmarks/` lies next to `scripts/` in the source tree; it is not installed with the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.compare import CompareConfig, collect_results, run_all, write_report
+from txformer.cli import run_cli, script_parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, list[str]]:
+    """The comparison config (one flag per field) and the flags after `--`, passed on to every training run."""
+    argv = sys.argv[1:] if argv is None else argv
     extra_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    (config,) = HfArgumentParser(CompareConfig).parse_args_into_dataclasses(args=argv)
+    (config,) = script_parser(CompareConfig, __doc__).parse_args_into_dataclasses(args=argv)
     return config, extra_args
 
 

@@ -196,7 +196,7 @@ run_step fsdp2 45 "$PYTHON" -m accelerate.commands.launch --config_file configs/
 keep_results "$WORK_DIR/fsdp2" fsdp2
 
 run_step benchmark_attention 30 "$PYTHON" scripts/benchmark_attention.py --device cuda \
-    --lengths 1024 4096 16384 65536 --max_sdpa_length 65536 --max_naive_length 16384 --repeats 3 \
+    --lengths 1024 4096 16384 65536 --max_sdpa_length 65536 --max_naive_length 16384 --min_run_time 1 \
     --output_dir "$OUTPUT_DIR/benchmark_attention"
 
 # Every method of the benchmark's registry (each attention kind, exact SDPA and eager, installed peers); each stops

@@ -1,7 +1,6 @@
 """The LightGBM baseline: aggregate features against a plain per-customer computation, unknown codes, the held-out
 split shared with training, the embeddings join and the command line end to end."""
 
-import csv
 import json
 
 import datasets
@@ -20,6 +19,8 @@ from txformer.baseline import (
 )
 from txformer.data import build_customer_dataset, generate_synthetic_data, split_for_evaluation
 from txformer.embedding import embeddings_table
+from txformer.file_names import BASELINE_PREDICTIONS_FILE
+from txformer.metrics import classification_metrics, read_evaluated_predictions
 from txformer.training import DataArguments, TxFormerTrainingArguments, prepare_datasets
 
 
@@ -239,14 +240,16 @@ def test_command_line_end_to_end(synthetic_dir, tmp_path):
     assert results["metrics"]["eval_auroc"] == metrics["eval_auroc"] > 0.62
     assert 0.5 < results["metrics"]["oracle_auroc_all"] <= 1
     assert results["metrics"]["num_features"] > 300
-    with open(output_dir / "baseline_predictions.csv") as file:
-        rows = list(csv.DictReader(file))
+    customer_ids, labels, probabilities = read_evaluated_predictions(output_dir / BASELINE_PREDICTIONS_FILE)
     training = prepare_datasets(
         DataArguments(data_cache_dir=str(synthetic_dir), synthetic_num_customers=300, eval_fraction=0.3),
         TxFormerTrainingArguments(output_dir=str(tmp_path)),
     )
-    assert [int(row["customer_id"]) for row in rows] == list(training["eval"]["customer_id"])
-    assert all(0 < float(row["probability"]) < 1 for row in rows)
+    assert customer_ids.tolist() == training["eval"]["customer_id"] and labels.tolist() == training["eval"]["labels"]
+    assert all(0 < probabilities) and all(probabilities < 1)
+    assert {f"eval_{name}": value for name, value in classification_metrics(labels, probabilities).items()} == {
+        name: metrics[name] for name in ("eval_auroc", "eval_accuracy", "eval_log_loss")
+    }
 
     # Embeddings that hold the label (plus noise) for every customer: LightGBM on them alone finds it.
     oracle = json.loads((synthetic_dir / "synthetic-independent-n300-seed0" / "oracle.json").read_text())

@@ -5,15 +5,17 @@ and the ratios, the peak tensor memory, the performer-pytorch peer, and the comp
 import csv
 import json
 import math
+import os
+import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from txformer.attention_performer import favor_attention
-from txformer.benchmark import compare
-from txformer.benchmark.compare import (
+from benchmarks import compare
+from benchmarks.compare import (
     CompareConfig,
     RunSpec,
     micro_batch_size,
@@ -21,10 +23,10 @@ from txformer.benchmark.compare import (
     train_command,
     write_report,
 )
-from txformer.benchmark.measure import Measurement, tensor_peak_mib
-from txformer.benchmark.models import METHODS, benchmark_config, build_model
-from txformer.benchmark.report import write_results
-from txformer.benchmark.suite import (
+from benchmarks.measure import Measurement, measure_callable, measure_matmul_flops, tensor_peak_mib
+from benchmarks.models import METHODS, benchmark_config, build_model
+from benchmarks.report import write_results
+from benchmarks.suite import (
     CHECK_LEVEL,
     LEVELS,
     BenchmarkConfig,
@@ -33,9 +35,12 @@ from txformer.benchmark.suite import (
     add_ratios,
     run_benchmark,
 )
-from txformer.benchmark.throughput import ThroughputConfig, format_throughput, run_throughput
+from benchmarks.throughput import ThroughputConfig, format_throughput, run_throughput
+from txformer.attention_performer import favor_attention
+from txformer.metrics import bootstrap_auroc_interval, write_evaluated_predictions
 
 
+REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = (
     "hidden_size=16,num_attention_heads=2,intermediate_size=32,segment_length=8,ltm_num_basis=8,"
     "ltm_num_samples=8,performer_num_random_features=16"
@@ -46,7 +51,7 @@ def test_tiny_benchmark_writes_every_point_and_output(tmp_path):
     config = BenchmarkConfig(
         lengths=[8, 16],
         batch_size=2,
-        repeats=1,
+        min_run_time=0.01,
         config_overrides=TINY_MODEL,
         check_lengths=[16, 40],
         max_seconds=60,
@@ -55,7 +60,8 @@ def test_tiny_benchmark_writes_every_point_and_output(tmp_path):
     result = run_benchmark(config, log=lambda line: None)
     methods = [name for name in METHODS if METHODS[name].available]
     measured = {(row.level, row.method, row.length) for row in result.rows}
-    expected = {(level, method, length) for level in LEVELS for method in methods for length in (8, 16)}
+    model_levels = [level for level in LEVELS if level != CHECK_LEVEL]
+    expected = {(level, method, length) for level in model_levels for method in methods for length in (8, 16)}
     expected |= {(CHECK_LEVEL, method, length) for method in config.check_methods for length in (16, 40)}
     assert measured == expected
     assert not result.skipped
@@ -68,10 +74,20 @@ def test_tiny_benchmark_writes_every_point_and_output(tmp_path):
     markdown = (tmp_path / "benchmark.md").read_text()
     assert "## Training step" in markdown and "## ∞-former check" in markdown
     assert "∞-former time per event at L=40 / at L=16" in markdown
-    assert {path.name for path in paths if path.suffix == ".png"} == {
-        f"benchmark_{level}.png" for level in [*LEVELS, CHECK_LEVEL]
-    }
+    assert {path.name for path in paths if path.suffix == ".png"} == {f"benchmark_{level}.png" for level in LEVELS}
     assert json.loads((tmp_path / "benchmark.json").read_text())["config"]["lengths"] == [8, 16]
+
+
+def test_levels_choose_the_model_levels_and_the_check():
+    config = BenchmarkConfig(
+        levels=[CHECK_LEVEL], check_methods=["infinity"], check_lengths=[8, 16], tensor_memory=False,
+        min_run_time=0.01, config_overrides=TINY_MODEL,
+    )  # fmt: skip
+    result = run_benchmark(config, log=lambda line: None)
+    assert [(row.level, row.length) for row in result.rows] == [(CHECK_LEVEL, 8), (CHECK_LEVEL, 16)]
+    assert BenchmarkConfig(levels=["train", "attention"]).model_levels() == ["attention", "train"]
+    with pytest.raises(ValueError, match="Unknown levels"):
+        BenchmarkConfig(levels=["check"])
 
 
 def test_budget_skips_lengths_by_growth_exponent():
@@ -107,6 +123,25 @@ def test_ratios_against_exact_peer_and_first_length():
     assert rows[3].us_per_event_vs_first == pytest.approx(1.0) and rows[3].memory_vs_first == 2.0
     assert rows[3].time_vs_exact is None  # no SDPA point at 200
     assert rows[4].memory_vs_exact is None  # unknown memory gives no ratio
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs a writable /proc/self/clear_refs")
+def test_measure_callable_times_blocks_and_counts_what_each_allocates():
+    calls = []
+
+    def step():
+        calls.append("step")
+        allocation = torch.ones(32 * 2**20 // 4)  # 32 MiB, written
+        return allocation.sum()
+
+    measurement = measure_callable(
+        step, torch.device("cpu"), min_run_time=0.05, prepare=lambda: calls.append("prepare")
+    )
+    assert calls.count("step") > len(measurement.all_seconds) >= 1  # the warm-up run is not timed
+    assert 0 < min(measurement.all_seconds) <= measurement.seconds <= max(measurement.all_seconds)
+    assert 30 <= measurement.peak_memory_mib <= 48
+    assert calls[-1] == "prepare"  # left cleared, as before the first block
+    assert measure_matmul_flops(torch.device("cpu"), size=64, min_run_time=0.01) > 0
 
 
 def test_tensor_peak_counts_live_tensor_bytes():
@@ -222,6 +257,20 @@ def fake_run(run_dir, auroc, accuracy, oracle_window, tokens_per_s, results_file
     (run_dir / "trainer_state.json").write_text(json.dumps({"log_history": history}))
 
 
+HELD_OUT_IDS = np.arange(1000, 1200)
+HELD_OUT_LABELS = np.random.default_rng(0).integers(0, 2, size=len(HELD_OUT_IDS))
+
+
+def fake_predictions(run_dir, strength, seed):
+    """Held-out predictions of a run, written in a shuffled customer order: noisy scores of the labels."""
+    rng = np.random.default_rng(seed)
+    probabilities = 1 / (1 + np.exp(-(strength * (HELD_OUT_LABELS - 0.5) + rng.normal(size=len(HELD_OUT_IDS)))))
+    order = rng.permutation(len(HELD_OUT_IDS))
+    name = "baseline_predictions.csv" if "lightgbm" in run_dir.name else "eval_predictions.csv"
+    write_evaluated_predictions(run_dir / name, HELD_OUT_IDS[order], HELD_OUT_LABELS[order], probabilities[order])
+    return probabilities
+
+
 def test_report_aggregates_seeds_and_states_the_goals_per_family(tmp_path):
     output_dir = tmp_path / "runs"
     for family in ("independent", "order"):
@@ -243,10 +292,10 @@ def test_report_aggregates_seeds_and_states_the_goals_per_family(tmp_path):
     report = write_report(config, unfinished, "python scripts/compare.py").read_text()
     assert "## The `order` family (200 customers)" in report
     assert (
-        "| full | last 256 | 2 | 0.8400 ± 0.0141 | 0.7800 ± 0.0141 | 0.8400 | 0.0000 | +0.0300 | 21,000 | 903 |"
+        "| full | last 256 | 2 | 0.8400 ± 0.0141 | – | 0.7800 ± 0.0141 | 0.8400 | 0.0000 | +0.0300 | – | 21,000 | 903 |"
         in report
     )
-    assert "| lightgbm | aggregates of the whole history | 2 | 0.8100 ± 0.0141 |" in report
+    assert "| lightgbm | aggregates of the whole history | 2 | 0.8100 ± 0.0141 | – |" in report
     assert "| Bayes oracle | whole history | | 0.8700 |" in report
     assert "- full, best at last 256: AUROC 0.8400 ± 0.0141; beats the baseline by +0.0300; 0.0000 below" in report
     assert (
@@ -260,9 +309,45 @@ def test_report_aggregates_seeds_and_states_the_goals_per_family(tmp_path):
     assert "(figures/results_order_learning_curves.png)" in report
 
 
+def test_report_bootstraps_the_held_out_predictions_of_each_configuration(tmp_path):
+    output_dir = tmp_path / "runs"
+    scores = {}
+    for name, strength, auroc in (("lightgbm-seed1", 1.0, 0.70), ("lightgbm-seed2", 1.0, 0.72)):
+        fake_run(output_dir / "order" / name, auroc, 0.6, None, 0, "baseline_results.json")
+        scores[name] = fake_predictions(output_dir / "order" / name, strength, seed=len(scores))
+    for name, strength in (("full-256-seed1", 2.0), ("full-256-seed2", 2.0), ("infinity-whole-seed1", 2.0)):
+        fake_run(output_dir / "order" / name, 0.8, 0.7, 0.84, 20000)
+        scores[name] = fake_predictions(output_dir / "order" / name, strength, seed=len(scores))
+    fake_run(output_dir / "order" / "infinity-whole-seed2", 0.8, 0.7, 0.87, 20000)  # a run without predictions
+    config = CompareConfig(
+        families=["order:200"], runs=["full:256", "infinity:0"], seeds=[1, 2], output_dir=str(output_dir),
+        report=str(tmp_path / "results.md"), figures_dir=str(tmp_path / "figures"),
+    )  # fmt: skip
+    report = write_report(config, [], "python scripts/compare.py").read_text()
+    full = [scores["full-256-seed1"], scores["full-256-seed2"]]
+    baseline = [scores["lightgbm-seed1"], scores["lightgbm-seed2"]]
+    low, high = bootstrap_auroc_interval(HELD_OUT_LABELS, full, num_resamples=compare.BOOTSTRAP_RESAMPLES)
+    margin_low, margin_high = bootstrap_auroc_interval(
+        HELD_OUT_LABELS, full, baseline=baseline, num_resamples=compare.BOOTSTRAP_RESAMPLES
+    )
+    assert 0 < margin_low < margin_high  # stronger scores than the baseline's on the same customers
+    assert f"| full | last 256 | 2 | 0.8000 ± 0.0000 | [{low:.4f}, {high:.4f}] |" in report
+    assert f"| +0.0900 | [{margin_low:+.4f}, {margin_high:+.4f}] |" in report
+    assert f"beats the baseline by +0.0900 (95% CI [{margin_low:+.4f}, {margin_high:+.4f}])" in report
+    baseline_low, baseline_high = bootstrap_auroc_interval(
+        HELD_OUT_LABELS, baseline, num_resamples=compare.BOOTSTRAP_RESAMPLES
+    )
+    assert f"| lightgbm | aggregates of the whole history | 2 | 0.7100 ± 0.0141 | [{baseline_low:.4f}, " in report
+    assert "| infinity | whole history | 2 | 0.8000 ± 0.0000 | – |" in report  # one seed has no predictions
+
+
 def test_throughput_measures_every_point_side_by_side():
     config = ThroughputConfig(
-        points=["full_sdpa:4x8", "infinity:2x16"], rounds=2, repeats=1, ragged=True, config_overrides=TINY_MODEL
+        points=["full_sdpa:4x8", "infinity:2x16"],
+        rounds=2,
+        min_run_time=0.01,
+        ragged=True,
+        config_overrides=TINY_MODEL,
     )
     rows, loads = run_throughput(config, log=lambda line: None)
     assert [(row.level, row.point) for row in rows] == [
@@ -274,6 +359,30 @@ def test_throughput_measures_every_point_side_by_side():
     assert rows[0].vs_first == 1.0
     table = format_throughput(rows, config, loads)
     assert "| training step | infinity:2x16 | 18 |" in table
+
+
+def script_namespace(name: str) -> dict:
+    return runpy.run_path(str(REPO / "scripts" / f"{name}.py"), run_name="script")
+
+
+def test_scripts_parse_every_field_as_a_flag_with_hf_argument_parser(capsys):
+    config, output = script_namespace("benchmark")["parse_args"](
+        ["--levels", "train", "--lengths", "8", "16", "--no_tensor_memory", "--figures_dir", "docs/figures"]
+    )
+    assert config.levels == ["train"] and config.lengths == [8, 16] and not config.tensor_memory
+    assert output.output_dir == "outputs/benchmark" and output.figures_dir == "docs/figures"
+    config, output = script_namespace("benchmark_attention")["parse_args"](["--min_run_time", "0.5"])
+    assert config.min_run_time == 0.5 and output.output_dir == "outputs/benchmark_attention"
+    assert script_namespace("benchmark_throughput")["parse_args"](["--ragged"]).ragged
+    parse_data_args = script_namespace("benchmark_data")["parse_args"]
+    assert parse_data_args([]).scale is None and parse_data_args(["--scale", "1", "10"]).scale == [1, 10]
+    config, extra_args = script_namespace("compare")["parse_args"](["--seeds", "1", "--", "--bf16", "true"])
+    assert config.seeds == [1] and extra_args == ["--bf16", "true"]
+    with pytest.raises(SystemExit):
+        script_namespace("benchmark")["parse_args"](["--help"])
+    help_text = capsys.readouterr().out
+    assert "python scripts/benchmark.py --levels train" in help_text  # the docstring's examples, as written
+    assert "(default: 1.0)" in help_text  # --min_run_time
 
 
 @pytest.mark.parametrize("point", ["infinity", "infinity:8", "infinity:8xlong", "nope:8x16"])

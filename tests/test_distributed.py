@@ -26,6 +26,8 @@ import torch
 from safetensors.torch import load_file
 
 from txformer.configuration_txformer import ATTENTION_TYPES
+from txformer.file_names import EVAL_PREDICTIONS_FILE
+from txformer.metrics import read_evaluated_predictions
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -296,6 +298,13 @@ def test_evaluation_covers_every_sample_once_with_uneven_last_batches(runs, atte
     for key in ("eval_loss", "eval_log_loss", "eval_auroc", "eval_accuracy"):
         assert distributed[key] == pytest.approx(single[key], rel=RTOL, abs=ATOL), key
     assert single["eval_log_loss"] == pytest.approx(single["eval_loss"], rel=RTOL, abs=ATOL)
+    # The held-out predictions, gathered from both processes, are written in the customers' order.
+    single_ids, single_labels, single_probabilities = read_evaluated_predictions(
+        runs["one"] / attention_type / EVAL_PREDICTIONS_FILE
+    )
+    ids, labels, probabilities = read_evaluated_predictions(runs["two"] / attention_type / EVAL_PREDICTIONS_FILE)
+    assert ids.tolist() == single_ids.tolist() and labels.tolist() == single_labels.tolist()
+    np.testing.assert_allclose(probabilities, single_probabilities, rtol=RTOL, atol=ATOL)
 
 
 def test_a_process_of_a_launch_that_joins_no_process_group_is_an_error(monkeypatch, tmp_path):

@@ -16,6 +16,7 @@ from conftest import tiny_config
 from test_bad_input import HEADER, write_csv
 from transformers import AutoModelForSequenceClassification, HfArgumentParser, TrainingArguments
 
+from benchmarks.compare import CompareConfig
 from txformer import TxFormerForSequenceClassification
 from txformer.cli import ConfigOverrideError, is_expected_failure, parse_config_overrides, run_cli
 from txformer.data import (
@@ -203,6 +204,7 @@ def parse_conflicting_trainer_flags():
         (raise_data_error, True),
         (lambda: TransactionCollator(**FIELDS, max_length=0), True),  # txformer's own checks
         (lambda: tiny_config(attention_type="linear"), True),
+        (lambda: CompareConfig(families=["order"]).specs(), True),  # the benchmarks' own checks, next to txformer
         (parse_conflicting_trainer_flags, True),  # the Trainer's own check of its flags
         (lambda: open("/nonexistent/folder/file.csv"), True),  # an OS error about a named path
         (load_a_folder_without_weights, True),  # transformers' error for a folder it cannot load

@@ -22,7 +22,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
-from txformer.benchmark.data_scale import scaled_data
+from benchmarks.data_scale import scaled_data
 from txformer.data import (
     EventVocabulary,
     TransactionDataError,

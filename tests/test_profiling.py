@@ -14,10 +14,8 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from txformer.file_names import PROFILE_STEPS_FILE, PROFILE_SUMMARY_FILE
 from txformer.profiling import (
-    STEPS_FILE,
-    SUMMARY_FILE,
-    ProcessHighWaterMarkProbe,
     ProfilingCallback,
     add_profiling_callback,
     aggregate_rank_summaries,
@@ -146,7 +144,7 @@ def accumulation_run(tmp_path_factory) -> tuple[Trainer, Path]:
 
 def test_one_complete_line_per_optimizer_step_with_exact_real_event_counts(accumulation_run):
     _, output_dir = accumulation_run
-    records = read_steps(output_dir / STEPS_FILE)
+    records = read_steps(output_dir / PROFILE_STEPS_FILE)
     expected = expected_steps(sequence_lengths(), gradient_accumulation_steps=2)
     assert [record["step"] for record in records] == [1, 2, 3, 4]
     assert [{key: record[key] for key in ("micro_batches", "samples", "tokens")} for record in records] == expected
@@ -159,7 +157,7 @@ def test_one_complete_line_per_optimizer_step_with_exact_real_event_counts(accum
 
 def test_summary_has_statistics_environment_and_overhead(accumulation_run):
     _, output_dir = accumulation_run
-    summary = json.loads((output_dir / SUMMARY_FILE).read_text())
+    summary = json.loads((output_dir / PROFILE_SUMMARY_FILE).read_text())
     assert summary["num_steps"] == 4 and summary["world_size"] == 1 and summary["excluded_warmup_steps"] == 2
     assert summary["per_rank"][0]["num_steps_in_statistics"] == 2
     assert set(summary["step_time_s"]) == {"median", "mean", "p10", "p90", "p99"}
@@ -206,7 +204,7 @@ def test_dataloader_workers_and_reporting_callbacks(tmp_path):
     )
     add_profiling_callback(trainer)
     trainer.train()
-    records = read_steps(tmp_path / STEPS_FILE)
+    records = read_steps(tmp_path / PROFILE_STEPS_FILE)
     assert [record["tokens"] for record in records] == [
         step["tokens"] for step in expected_steps(sequence_lengths(), 1)
     ]
@@ -225,7 +223,7 @@ def test_resumed_run_keeps_the_steps_up_to_its_checkpoint(tmp_path):
         callbacks=[ProfilingCallback()],
     )
     trainer.train()
-    assert [record["step"] for record in read_steps(tmp_path / STEPS_FILE)] == [1, 2, 3, 4, 5, 6, 7]
+    assert [record["step"] for record in read_steps(tmp_path / PROFILE_STEPS_FILE)] == [1, 2, 3, 4, 5, 6, 7]
     trainer = Trainer(
         model=MeanPoolClassifier(),
         args=args,
@@ -234,9 +232,9 @@ def test_resumed_run_keeps_the_steps_up_to_its_checkpoint(tmp_path):
         callbacks=[ProfilingCallback()],
     )
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
-    records = read_steps(tmp_path / STEPS_FILE)
+    records = read_steps(tmp_path / PROFILE_STEPS_FILE)
     assert [record["step"] for record in records] == [1, 2, 3, 4, 5, 6, 7]
-    assert json.loads((tmp_path / SUMMARY_FILE).read_text())["num_steps"] == 3
+    assert json.loads((tmp_path / PROFILE_SUMMARY_FILE).read_text())["num_steps"] == 3
 
 
 def test_txformer_model_and_collator_train_with_profiling(tmp_path):
@@ -270,10 +268,10 @@ def test_txformer_model_and_collator_train_with_profiling(tmp_path):
         callbacks=[ProfilingCallback()],
     )
     trainer.train()
-    assert [record["tokens"] for record in read_steps(tmp_path / STEPS_FILE)] == [
+    assert [record["tokens"] for record in read_steps(tmp_path / PROFILE_STEPS_FILE)] == [
         step["tokens"] for step in expected_steps(lengths, 1)
     ]
-    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    summary = json.loads((tmp_path / PROFILE_SUMMARY_FILE).read_text())
     assert summary["model_config"]["model_type"] == config.model_type
 
 
@@ -316,9 +314,9 @@ def test_two_ranks_write_their_own_steps_and_one_gathered_summary(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rank_records = [read_steps(tmp_path / f"profile_steps.rank{rank}.jsonl") for rank in (0, 1)]
-    assert not (tmp_path / STEPS_FILE).exists()
+    assert not (tmp_path / PROFILE_STEPS_FILE).exists()
     assert all([record["step"] for record in records] == [1, 2, 3, 4] for records in rank_records)
-    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    summary = json.loads((tmp_path / PROFILE_SUMMARY_FILE).read_text())
     assert summary["world_size"] == 2 and [rank["rank"] for rank in summary["per_rank"]] == [0, 1]
     rank_tokens = [sum(record["tokens"] for record in records) for records in rank_records]
     assert [rank["tokens_total"] for rank in summary["per_rank"]] == rank_tokens
@@ -400,19 +398,3 @@ def test_aggregate_rank_summaries_with_a_rank_without_tokens():
     ranks[1].update(tokens_per_s_median=None, tokens_total=None)
     aggregate = aggregate_rank_summaries(ranks)
     assert aggregate["tokens_per_s_median"] is None and aggregate["tokens_total"] is None
-
-
-@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs a writable /proc/self/clear_refs")
-def test_process_high_water_mark_is_reset_per_window():
-    probe = ProcessHighWaterMarkProbe()
-    try:
-        probe.reset()
-        baseline = probe.read()["peak_memory_mib"]
-        allocation = np.ones(64 * 2**20 // 8)  # 64 MiB, written so that its pages are resident
-        del allocation
-        peak = probe.read()["peak_memory_mib"]
-        probe.reset()
-        assert peak >= baseline + 60
-        assert probe.read()["peak_memory_mib"] < peak - 50
-    finally:
-        probe.close()

@@ -20,12 +20,15 @@ from txformer import TxFormerModel
 from txformer.data import (
     EventVocabulary,
     TokenBudgetBatchSampler,
+    TransactionCollator,
     build_customer_dataset,
     generate_synthetic_data,
     stratified_split,
 )
 from txformer.data.sampler import bucket_ceilings
-from txformer.metrics import compute_metrics
+from txformer.file_names import EVAL_PREDICTIONS_FILE
+from txformer.metrics import classification_metrics, compute_metrics, read_evaluated_predictions
+from txformer.prediction import load_model, predict_probabilities
 from txformer.training import (
     DataArguments,
     ModelArguments,
@@ -360,3 +363,24 @@ def test_resuming_from_a_checkpoint_of_another_kind_is_refused(tmp_path):
     main([*flags, "--attention_type=performer"])
     with pytest.raises(ValueError, match="holds another model .*attention_type: 'performer' there, 'full' here"):
         main([*flags, "--resume_from_checkpoint=last"])
+
+
+def test_held_out_predictions_are_written_in_customer_order_with_their_metrics(tmp_path):
+    """With length-grouped evaluation batches the Trainer returns the predictions out of order: the file puts them
+    back with their customers, equal to scoring the saved model afresh, and gives the run's metrics exactly."""
+    output_dir, cache_dir = tmp_path / "out", tmp_path / "cache"
+    flags = ["--max_steps=2", "--eval_strategy=no", "--group_by_length=true", "--per_device_eval_batch_size=8"]
+    metrics = main(tiny_run_flags(output_dir, cache_dir, *flags))
+    customer_ids, labels, probabilities = read_evaluated_predictions(output_dir / EVAL_PREDICTIONS_FILE)
+    data_args = DataArguments(synthetic_num_customers=NUM_CUSTOMERS, data_cache_dir=str(cache_dir), max_length=32)
+    held_out = prepare_datasets(
+        data_args, arguments(tmp_path, eval_strategy="no"), EventVocabulary.from_pretrained(output_dir)
+    )["eval"]
+    assert customer_ids.tolist() == held_out["customer_id"] and labels.tolist() == held_out["labels"]
+    assert {f"eval_{name}": value for name, value in classification_metrics(labels, probabilities).items()} == {
+        name: metrics[name] for name in ("eval_auroc", "eval_accuracy", "eval_log_loss")
+    }
+    vocabulary = EventVocabulary.from_pretrained(output_dir)
+    collator = TransactionCollator(list(vocabulary.categorical_fields), list(vocabulary.numeric_fields), max_length=32)
+    rescored = predict_probabilities(load_model(str(output_dir)), held_out, collator, 64, torch.device("cpu"))
+    np.testing.assert_allclose(probabilities, rescored, rtol=1e-5)

@@ -1,7 +1,6 @@
 """The baseline a user would otherwise pick: hand-crafted per-customer aggregates (and/or customer embeddings from a
 Parquet file) fed to LightGBM, on the model's held-out split and with the model's metrics."""
 
-import csv
 import json
 import logging
 import os
@@ -28,15 +27,14 @@ from .data import (
     stratified_split,
 )
 from .data.reader import SECONDS_PER_DAY, list_offsets_and_values
-from .io_utils import atomic_write, atomic_write_json
-from .metrics import classification_metrics
+from .file_names import BASELINE_PREDICTIONS_FILE, BASELINE_RESULTS_FILE
+from .io_utils import atomic_write_json
+from .metrics import classification_metrics, write_evaluated_predictions
 from .training import DataArguments, data_files
 
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "baseline_results.json"
-PREDICTIONS_FILE = "baseline_predictions.csv"
 # Fields with a column per code; distinct values are counted for these and the terminal.
 CODE_FIELDS = ("mcc_code", "tr_type")
 DISTINCT_FIELDS = (*CODE_FIELDS, "term_id")
@@ -605,19 +603,11 @@ def run_baseline(data_args: DataArguments, baseline_args: BaselineArguments, lig
 
     output_dir = Path(baseline_args.output_dir)
 
-    def write_rows(file) -> None:
-        writer = csv.writer(file)
-        writer.writerow(["customer_id", "probability"])
-        writer.writerows(
-            (customer, f"{probability:.6f}")
-            for customer, probability in zip(
-                result.held_out_ids.tolist(), result.held_out_probabilities.tolist(), strict=True
-            )
-        )
-
-    atomic_write(output_dir / PREDICTIONS_FILE, write_rows)
+    write_evaluated_predictions(
+        output_dir / BASELINE_PREDICTIONS_FILE, result.held_out_ids, held_out["labels"], result.held_out_probabilities
+    )
     atomic_write_json(
-        output_dir / RESULTS_FILE,
+        output_dir / BASELINE_RESULTS_FILE,
         {
             "metrics": metrics,
             "top_features_by_gain": top_features(result),

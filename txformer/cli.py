@@ -1,6 +1,7 @@
-"""Command-line plumbing shared by the scripts: logging, one-line errors for expected failures, and
-`--config_overrides`."""
+"""Command-line plumbing shared by the scripts: their argument parser, logging, one-line errors for expected
+failures, and `--config_overrides`."""
 
+import argparse
 import dataclasses
 import difflib
 import importlib
@@ -21,12 +22,27 @@ from .data.reader import TransactionDataError
 DEBUG_FLAG = "--debug"
 DEBUG_ENVIRONMENT_VARIABLE = "TXFORMER_DEBUG"
 PACKAGE_DIR = Path(__file__).resolve().parent
+# Code whose explicit `raise ValueError(...)` reports bad input: the package, and in a source tree the benchmarks
+# next to it.
+OWN_CODE_DIRS = (PACKAGE_DIR, PACKAGE_DIR.parent / "benchmarks")
 # Packages whose explicit `raise OSError(...)` reports a folder or file they cannot load (transformers' documented
 # error for a model folder without weights or config), not a bug.
 OS_ERROR_SOURCES = ("txformer", "transformers", "huggingface_hub")
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class ScriptHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` with the script's docstring as written (its examples) and the default of every flag."""
+
+
+def script_parser(dataclass_types: Any, description: str | None = None) -> Any:
+    """The `HfArgumentParser` of a script: one flag per field of `dataclass_types`, `description` (the script's
+    docstring) on top of `--help`."""
+    from transformers import HfArgumentParser  # here, not on top: the console commands start faster without it
+
+    return HfArgumentParser(dataclass_types, description=description, formatter_class=ScriptHelpFormatter)
 
 
 def configure_logging(training_args: Any = None) -> None:
@@ -96,11 +112,12 @@ def is_expected_failure(error: BaseException) -> bool:
 
 
 def _explicitly_raised_in(frame: traceback.FrameSummary, packages: tuple[str, ...]) -> bool:
-    """Whether `frame` is a `raise` statement in txformer or in an installed package among `packages`."""
+    """Whether `frame` is a `raise` statement in txformer (`OWN_CODE_DIRS`) or in an installed package among
+    `packages`."""
     if not (frame.line or "").lstrip().startswith("raise"):
         return False
     path = Path(frame.filename).resolve()
-    if "txformer" in packages and path.is_relative_to(PACKAGE_DIR):
+    if "txformer" in packages and any(path.is_relative_to(folder) for folder in OWN_CODE_DIRS):
         return True
     installed = [index for index, part in enumerate(path.parts) if part in ("site-packages", "dist-packages")]
     return bool(installed) and installed[-1] + 1 < len(path.parts) and path.parts[installed[-1] + 1] in packages

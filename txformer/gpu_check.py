@@ -11,7 +11,6 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
-import platform
 import runpy
 import shlex
 import sys
@@ -22,10 +21,10 @@ from pathlib import Path
 import torch
 
 from .configuration_txformer import ATTENTION_TYPES
+from .file_names import PROFILE_SUMMARY_FILE, RESULTS_FILE
+from .machine import describe_machine, installed_version
 
 
-PROFILE_FILE = "profile_summary.json"
-RESULTS_FILE = "all_results.json"
 REQUIRED_PACKAGES = ("transformers", "accelerate", "datasets", "safetensors", "scikit-learn", "pytest")
 # Used when present: parallel tests, the benchmark's peer and plots, flash attention 2.
 OPTIONAL_PACKAGES = ("pytest-xdist", "performer-pytorch", "matplotlib", "flash-attn")
@@ -119,18 +118,17 @@ def check_plan(plan: str | Path) -> int:
     return failures
 
 
-def describe_machine() -> bool:
-    """Prints the versions of Python, torch and the packages that the check runs with, and the GPUs; whether CUDA
-    and the required packages are there."""
-    print(f"python {platform.python_version()} ({sys.executable})")
-    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+def check_machine() -> bool:
+    """Prints the machine, the versions of the packages that the check runs with, and the GPUs; whether CUDA and the
+    required packages are there."""
+    print(f"{describe_machine()} ({sys.executable})")
+    print(f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
     missing = []
     for package in [*REQUIRED_PACKAGES, *OPTIONAL_PACKAGES]:
-        try:
-            print(f"{package} {importlib.metadata.version(package)}")
-        except importlib.metadata.PackageNotFoundError:
-            print(f"{package} not installed")
-            missing += [package] if package in REQUIRED_PACKAGES else []
+        version = installed_version(package)
+        print(f"{package} {version or 'not installed'}")
+        if version is None and package in REQUIRED_PACKAGES:
+            missing.append(package)
     if missing:
         print(f"Missing required packages: {missing} (pip install -e '.[dev]').")
     if not torch.cuda.is_available():
@@ -154,9 +152,9 @@ def training_table(output_dir: str | Path) -> str:
     ]
     output_dir = Path(output_dir)
     for folder in sorted([*output_dir.glob("train_*"), output_dir / "fsdp2"]):
-        if not (folder / PROFILE_FILE).is_file():
+        if not (folder / PROFILE_SUMMARY_FILE).is_file():
             continue
-        profile = json.loads((folder / PROFILE_FILE).read_text())
+        profile = json.loads((folder / PROFILE_SUMMARY_FILE).read_text())
         results_path = folder / RESULTS_FILE
         results = json.loads(results_path.read_text()) if results_path.is_file() else {}
         cells = [
@@ -188,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("table", help="Print the table of the training runs.").add_argument("output_dir")
     args = parser.parse_args(argv)
     if args.command == "machine":
-        return 0 if describe_machine() else 1
+        return 0 if check_machine() else 1
     if args.command == "kinds":
         print(" ".join(ATTENTION_TYPES))
     elif args.command == "check":

@@ -29,11 +29,11 @@ from . import __version__
 from .cli import configure_logging
 from .configuration_txformer import TxFormerConfig
 from .data import VOCABULARY_FILE, EventVocabulary
+from .file_names import PROFILE_SUMMARY_FILE, RESULTS_FILE, TRAINING_RUN_FILE
 from .io_utils import atomic_write
 from .modeling_txformer import AUTO_CLASSES
 from .pipeline_txformer import PIPELINE_TASK
 from .prediction import PREPROCESSING_FILE, serves_the_pipeline, upgrade_model_folder
-from .profiling import SUMMARY_FILE as PROFILE_SUMMARY_FILE
 
 
 logger = logging.getLogger(__name__)
@@ -46,8 +46,6 @@ MODEL_CARD_TEMPLATE = (
 )
 README_FILE = "README.md"
 GITIGNORE_FILE = ".gitignore"
-RESULTS_FILE = "all_results.json"
-TRAINING_RUN_FILE = "training_run.json"
 # Pushed when present: the sources of the card, so that readers can check every number it shows.
 OPTIONAL_FILES = (RESULTS_FILE, TRAINING_RUN_FILE, PROFILE_SUMMARY_FILE)
 # `from_pretrained(..., trust_remote_code=True)` resolves the config, the encoder and every head through `auto_map`.

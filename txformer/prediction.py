@@ -26,18 +26,17 @@ from .data import EventVocabulary, TransactionCollator, customer_table, prepare_
 from .data.prepare import DEFAULT_CACHE
 from .data.reader import list_offsets_and_values
 from .data.vocabulary import UNKNOWN_INDEX, VOCABULARY_FILE
+from .file_names import PREDICTIONS_FILE, PREDICTIONS_REPORT_SUFFIX
 from .io_utils import atomic_write, atomic_write_json
-from .metrics import positive_class_probability
 from .modeling_txformer import TxFormerForSequenceClassification
 from .pipeline_txformer import PIPELINE_TASK, TransactionClassificationPipeline, custom_pipelines
-from .processing_txformer import TxFormerProcessor
+from .processing_txformer import TxFormerProcessor, probability_of_positive_class
 
 
 logger = logging.getLogger(__name__)
 
 # Older folders keep the processor's content in two files: the vocabulary and this one.
 PREPROCESSING_FILE = "preprocessing.json"
-REPORT_SUFFIX = ".report.json"
 
 
 @dataclass
@@ -57,7 +56,7 @@ class PredictionArguments:
     revision: str | None = field(
         default=None, metadata={"help": "Hub revision (a commit hash pins exactly what runs); default: main."}
     )
-    output_file: str = field(default="predictions.csv", metadata={"help": "Where to write customer_id,probability."})
+    output_file: str = field(default=PREDICTIONS_FILE, metadata={"help": "Where to write customer_id,probability."})
     customer_ids: str | None = field(
         default=None,
         metadata={"help": "CSV with a customer_id column (e.g. the sample submission): score exactly these ids."},
@@ -207,7 +206,7 @@ def predict_probabilities(
     probabilities = np.empty(len(dataset), dtype=np.float64)
     model.eval().to(device)
     for rows, batch in length_sorted_batches(dataset, collator, batch_size, device, desc="scoring"):
-        probabilities[rows] = positive_class_probability(model(**batch).logits.float().cpu().numpy())
+        probabilities[rows] = probability_of_positive_class(model(**batch).logits.double().cpu()).numpy()
     return probabilities
 
 
@@ -226,7 +225,7 @@ def check_writable(output_file: str | os.PathLike) -> Path:
 def report_path(output_file: str | os.PathLike) -> Path:
     """Where the report of a predictions file goes: next to it, `<name>.report.json`."""
     output_file = Path(output_file)
-    return output_file.with_name(output_file.name + REPORT_SUFFIX)
+    return output_file.with_name(output_file.name + PREDICTIONS_REPORT_SUFFIX)
 
 
 def write_predictions(output_file: str | os.PathLike, rows: list[tuple[int, float]], report: dict) -> Path:

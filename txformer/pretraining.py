@@ -22,7 +22,8 @@ from transformers import (
 from .callbacks import PerformerRedrawCallback
 from .cli import configure_logging
 from .data import EventVocabulary, TransactionCollator, prepare_encoded_customers
-from .hub import RESULTS_FILE, TRAINING_RUN_FILE, PushCodeFilesCallback
+from .file_names import RESULTS_FILE, TRAINING_RUN_FILE
+from .hub import PushCodeFilesCallback
 from .io_utils import atomic_write_json
 from .profiling import add_profiling_callback
 from .training import (

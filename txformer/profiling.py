@@ -1,10 +1,7 @@
 """Profiling of HF `Trainer` runs: step time, data time, real-event throughput and peak memory per optimizer step."""
 
-import importlib.metadata
 import json
 import math
-import os
-import platform
 import socket
 import time
 from array import array
@@ -14,133 +11,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import transformers
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .file_names import PROFILE_SUMMARY_FILE, profile_steps_file
 from .io_utils import atomic_write, atomic_write_json
+from .machine import describe_hardware, describe_software, memory_probe_for
 
 
-STEPS_FILE = "profile_steps.jsonl"
-SUMMARY_FILE = "profile_summary.json"
-BYTES_PER_MIB = 2**20
 STEP_TIME_PERCENTILES = (10, 90, 99)
-
-
-class CudaMemoryProbe:
-    """Peak CUDA memory of one step: `max_memory_allocated`/`max_memory_reserved`, peak stats reset at each step."""
-
-    source = "cuda_max_memory_allocated"
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def synchronize(self) -> None:
-        """Waits for the device's queued work, so that the clock read after it covers that work."""
-        torch.cuda.synchronize(self.device)
-
-    def reset(self) -> None:
-        """Starts a new peak window."""
-        torch.cuda.reset_peak_memory_stats(self.device)
-
-    def read(self) -> dict[str, float]:
-        """The step's peak allocated (`peak_memory_mib`) and reserved memory."""
-        return {
-            "peak_memory_mib": torch.cuda.max_memory_allocated(self.device) / BYTES_PER_MIB,
-            "peak_memory_reserved_mib": torch.cuda.max_memory_reserved(self.device) / BYTES_PER_MIB,
-        }
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-
-class MpsMemoryProbe:
-    """MPS memory at the end of a step: MPS keeps no peak counter, so these are current values, not peaks."""
-
-    source = "mps_current_allocated_memory"
-
-    def synchronize(self) -> None:
-        """Waits for the device's queued work, so that the clock read after it covers that work."""
-        torch.mps.synchronize()
-
-    def reset(self) -> None:
-        """MPS has no peak statistics to reset."""
-
-    def read(self) -> dict[str, float]:
-        """Memory held by tensors (`peak_memory_mib`) and by the Metal driver at the end of the step."""
-        return {
-            "peak_memory_mib": torch.mps.current_allocated_memory() / BYTES_PER_MIB,
-            "driver_memory_mib": torch.mps.driver_allocated_memory() / BYTES_PER_MIB,
-        }
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-
-class ProcessHighWaterMarkProbe:
-    """Peak resident set size of the process within one step: VmHWM of /proc/self/status, reset through clear_refs."""
-
-    source = "proc_vmhwm_per_step"
-
-    def __init__(self):
-        # Kept open: a write of "5" to clear_refs costs about a microsecond, a pread of status about ten.
-        self.clear_refs = os.open("/proc/self/clear_refs", os.O_WRONLY)
-        self.status = os.open("/proc/self/status", os.O_RDONLY)
-
-    def synchronize(self) -> None:
-        """CPU work is synchronous."""
-
-    def reset(self) -> None:
-        """Sets the high-water mark to the current resident set size."""
-        os.write(self.clear_refs, b"5")
-
-    def read(self) -> dict[str, float]:
-        """The highest resident set size since the last reset."""
-        status = os.pread(self.status, 8192, 0)
-        start = status.index(b"VmHWM:") + len(b"VmHWM:")
-        kibibytes = int(status[start : status.index(b"kB", start)])
-        return {"peak_memory_mib": kibibytes / 1024}
-
-    def close(self) -> None:
-        """Closes the /proc files."""
-        os.close(self.clear_refs)
-        os.close(self.status)
-
-
-class LifetimePeakRssProbe:
-    """Peak resident set size since the process started (`getrusage`), used where /proc is missing: never reset."""
-
-    source = "getrusage_maxrss_lifetime"
-
-    def synchronize(self) -> None:
-        """CPU work is synchronous."""
-
-    def reset(self) -> None:
-        """`getrusage` has no reset."""
-
-    def read(self) -> dict[str, float]:
-        """The process's lifetime peak resident set size (KiB on Linux, bytes on macOS)."""
-        import resource
-
-        max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return {"peak_memory_mib": max_rss / (BYTES_PER_MIB if platform.system() == "Darwin" else 1024)}
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-
-MemoryProbe = CudaMemoryProbe | MpsMemoryProbe | ProcessHighWaterMarkProbe | LifetimePeakRssProbe
-
-
-def memory_probe_for(device: torch.device) -> MemoryProbe:
-    """The memory probe of the training device: CUDA or MPS statistics, else the host process's resident set size."""
-    if device.type == "cuda":
-        return CudaMemoryProbe(device)
-    if device.type == "mps":
-        return MpsMemoryProbe()
-    try:
-        return ProcessHighWaterMarkProbe()
-    except OSError:
-        return LifetimePeakRssProbe()
 
 
 def _distribution(values: np.ndarray) -> dict[str, float | None]:
@@ -224,61 +102,6 @@ def aggregate_rank_summaries(rank_summaries: list[dict[str, Any]]) -> dict[str, 
     }
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def describe_hardware() -> dict[str, Any]:
-    """CPU model and cores, host memory, GPU names, count and memory of this machine."""
-    gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    gpu_properties = [torch.cuda.get_device_properties(index) for index in range(gpu_count)]
-    try:
-        memory_total_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / BYTES_PER_MIB
-    except (AttributeError, ValueError, OSError):
-        memory_total_mib = None
-    return {
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_count_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_total_mib": memory_total_mib,
-        "gpu_count": gpu_count,
-        "gpu_names": [properties.name for properties in gpu_properties],
-        "gpu_memory_total_mib": [properties.total_memory / BYTES_PER_MIB for properties in gpu_properties],
-        "mps_available": torch.backends.mps.is_available(),
-    }
-
-
-def _installed_version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def describe_software() -> dict[str, str | None]:
-    """Versions of Python, the libraries training depends on, and txformer."""
-    from . import __version__ as txformer_version
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "accelerate": _installed_version("accelerate"),
-        "datasets": _installed_version("datasets"),
-        "txformer": txformer_version,
-    }
-
-
 def _complete_records_up_to(path: Path, last_step: int) -> list[str]:
     """Lines of a steps file that parse as JSON and belong to steps up to `last_step` (a torn last line is dropped)."""
     kept = []
@@ -316,13 +139,11 @@ class ProfilingCallback(TrainerCallback):
         self.output_dir = Path(args.output_dir)
         self.rank = args.process_index
         self.world_size = args.world_size
-        self.steps_path = self.output_dir / (
-            STEPS_FILE if self.world_size == 1 else f"profile_steps.rank{self.rank}.jsonl"
-        )
+        self.steps_path = self.output_dir / profile_steps_file(self.rank, self.world_size)
         kept_lines = _complete_records_up_to(self.steps_path, state.global_step) if self.steps_path.exists() else []
         atomic_write(self.steps_path, lambda steps_file: steps_file.writelines(kept_lines))
         if state.is_world_process_zero:
-            (self.output_dir / SUMMARY_FILE).unlink(missing_ok=True)
+            (self.output_dir / PROFILE_SUMMARY_FILE).unlink(missing_ok=True)
         self.steps_file = open(self.steps_path, "ab")
         self.pending_lines: list[str] = []
         self.model = kwargs["model"]
@@ -514,7 +335,7 @@ class ProfilingCallback(TrainerCallback):
             "software": describe_software(),
             "model_config": model_config.to_diff_dict() if hasattr(model_config, "to_diff_dict") else None,
         }
-        atomic_write_json(self.output_dir / SUMMARY_FILE, summary)
+        atomic_write_json(self.output_dir / PROFILE_SUMMARY_FILE, summary)
 
 
 def add_profiling_callback(trainer: Trainer, callback: ProfilingCallback | None = None) -> ProfilingCallback:

@@ -27,6 +27,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, seed_worker
 from transformers.training_args import ParallelMode
 
@@ -50,19 +51,17 @@ from .data import (
 from .data.prepare import DEFAULT_CACHE
 from .data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
 from .data.vocabulary import PROCESSOR_FILE
+from .file_names import EVAL_PREDICTIONS_FILE, RESULTS_FILE, TRAINING_RUN_FILE
 from .hub import PushCodeFilesCallback, push_folder_to_hub
 from .io_utils import atomic_write_json
-from .metrics import compute_metrics
+from .metrics import compute_metrics, positive_class_probability, write_evaluated_predictions
 from .pipeline_txformer import custom_pipelines
 from .profiling import add_profiling_callback
 
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "all_results.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-# The Trainer writes a checkpoint's files in turn and trainer_state.json last.
-CHECKPOINT_STATE_FILE = "trainer_state.json"
 # Config keys that a checkpoint may differ in from the model the flags build: bookkeeping, not the model.
 RESUME_IGNORED_KEYS = frozenset(
     {"_name_or_path", "transformers_version", "architectures", "auto_map", "dtype", "problem_type", "custom_pipelines"}
@@ -383,6 +382,27 @@ class TxFormerTrainer(Trainer):
         )
         return self.accelerator.prepare(dataloader)
 
+    def evaluate_with_predictions(self, dataset: datasets.Dataset) -> tuple[dict[str, float], np.ndarray]:
+        """`evaluate(dataset)` (the same `eval_*` metrics, logged) that also returns the probability of class 1 of
+        every row of `dataset`, in the dataset's order.
+
+        The evaluation loop gathers predictions in its sampler's order (length-grouped with `--group_by_length`;
+        accelerate deals whole batches to the processes and gathers them back in turn), so they are put back in the
+        dataset's order through that sampler, and checked against the dataset's labels."""
+        output = self.predict(dataset, metric_key_prefix="eval")
+        self.log(output.metrics)
+        sampler = self._get_eval_sampler(dataset)
+        order = np.arange(len(dataset)) if sampler is None else np.fromiter(iter(sampler), dtype=np.int64)
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        labels = np.asarray(dataset["labels"])
+        if not np.array_equal(np.sort(order), np.arange(len(dataset))) or not np.array_equal(
+            np.asarray(output.label_ids).reshape(-1), labels[order]
+        ):
+            raise RuntimeError("the evaluation loop returned the predictions in an order its sampler does not give.")
+        probabilities = np.empty(len(dataset), dtype=np.float64)
+        probabilities[order] = positive_class_probability(logits)
+        return output.metrics, probabilities
+
 
 def prepare_datasets(
     data_args: DataArguments, training_args: TrainingArguments, vocabulary: EventVocabulary | None = None
@@ -522,12 +542,20 @@ def build_model(model_args: ModelArguments, vocabulary: EventVocabulary) -> TxFo
 
 
 def is_complete_checkpoint(folder: Path) -> bool:
-    """Whether the Trainer finished writing `folder`: its last file, trainer_state.json, reads back as JSON."""
+    """Whether the Trainer finished writing `folder`: it writes a checkpoint's files in turn and its trainer state
+    last, so the checkpoint is complete when that file reads back as JSON."""
     try:
-        json.loads((folder / CHECKPOINT_STATE_FILE).read_text())
+        json.loads((folder / TRAINER_STATE_NAME).read_text())
     except (OSError, ValueError):
         return False
     return True
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete `checkpoint-N` folder of `output_dir`, None if it has none."""
+    folders = [path for path in Path(output_dir).glob("checkpoint-*") if CHECKPOINT_PATTERN.match(path.name)]
+    folders.sort(key=lambda path: int(CHECKPOINT_PATTERN.match(path.name).group(1)), reverse=True)
+    return next((folder for folder in folders if is_complete_checkpoint(folder)), None)
 
 
 def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> str | None:
@@ -536,17 +564,15 @@ def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint.lower() in ("last", "true"):
-        folders = [path for path in Path(output_dir).glob("checkpoint-*") if CHECKPOINT_PATTERN.match(path.name)]
-        folders.sort(key=lambda path: int(CHECKPOINT_PATTERN.match(path.name).group(1)), reverse=True)
-        for folder in folders:
-            if is_complete_checkpoint(folder):
-                return str(folder)
-        raise ValueError(
-            f"--resume_from_checkpoint {resume_from_checkpoint}: {output_dir} has no complete checkpoint."
-        )
+        checkpoint = last_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            raise ValueError(
+                f"--resume_from_checkpoint {resume_from_checkpoint}: {output_dir} has no complete checkpoint."
+            )
+        return str(checkpoint)
     if not is_complete_checkpoint(Path(resume_from_checkpoint)):
         raise ValueError(
-            f"{resume_from_checkpoint} is not a complete checkpoint (no readable {CHECKPOINT_STATE_FILE}; a run killed "
+            f"{resume_from_checkpoint} is not a complete checkpoint (no readable {TRAINER_STATE_NAME}; a run killed "
             "while saving leaves such a folder): pass an earlier checkpoint, or `last` for the newest complete one."
         )
     return resume_from_checkpoint
@@ -670,11 +696,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     # The evaluations below do not steer training.
     trainer.remove_callback(BudgetEarlyStoppingCallback)
+    eval_metrics, eval_probabilities = trainer.evaluate_with_predictions(data["eval"])
     metrics = {
         **train_result.metrics,
         "train_steps": trainer.state.global_step,
         "train_max_steps": training_args.max_steps,
-        **trainer.evaluate(data["eval"]),
+        **eval_metrics,
         "train_samples": len(data["train"]),
         "eval_samples": len(data["eval"]),
     }
@@ -693,8 +720,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     trainer.save_state()  # trainer_state.json: the loss and validation curves of the run
     if trainer.is_world_process_zero():
         atomic_write_json(output_dir / RESULTS_FILE, metrics)
+        write_evaluated_predictions(
+            output_dir / EVAL_PREDICTIONS_FILE, data["eval"]["customer_id"], data["eval"]["labels"], eval_probabilities
+        )
         atomic_write_json(
-            output_dir / "training_run.json",
+            output_dir / TRAINING_RUN_FILE,
             {
                 "model_args": asdict(model_args),
                 "data_args": asdict(data_args),

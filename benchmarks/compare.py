@@ -22,21 +22,33 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..io_utils import atomic_write_json
+import numpy as np
+from transformers.trainer import TRAINER_STATE_NAME
+
+from txformer.file_names import (
+    BASELINE_PREDICTIONS_FILE,
+    BASELINE_RESULTS_FILE,
+    EVAL_PREDICTIONS_FILE,
+    PROFILE_STEPS_FILE,
+    PROFILE_SUMMARY_FILE,
+    RESULTS_FILE,
+)
+from txformer.io_utils import atomic_write_json
+from txformer.machine import describe_machine
+from txformer.metrics import bootstrap_auroc_interval, read_evaluated_predictions
+from txformer.training import last_complete_checkpoint
 
 
-RESULTS_FILE = "all_results.json"
-STEPS_FILE = "profile_steps.jsonl"
-SUMMARY_FILE = "profile_summary.json"
 RUN_RECORD_FILE = "compare_run.json"
-TRAINER_STATE_FILE = "trainer_state.json"
+RUN_LOG_FILE = "train.log"
 WHOLE_HISTORY = 0
 BASELINE = "lightgbm"
-BASELINE_RESULTS_FILE = "baseline_results.json"
-BENCHMARK_DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmark.md"
+BENCHMARK_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmark.md"
 # The installed console scripts (setup.py), so that the comparison runs from a wheel as from a source tree.
 TRAIN_ENTRY_POINT = "txformer-train"
 BASELINE_ENTRY_POINT = "txformer-baseline"
+# Resamples of the held-out customers behind each bootstrap interval of the report.
+BOOTSTRAP_RESAMPLES = 2000
 # Context length a whole history counts as when choosing the micro-batch size (the longest histories are grouped).
 WHOLE_HISTORY_BATCH_LENGTH = 8192
 
@@ -148,18 +160,6 @@ def micro_batch_size(spec: RunSpec, config: CompareConfig) -> int:
     return size
 
 
-def last_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The newest `checkpoint-N` whose trainer state (written last by the Trainer) is readable."""
-    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[-1]), reverse=True)
-    for checkpoint in checkpoints:
-        try:
-            json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        return checkpoint
-    return None
-
-
 def entry_point(name: str) -> str:
     """The console script `name` of the running Python environment (next to its interpreter), else from `PATH`."""
     sibling = Path(sys.executable).with_name(name)
@@ -220,7 +220,7 @@ def run_one(spec: RunSpec, config: CompareConfig, extra_args: list[str], log: Ca
         environment["OMP_NUM_THREADS"] = str(config.num_threads)
     log(f"[{spec.name}] {shlex.join(command)}")
     start = time.perf_counter()
-    with open(run_dir / "train.log", "a") as log_file:
+    with open(run_dir / RUN_LOG_FILE, "a") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment)
         timeout = config.time_limit_minutes * 60 if config.time_limit_minutes > 0 else None
         try:
@@ -247,7 +247,7 @@ def run_one(spec: RunSpec, config: CompareConfig, extra_args: list[str], log: Ca
     )
     atomic_write_json(record_path, record)
     if return_code not in (0, None):
-        log(f"[{spec.name}] failed (exit {return_code}) after {wall_s / 60:.1f} min: see {run_dir / 'train.log'}")
+        log(f"[{spec.name}] failed (exit {return_code}) after {wall_s / 60:.1f} min: see {run_dir / RUN_LOG_FILE}")
     else:
         state = "finished" if finished else "stopped at the time limit, resumes at the next call"
         log(f"[{spec.name}] {state} after {wall_s / 60:.1f} min")
@@ -292,6 +292,7 @@ class RunResult:
     wall_minutes: float | None
     hardware: dict | None
     log_history: list[dict]
+    predictions: tuple[np.ndarray, np.ndarray, np.ndarray] | None
 
 
 def read_steps(path: Path) -> list[dict]:
@@ -306,6 +307,15 @@ def read_steps(path: Path) -> list[dict]:
     return steps
 
 
+def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Customer ids, labels and probabilities of a run's evaluated customers; None for a run without them (one that
+    predates them, or a baseline file without labels)."""
+    try:
+        return read_evaluated_predictions(path)
+    except (FileNotFoundError, KeyError):
+        return None
+
+
 def read_run(run_dir: Path, spec: RunSpec) -> RunResult:
     """The metrics of a finished run: held-out AUROC and accuracy, the oracles, and for a model from the profiling
     callback's steps file the throughput over all steps (real events / step time), the median per-step throughput and
@@ -314,14 +324,14 @@ def read_run(run_dir: Path, spec: RunSpec) -> RunResult:
         metrics = json.loads((run_dir / BASELINE_RESULTS_FILE).read_text())["metrics"]
     else:
         metrics = json.loads((run_dir / RESULTS_FILE).read_text())
-    steps = read_steps(run_dir / STEPS_FILE)
+    steps = read_steps(run_dir / PROFILE_STEPS_FILE)
     counted = [step for step in steps if step.get("tokens") is not None]
     step_time = sum(step["step_time_s"] for step in counted)
-    summary_path = run_dir / SUMMARY_FILE
+    summary_path = run_dir / PROFILE_SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     record_path = run_dir / RUN_RECORD_FILE
     calls = json.loads(record_path.read_text())["calls"] if record_path.exists() else []
-    state_path = run_dir / TRAINER_STATE_FILE
+    state_path = run_dir / TRAINER_STATE_NAME
     log_history = json.loads(state_path.read_text()).get("log_history", []) if state_path.exists() else []
     return RunResult(
         spec=spec,
@@ -336,6 +346,9 @@ def read_run(run_dir: Path, spec: RunSpec) -> RunResult:
         wall_minutes=sum(call["wall_time_s"] for call in calls) / 60 if calls else None,
         hardware=summary.get("hardware"),
         log_history=log_history,
+        predictions=read_predictions(
+            run_dir / (BASELINE_PREDICTIONS_FILE if spec.is_baseline else EVAL_PREDICTIONS_FILE)
+        ),
     )
 
 
@@ -364,6 +377,8 @@ class GroupSummary:
     events_per_s: float | None
     peak_memory_mib: float | None
     wall_minutes: float | None
+    auroc_interval: tuple[float, float] | None = None
+    margin_interval: tuple[float, float] | None = None
 
     @property
     def spec(self) -> RunSpec:
@@ -379,12 +394,52 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def aligned_predictions(runs: list[RunResult]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None:
+    """Customer ids, labels and every run's probabilities, ordered by customer, when all the runs scored the same
+    customers; None otherwise."""
+    if any(run.predictions is None for run in runs):
+        return None
+    aligned = []
+    for customer_ids, labels, probabilities in (run.predictions for run in runs):
+        order = np.argsort(customer_ids, kind="stable")
+        aligned.append((customer_ids[order], labels[order], probabilities[order]))
+    customer_ids, labels, _ = aligned[0]
+    if any(not np.array_equal(ids, customer_ids) or not np.array_equal(other, labels) for ids, other, _ in aligned):
+        return None
+    return customer_ids, labels, [probabilities for _, _, probabilities in aligned]
+
+
+def auroc_intervals(
+    runs: list[RunResult], baseline_runs: list[RunResult]
+) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+    """Bootstrap 95% intervals over the held-out customers of the runs' mean AUROC and of its margin over the
+    baseline's mean AUROC (paired: the same resampled customers on both sides), where the predictions allow."""
+    scored = aligned_predictions(runs)
+    if scored is None:
+        return None, None
+    customer_ids, labels, probabilities = scored
+    auroc_interval = bootstrap_auroc_interval(labels, probabilities, num_resamples=BOOTSTRAP_RESAMPLES)
+    baseline = aligned_predictions(baseline_runs) if baseline_runs else None
+    if baseline is None or not np.array_equal(baseline[0], customer_ids):
+        return auroc_interval, None
+    margin_interval = bootstrap_auroc_interval(
+        labels, probabilities, baseline=baseline[2], num_resamples=BOOTSTRAP_RESAMPLES
+    )
+    return auroc_interval, margin_interval
+
+
 def summarize(results: list[RunResult]) -> list[GroupSummary]:
     """One summary per (family, kind, context), in the order the grid lists them."""
     groups: dict[tuple[str, str, int], list[RunResult]] = {}
     for result in results:
         key = (result.spec.family, result.spec.attention_type, result.spec.max_length)
         groups.setdefault(key, []).append(result)
+    intervals = {
+        (family, kind, length): auroc_intervals(
+            runs, [] if kind == BASELINE else groups.get((family, BASELINE, WHOLE_HISTORY), [])
+        )
+        for (family, kind, length), runs in groups.items()
+    }
 
     def median_of(values: list[float | None]) -> float | None:
         known = [value for value in values if value is not None]
@@ -403,6 +458,8 @@ def summarize(results: list[RunResult]) -> list[GroupSummary]:
             events_per_s=median_of([run.events_per_s for run in runs]),
             peak_memory_mib=max((run.peak_memory_mib for run in runs if run.peak_memory_mib), default=None),
             wall_minutes=median_of([run.wall_minutes for run in runs]),
+            auroc_interval=intervals[(family, kind, length)][0],
+            margin_interval=intervals[(family, kind, length)][1],
         )
         for (family, kind, length), runs in groups.items()
     ]
@@ -417,27 +474,32 @@ def _optional(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _interval(interval: tuple[float, float] | None, spec: str) -> str:
+    return "–" if interval is None else f"[{interval[0]:{spec}}, {interval[1]:{spec}}]"
+
+
 def results_table(summaries: list[GroupSummary]) -> list[str]:
     """The table of one family: every model configuration and the baseline."""
     baseline = next((summary for summary in summaries if summary.spec.is_baseline), None)
     lines = [
-        "| method | context | seeds | AUROC (mean ± std) | accuracy | oracle AUROC, same window | gap to it "
-        "| − baseline AUROC | train events/s | peak memory (MiB) | wall time per run (min) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | context | seeds | AUROC (mean ± std) | AUROC 95% CI | accuracy | oracle AUROC, same window "
+        "| gap to it | − baseline AUROC | its 95% CI | train events/s | peak memory (MiB) | wall time per run (min) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for summary in summaries:
         gap = None if summary.oracle_window is None else summary.oracle_window - summary.mean_auroc
         margin = None if baseline is None or summary is baseline else summary.mean_auroc - baseline.mean_auroc
         lines.append(
             f"| {summary.attention_type} | {summary.spec.context} | {len(summary.seeds)} "
-            f"| {_format_mean_std(summary.auroc)} | {_format_mean_std(summary.accuracy)} "
-            f"| {_optional(summary.oracle_window, '.4f')} | {_optional(gap, '.4f')} | {_optional(margin, '+.4f')} "
+            f"| {_format_mean_std(summary.auroc)} | {_interval(summary.auroc_interval, '.4f')} "
+            f"| {_format_mean_std(summary.accuracy)} | {_optional(summary.oracle_window, '.4f')} "
+            f"| {_optional(gap, '.4f')} | {_optional(margin, '+.4f')} | {_interval(summary.margin_interval, '+.4f')} "
             f"| {_optional(summary.events_per_s, ',.0f')} | {_optional(summary.peak_memory_mib, ',.0f')} "
             f"| {_optional(summary.wall_minutes, '.1f')} |"
         )
     oracle_all = next((summary.oracle_all for summary in summaries if summary.oracle_all is not None), None)
     if oracle_all is not None:
-        lines.append(f"| Bayes oracle | whole history | | {oracle_all:.4f} | | | | | | | |")
+        lines.append(f"| Bayes oracle | whole history | | {oracle_all:.4f} | | | | | | | | | |")
     return lines
 
 
@@ -452,7 +514,8 @@ def quality_verdict(summaries: list[GroupSummary], tolerance: float = 0.02) -> l
         parts = [f"- {kind}, best at {best.spec.context}: AUROC {_format_mean_std(best.auroc)}"]
         if baseline is not None:
             margin = best.mean_auroc - baseline.mean_auroc
-            parts.append(f"{'beats' if margin > 0 else '**does not beat**'} the baseline by {margin:+.4f}")
+            interval = "" if best.margin_interval is None else f" (95% CI {_interval(best.margin_interval, '+.4f')})"
+            parts.append(f"{'beats' if margin > 0 else '**does not beat**'} the baseline by {margin:+.4f}{interval}")
         if best.oracle_window is not None:
             gap = best.oracle_window - best.mean_auroc
             parts.append(
@@ -461,6 +524,16 @@ def quality_verdict(summaries: list[GroupSummary], tolerance: float = 0.02) -> l
             )
         lines.append("; ".join(parts) + ".")
     return lines or ["No finished model run yet: no verdict."]
+
+
+def auroc_figure_name(family: str) -> str:
+    """The file of a family's AUROC-against-context figure."""
+    return f"results_{family}_auroc_vs_context.png"
+
+
+def curves_figure_name(family: str) -> str:
+    """The file of a family's learning-curves figure."""
+    return f"results_{family}_learning_curves.png"
 
 
 def plot_family(summaries: list[GroupSummary], results: list[RunResult], family: str, figures_dir: Path) -> list[Path]:
@@ -503,7 +576,7 @@ def plot_family(summaries: list[GroupSummary], results: list[RunResult], family:
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    auroc_path = figures_dir / f"results_{family}_auroc_vs_context.png"
+    auroc_path = figures_dir / auroc_figure_name(family)
     figure.savefig(auroc_path, dpi=90)
     pyplot.close(figure)
 
@@ -533,7 +606,7 @@ def plot_family(summaries: list[GroupSummary], results: list[RunResult], family:
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
     figure.tight_layout()
-    curves_path = figures_dir / f"results_{family}_learning_curves.png"
+    curves_path = figures_dir / curves_figure_name(family)
     figure.savefig(curves_path, dpi=90)
     pyplot.close(figure)
     return [auroc_path, curves_path]
@@ -550,10 +623,7 @@ def format_report(
     """`docs/results.md`: a section per family, with its table, verdict and figures."""
     summaries = summarize(results)
     hardware = next((result.hardware for result in results if result.hardware), None) or {}
-    machine = (
-        f"{hardware.get('cpu_model', '?')}, {hardware.get('cpu_count', '?')} CPUs, "
-        f"{(hardware.get('memory_total_mib') or 0) / 1024:.0f} GiB, GPUs: {hardware.get('gpu_names') or 'none'}"
-    )
+    machine = describe_machine(hardware)
     lines = [
         "# Results: quality and cost of each attention kind, against the baseline and the oracle",
         "",
@@ -570,7 +640,12 @@ def format_report(
         "initialisation and order, not the data. The oracles are the exact Bayes posteriors of the generator on the "
         "same customers ([docs/data.md](data.md)), with the model's window of most recent events and with whole "
         "histories. Events/s: real (non-padding) events over step time. Peak memory: the training process's peak "
-        "resident set (CPU) or CUDA allocation, as the profiling callback records it. Speed and memory of each kind "
+        "resident set (CPU) or CUDA allocation, as the profiling callback records it. AUROC 95% CI: percentile "
+        f"bootstrap over the held-out customers ({BOOTSTRAP_RESAMPLES:,} resamples) of the AUROC averaged over the "
+        "seeds, from the predictions every run writes (`eval_predictions.csv`, `baseline_predictions.csv`); each "
+        "resample draws the same customers for every seed and, for the margin, for the baseline too. It shows how "
+        "much the draw of held-out customers moves a result, where ± std shows the seeds' spread; – where a run has "
+        "no predictions file (runs of version 0.2). Speed and memory of each kind "
         f"against length: [docs/benchmark.md]({os.path.relpath(BENCHMARK_DOC, report_path.parent)}).",
         "",
     ]

@@ -7,19 +7,24 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from .attention import describe_machine
+from txformer.machine import describe_machine
+
 from .models import EXACT_REFERENCE, METHODS, PEERS, peer_versions
-from .suite import CHECK_LEVEL, LEVEL_TITLES, BenchmarkConfig, BenchmarkResult, BenchmarkRow
+from .suite import CHECK_LEVEL, LEVEL_TITLES, LEVELS, BenchmarkConfig, BenchmarkResult, BenchmarkRow
 
 
 CSV_FILE = "benchmark.csv"
 MARKDOWN_FILE = "benchmark.md"
 JSON_FILE = "benchmark.json"
+TIMING_METHOD = (
+    "Time: `torch.utils.benchmark.Timer.blocked_autorange`, a warm-up run, then blocks of runs (one run per block "
+    "once a run outlasts the clock's overhead) for at least {min_run_time:g} s; the median time per run."
+)
 MEMORY_METHOD = (
     "Peak memory: on CPU the rise of the process's resident set (VmHWM after resetting it through "
-    "/proc/self/clear_refs, freed heap first returned with malloc_trim) above its level just before the run, so "
-    "model weights and inputs made before are excluded while everything the run allocates counts; on CUDA the rise "
-    "of `max_memory_allocated`. Median over the measured runs."
+    "/proc/self/clear_refs, freed heap first returned with malloc_trim) above its level just before a timed block, so "
+    "model weights and inputs made before are excluded while everything the block allocates counts; on CUDA the rise "
+    "of `max_memory_allocated`. Median over the timed blocks, each measured from just before it."
 )
 TENSOR_MEMORY_METHOD = (
     "Peak tensor memory (check only): the highest sum of live tensor bytes allocated during one extra, untimed run, "
@@ -134,28 +139,28 @@ def headline(rows: list[BenchmarkRow], levels: list[str]) -> list[str]:
 
 def format_markdown(result: BenchmarkResult, config: BenchmarkConfig, command: str) -> str:
     """The whole report."""
-    device = config.resolved_device()
     versions = ", ".join(f"{name} {version or 'not installed'}" for name, version in peer_versions().items())
     lines = [
         "# Benchmark: speed and memory against length",
         "",
         f"Command: `{command}`",
         "",
-        f"Run {result.started}, {result.wall_time_s / 60:.1f} min. Machine: {describe_machine(device)}; {versions}. "
+        f"Run {result.started}, {result.wall_time_s / 60:.1f} min on {result.device}. Machine: {describe_machine()}; "
+        f"{versions}. "
         f"Load average (1/5/15 min) at start {result.load_average['start']}, at end {result.load_average['end']}.",
         "",
         f"Model: the default `TxFormerConfig` ({config.config_overrides or 'no overrides'}), batch {config.batch_size}, "
-        f"{config.dtype}, median of {config.repeats} runs after {config.warmup} warm-up. Every history has exactly "
+        f"{config.dtype}. {TIMING_METHOD.format(min_run_time=config.min_run_time)} Every history has exactly "
         "`length` events (no padding). Ratios compare methods measured side by side at the same length in this run "
         "(< 1× = faster or smaller); µs/event vs first length = 1 means linear time.",
         "",
         MEMORY_METHOD,
         "",
     ]
-    summary = headline(result.rows, config.levels)
+    summary = headline(result.rows, config.model_levels())
     if summary:
         lines += ["## Headline ratios", "", *summary, ""]
-    for level in [*config.levels, CHECK_LEVEL]:
+    for level in LEVELS:
         level_rows = sorted(
             (row for row in result.rows if row.level == level), key=lambda row: (row.length, config_order(row))
         )
@@ -185,6 +190,11 @@ def format_markdown(result: BenchmarkResult, config: BenchmarkConfig, command: s
 def config_order(row: BenchmarkRow) -> int:
     """Position of a row's method in the method list (for stable tables)."""
     return list(METHODS).index(row.method)
+
+
+def level_figure_name(level: str) -> str:
+    """The file of a level's time-and-memory-against-length figure."""
+    return f"benchmark_{level}.png"
 
 
 def plot_results(result: BenchmarkResult, output_dir: Path) -> list[Path]:
@@ -222,7 +232,7 @@ def plot_results(result: BenchmarkResult, output_dir: Path) -> list[Path]:
         memory_axis.legend(fontsize=7)
         figure.suptitle(LEVEL_TITLES[level], fontsize=10)
         figure.tight_layout()
-        path = output_dir / f"benchmark_{level}.png"
+        path = output_dir / level_figure_name(level)
         figure.savefig(path, dpi=90)
         pyplot.close(figure)
         paths.append(path)
@@ -245,7 +255,7 @@ def write_results(
     record = {
         "command": command,
         "config": asdict(config),
-        "machine": describe_machine(config.resolved_device()),
+        "machine": describe_machine(),
         "peers": peer_versions(),
         "started": result.started,
         "wall_time_s": result.wall_time_s,

@@ -8,7 +8,6 @@ The peak is the process's own high-water mark of resident memory (`VmHWM`, impor
 """
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -17,11 +16,14 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from ..data import EventVocabulary, build_customer_dataset, generate_synthetic_data, split_for_evaluation
-from ..data.prepare import prepare_training_data
-from ..data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
+from txformer.data import EventVocabulary, build_customer_dataset, generate_synthetic_data, split_for_evaluation
+from txformer.data.prepare import prepare_training_data
+from txformer.data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
+from txformer.machine import process_peak_memory_mib
 
 
+# The source tree that holds `benchmarks/`, for the fresh processes to import this module from.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 # About 6.85 M rows: the size of the real transactions file.
 REAL_SIZE_CUSTOMERS = 15_000
 STEPS = ("prepare", "load from cache")
@@ -73,24 +75,26 @@ def measure(step: str, data_dir: Path, cache_dir: Path) -> dict:
         splits = (prepared.train, prepared.eval)
     seconds = time.perf_counter() - start
     num_events = sum(pc.sum(split.with_format("arrow")["num_events"]).as_py() for split in splits)
-    peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1])
     return {
         "seconds": seconds,
         "customers": sum(len(split) for split in splits),
         "events": num_events,
-        "peak_rss_gib": peak_kib / 2**20,
+        "peak_rss_gib": process_peak_memory_mib() / 1024,
     }
 
 
 def measure_in_fresh_process(step: str, data_dir: Path, cache_dir: Path) -> dict:
     """`measure` in a new Python process; adds the wall time of the whole process, imports included."""
     code = (
-        "import json, sys; from pathlib import Path; from txformer.benchmark.data_scale import measure; "
+        "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[4]); "
+        "from benchmarks.data_scale import measure; "
         "print(json.dumps(measure(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))))"
     )
     start = time.perf_counter()
     output = subprocess.run(
-        [sys.executable, "-c", code, step, str(data_dir), str(cache_dir)], stdout=subprocess.PIPE, check=True
+        [sys.executable, "-c", code, step, str(data_dir), str(cache_dir), str(REPO_ROOT)],
+        stdout=subprocess.PIPE,
+        check=True,
     ).stdout
     return {**json.loads(output.decode().strip().splitlines()[-1]), "process_seconds": time.perf_counter() - start}
 

@@ -5,17 +5,15 @@ machine's GEMM throughput reached, and the length from which FAVOR+ beats SDPA."
 
 import csv
 import math
-import os
-import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
 from torch.nn import functional
 
-from ..attention_performer import draw_orthogonal_features, favor_attention
+from txformer.attention_performer import draw_orthogonal_features, favor_attention
+
 from .measure import measure_forward_backward, measure_matmul_flops
 
 
@@ -42,8 +40,12 @@ class AttentionBenchmarkConfig:
     num_heads: int = field(default=4, metadata={"help": "Attention heads."})
     head_dim: int = field(default=32, metadata={"help": "Head dimension d (also of the values)."})
     num_features: int = field(default=128, metadata={"help": "Random features m of FAVOR+."})
-    repeats: int = field(default=5, metadata={"help": "Measured runs per method and length (the median is kept)."})
-    warmup: int = field(default=1, metadata={"help": "Unmeasured runs before them."})
+    min_run_time: float = field(
+        default=1.0,
+        metadata={
+            "help": "Seconds of timed runs per point after a warm-up run (Timer.blocked_autorange; the median)."
+        },
+    )
     device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda."})
     reference_length: int = field(default=1024, metadata={"help": "Length the tokens/s ratios refer to."})
     seed: int = field(default=0, metadata={"help": "Seed of the inputs and of the projection."})
@@ -158,7 +160,7 @@ def run_attention_benchmark(
         for method, (function, max_length) in methods.items():
             if length > max_length:
                 continue
-            measurement = measure_forward_backward(function, inputs, config.repeats, config.warmup)
+            measurement = measure_forward_backward(function, inputs, config.min_run_time)
             flops = favor_flops(config, length) if method in LINEAR_METHODS else exact_attention_flops(config, length)
             rows.append(
                 BenchmarkRow(
@@ -175,25 +177,6 @@ def run_attention_benchmark(
     add_ratios(rows, config.reference_length)
     summary = {"gemm_gflops_per_s": gemm_flops_per_s / 1e9, "crossover_length_vs_sdpa": crossover_length(rows)}
     return rows, summary
-
-
-def describe_machine(device: torch.device) -> str:
-    """CPU model, cores and threads, memory, accelerator, and library versions, in one line."""
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
-    parts = [f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"]
-    if os.path.exists("/proc/meminfo"):
-        with open("/proc/meminfo") as meminfo:
-            total_kib = int(meminfo.readline().split()[1])
-        parts.append(f"{total_kib / 2**20:.0f} GiB RAM")
-    if device.type == "cuda":
-        parts.append(torch.cuda.get_device_name(device))
-    parts.append(
-        f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
-    )
-    return "; ".join(parts)
 
 
 def _cell(value: float | None, spec: str, suffix: str = "") -> str:
@@ -218,8 +201,9 @@ def format_markdown(
         f"Machine: {machine}. Achieved GEMM throughput: {summary['gemm_gflops_per_s']:.1f} GFLOP/s (float32).",
         "",
         f"batch {config.batch_size}, heads {config.num_heads}, head dim {config.head_dim}, "
-        f"random features {config.num_features}, float32, median of {config.repeats} runs after {config.warmup} "
-        "warm-up. Peak memory: rise of the peak allocated (CUDA) or resident (CPU) memory during one run, inputs "
+        f"random features {config.num_features}, float32. Time: median per run of "
+        f"`torch.utils.benchmark.Timer.blocked_autorange` (a warm-up run, then at least {config.min_run_time:g} s of "
+        "runs). Peak memory: rise of the peak allocated (CUDA) or resident (CPU) memory during a timed block, inputs "
         "excluded.",
         "",
         f"| method | length | time (ms) | peak memory (MiB) | tokens/s | tokens/s vs L={reference} "

@@ -5,12 +5,10 @@ the machine's load; the report gives the median of the rounds and their range, a
 """
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser
 
 from .measure import measure_callable
 from .models import METHODS, synthetic_batch
@@ -39,8 +37,10 @@ class ThroughputConfig:
         },
     )
     rounds: int = field(default=3, metadata={"help": "Rounds over all points (the median round is reported)."})
-    repeats: int = field(default=3, metadata={"help": "Measured runs per point and round (their median is kept)."})
-    warmup: int = field(default=1, metadata={"help": "Unmeasured runs before them."})
+    min_run_time: float = field(
+        default=1.0,
+        metadata={"help": "Seconds of timed runs per point and round after a warm-up run (Timer.blocked_autorange)."},
+    )
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: torch's default."})
     dtype: str = field(default="float32", metadata={"help": f"Compute dtype, of {list(DTYPES)}."})
     device: str = field(default="auto", metadata={"help": "torch device; auto: cuda if available, else cpu."})
@@ -101,7 +101,6 @@ def run_throughput(
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
     suite_config = BenchmarkConfig(
-        warmup=config.warmup,
         dtype=config.dtype,
         device=config.device,
         config_overrides=config.config_overrides,
@@ -122,11 +121,7 @@ def run_throughput(
             for point, runner, batch, num_events in runs:
                 runner.model.train(level != "forward")
                 measurement = measure_callable(
-                    runner.step_function(level, batch),
-                    device,
-                    config.repeats,
-                    config.warmup,
-                    prepare=runner.clear_gradients,
+                    runner.step_function(level, batch), device, config.min_run_time, prepare=runner.clear_gradients
                 )
                 rate = num_events / measurement.seconds
                 rates[(level, point)].append(rate)
@@ -155,7 +150,8 @@ def format_throughput(rows: list[ThroughputRow], config: ThroughputConfig, loads
     """A Markdown table of the rows, with the machine's thread count and load averages."""
     threads = torch.get_num_threads()
     lines = [
-        f"{config.rounds} rounds × {config.repeats} runs, {threads} torch threads, dtype {config.dtype}"
+        f"{config.rounds} rounds of at least {config.min_run_time:g} s per point (median time per run of "
+        f"`Timer.blocked_autorange`), {threads} torch threads, dtype {config.dtype}"
         f"{', ragged histories' if config.ragged else ''}; load average (1, 5, 15 min) "
         f"{loads['start']} at the start, {loads['end']} at the end.",
         "",
@@ -168,13 +164,3 @@ def format_throughput(rows: list[ThroughputRow], config: ThroughputConfig, loads
             f"{row.min_events_per_s:,.0f}–{row.max_events_per_s:,.0f} | {row.vs_first:.2f}× |"
         )
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`scripts/benchmark_throughput.py`: measure and print the table."""
-    (config,) = HfArgumentParser(ThroughputConfig).parse_args_into_dataclasses(args=argv)
-    started = time.perf_counter()
-    rows, loads = run_throughput(config)
-    print()
-    print(format_throughput(rows, config, loads))
-    print(f"\n{time.perf_counter() - started:.0f} s")

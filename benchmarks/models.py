@@ -2,16 +2,16 @@
 every attention kind, plus the peers (exact SDPA, a naive softmax attention, performer-pytorch's `FastAttention`)
 inside the same model, so that only the attention differs."""
 
-import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from ..attention_performer import TxFormerPerformerAttention
-from ..configuration_txformer import TxFormerConfig
-from ..modeling_txformer import TxFormerForSequenceClassification
+from txformer.attention_performer import TxFormerPerformerAttention
+from txformer.configuration_txformer import TxFormerConfig
+from txformer.machine import installed_version
+from txformer.modeling_txformer import TxFormerForSequenceClassification
 
 
 @dataclass(frozen=True)
@@ -60,13 +60,8 @@ PEERS = {"performer": "performer_pytorch"}
 
 def peer_versions() -> dict[str, str | None]:
     """Installed versions of the peer packages (None: not installed)."""
-    versions = {}
-    for package in sorted({method.requires for method in METHODS.values() if method.requires}):
-        try:
-            versions[package] = importlib.metadata.version(package.replace("_", "-"))
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
+    packages = sorted({method.requires for method in METHODS.values() if method.requires})
+    return {package: installed_version(package.replace("_", "-")) for package in packages}
 
 
 class PerformerPytorchAttention(TxFormerPerformerAttention):

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention_full import build_attention_mask
+from txformer.attention_full import build_attention_mask
+
 from .measure import Measurement, measure_callable, measure_forward_backward, synchronize, tensor_peak_mib
 from .models import EXACT_REFERENCE, METHODS, PEERS, Method, benchmark_config, build_model, synthetic_batch
 
 
-LEVELS = ("attention", "forward", "train")
 CHECK_LEVEL = "infinity_check"
+LEVELS = ("attention", "forward", "train", CHECK_LEVEL)
 LEVEL_TITLES = {
     "attention": "Attention layer alone: forward + backward",
     "forward": "Model forward (inference, no gradient)",
@@ -36,7 +37,8 @@ class BenchmarkConfig:
     """What to measure (one command-line flag per field)."""
 
     levels: list[str] = field(
-        default_factory=lambda: list(LEVELS), metadata={"help": f"Levels to measure, of {list(LEVELS)}."}
+        default_factory=lambda: list(LEVELS),
+        metadata={"help": f"Levels to measure, of {list(LEVELS)} ({CHECK_LEVEL}: the long-history check)."},
     )
     methods: list[str] = field(
         default_factory=lambda: list(METHODS),
@@ -46,8 +48,12 @@ class BenchmarkConfig:
         default_factory=lambda: [256, 1024, 4096, 16384], metadata={"help": "Sequence lengths (events per history)."}
     )
     batch_size: int = field(default=4, metadata={"help": "Histories per batch."})
-    repeats: int = field(default=3, metadata={"help": "Measured runs per point (the median is kept)."})
-    warmup: int = field(default=1, metadata={"help": "Unmeasured runs before them."})
+    min_run_time: float = field(
+        default=1.0,
+        metadata={
+            "help": "Seconds of timed runs per point after a warm-up run (Timer.blocked_autorange; the median)."
+        },
+    )
     max_seconds: float = field(
         default=8.0, metadata={"help": "A method stops before a length whose predicted run time exceeds this (s)."}
     )
@@ -64,13 +70,12 @@ class BenchmarkConfig:
     )
     check_lengths: list[int] = field(
         default_factory=lambda: [2000, 8000, 32000, 89000],
-        metadata={"help": "Lengths of the ∞-former long-history check (first = reference); empty: no check."},
+        metadata={"help": "Lengths of the ∞-former long-history check (first = reference)."},
     )
     check_methods: list[str] = field(
         default_factory=lambda: ["infinity", "performer", "full_sdpa"], metadata={"help": "Methods of the check."}
     )
     check_batch_size: int = field(default=1, metadata={"help": "Histories per batch in the check."})
-    check_repeats: int = field(default=2, metadata={"help": "Measured runs per point in the check."})
     check_max_seconds: float = field(default=40.0, metadata={"help": "max_seconds of the check."})
     check_memory_goal: float = field(
         default=1.25, metadata={"help": "∞-former goal: peak memory at the longest / at the first check length."}
@@ -90,6 +95,10 @@ class BenchmarkConfig:
             raise ValueError(f"Unknown dtype {self.dtype!r}; valid: {list(DTYPES)}.")
         if any(length < 1 for length in [*self.lengths, *self.check_lengths]):
             raise ValueError("Lengths must be positive.")
+
+    def model_levels(self) -> list[str]:
+        """The levels to measure at `lengths`, in their order (all but the check)."""
+        return [level for level in LEVELS if level in self.levels and level != CHECK_LEVEL]
 
     def resolved_device(self) -> torch.device:
         """The device to run on."""
@@ -240,9 +249,9 @@ class MethodRunner:
     def clear_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def measure(self, level: str, length: int, batch_size: int, repeats: int) -> Measurement:
+    def measure(self, level: str, length: int, batch_size: int) -> Measurement:
         """Time and peak memory of one level at one length."""
-        warmup = self.config.warmup
+        min_run_time = self.config.min_run_time
         if level == "attention":
             self.model.train()
             generator = torch.Generator().manual_seed(self.config.seed)
@@ -254,13 +263,13 @@ class MethodRunner:
                 with self.autocast():
                     return attend(states)
 
-            measurement = measure_forward_backward(function, [hidden], repeats, warmup)
+            measurement = measure_forward_backward(function, [hidden], min_run_time)
             self.clear_gradients()
             return measurement
         batch = synthetic_batch(self.model_config, batch_size, length, self.device, self.config.seed)
         step = self.step_function(level, batch)
         self.model.train(level != "forward")
-        return measure_callable(step, self.device, repeats, warmup, prepare=self.clear_gradients)
+        return measure_callable(step, self.device, min_run_time, prepare=self.clear_gradients)
 
     def step_function(self, level: str, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
         """The work of a model level: `forward` (no gradient), `train` (with the optimizer step) or `backward`
@@ -364,17 +373,13 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print) -
             runners[method.name] = MethodRunner(method, config, device)
         return runners[method.name]
 
-    def measure_point(
-        level: str, method: Method, length: int, batch_size: int, repeats: int, budget: Budget
-    ) -> BenchmarkRow | None:
+    def measure_point(level: str, method: Method, length: int, batch_size: int, budget: Budget) -> BenchmarkRow | None:
         reason = budget.reason_to_skip(level, method, length)
         if reason is not None:
             skipped.append((level, method.name, length, reason))
             return None
         try:
-            measurement = runner(method).measure(
-                "backward" if level == CHECK_LEVEL else level, length, batch_size, repeats
-            )
+            measurement = runner(method).measure("backward" if level == CHECK_LEVEL else level, length, batch_size)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
@@ -394,17 +399,15 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print) -
         return row
 
     budget = Budget(config.max_seconds, max_memory)
-    for level in config.levels:
+    for level in config.model_levels():
         for length in sorted(config.lengths):
             for method in methods:
-                measure_point(level, method, length, config.batch_size, config.repeats, budget)
+                measure_point(level, method, length, config.batch_size, budget)
     check_budget = Budget(config.check_max_seconds, max_memory)
     check_methods = [METHODS[name] for name in config.check_methods if METHODS[name].available]
-    for length in sorted(config.check_lengths):
+    for length in sorted(config.check_lengths) if CHECK_LEVEL in config.levels else []:
         for method in check_methods:
-            row = measure_point(
-                CHECK_LEVEL, method, length, config.check_batch_size, config.check_repeats, check_budget
-            )
+            row = measure_point(CHECK_LEVEL, method, length, config.check_batch_size, check_budget)
             if row is not None and config.tensor_memory:
                 row.tensor_peak_mib = runner(method).tensor_peak(length, config.check_batch_size)
                 log(f"{'':>14} {method.name:>17} L={length:>6}: peak tensor memory {row.tensor_peak_mib:.1f} MiB")
