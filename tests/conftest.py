@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny config per attention kind, a padded batch built from it, and a Python without txformer."""
 
+import functools
+import importlib
 import os
 import subprocess
 import sys
@@ -9,9 +11,23 @@ import pytest
 import torch
 
 from txformer import TxFormerConfig
+from txformer.configuration_txformer import ATTENTION_KINDS
 
 
-ATTENTION_TYPES = ["full", "performer", "infinity"]
+TESTS_DIR = Path(__file__).resolve().parent
+# Every registered attention kind runs the shared tests.
+ATTENTION_TYPES = list(ATTENTION_KINDS)
+
+
+@functools.cache
+def tiny_kind_settings() -> dict:
+    """The small settings of every kind: `TINY_SETTINGS` of its own test file, `tests/test_attention_<kind>.py`,
+    where it defines them (read when first needed: those files import this one)."""
+    settings = {}
+    for name in ATTENTION_KINDS:
+        if (TESTS_DIR / f"test_attention_{name}.py").exists():
+            settings.update(getattr(importlib.import_module(f"test_attention_{name}"), "TINY_SETTINGS", {}))
+    return settings
 
 
 def tiny_config(attention_type: str = "full", **overrides) -> TxFormerConfig:
@@ -25,11 +41,8 @@ def tiny_config(attention_type: str = "full", **overrides) -> TxFormerConfig:
         hidden_dropout_prob=0.0,
         attention_dropout_prob=0.0,
         attention_type=attention_type,
-        performer_num_random_features=16,
-        segment_length=4,
-        ltm_num_basis=8,
-        ltm_num_samples=8,
     )
+    settings.update(tiny_kind_settings())
     settings.update(overrides)
     return TxFormerConfig(**settings)
 

@@ -1,12 +1,22 @@
-"""Exact softmax attention (SDPA or eager) and the projection layer every attention kind shares."""
+"""Exact softmax attention (SDPA or eager), and the interface every attention kind implements: the projection layer
+whose hooks a kind overrides (`TxFormerSelfAttention`) and the description generic code reads (`AttentionKind`).
+
+A kind is one module, `attention_<kind>.py`: its functional core, its layer (a subclass of `TxFormerSelfAttention`),
+its config fields (a dataclass mixed into `TxFormerConfig`) and its `AttentionKind`, registered by one line in
+`ATTENTION_KINDS` (`configuration_txformer.py`). `docs/adding_an_attention_kind.md` is the recipe.
+"""
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .configuration_txformer import TxFormerConfig
+
+if TYPE_CHECKING:
+    from .configuration_txformer import TxFormerConfig
 
 
 def eager_attention_forward(
@@ -47,6 +57,52 @@ def apply_rotary_pos_emb(
     return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
 
 
+@dataclass(frozen=True)
+class Streaming:
+    """How the model reads histories in segments for a kind whose layers carry a state from one segment, or one call,
+    to the next (each layer takes it as `past_state` and returns the next one).
+
+    Args:
+        segment_length: events per segment, from the config.
+        detach_state: whether the state carried between segments is detached (training memory bounded by one
+            segment), from the config.
+        state_class: the dataclass of one layer's state: tensors with the batch first (or None), and `detach()`.
+    """
+
+    segment_length: Callable[[Any], int]
+    detach_state: Callable[[Any], bool]
+    state_class: type
+
+
+@dataclass(frozen=True)
+class AttentionKind:
+    """What generic code (the config, the model, cards, callbacks, benchmarks, shared tests) knows of an attention
+    kind. Each kind's module defines one; `ATTENTION_KINDS` in `configuration_txformer.py` registers it.
+
+    Args:
+        name: its `config.attention_type`.
+        attention_class: its layer, a subclass of [`TxFormerSelfAttention`]; the kind's behaviour lives in the hooks
+            it overrides (`attend` or `forward`, `reset_buffers`, `begin_optimizer_step`, `auxiliary_loss`).
+        label: a few words for tables and plots.
+        summary: one sentence for model cards.
+        hub_tag: the tag of its models on the Hub.
+        settings: a dataclass of its config fields, with defaults, mixed into `TxFormerConfig` (None: no fields).
+        validate_settings: raises a `ValueError` for invalid values of those fields; the config calls it.
+        time_exponent: how its time grows with the history length (2: quadratic, 1: linear), for benchmark budgets.
+        streaming: how the model reads a history in parts when the layers carry a state (None: in one pass).
+    """
+
+    name: str
+    attention_class: type["TxFormerSelfAttention"]
+    label: str
+    summary: str
+    hub_tag: str
+    settings: type | None = None
+    validate_settings: Callable[[Any], None] | None = None
+    time_exponent: int = 1
+    streaming: Streaming | None = None
+
+
 class Float32BuffersMixin(nn.Module):
     """Keeps the buffers named in `float32_buffers` in float32 (and those in `float64_buffers` in float64) when the
     module is cast (`model.to(torch.bfloat16)`, `.half()`): they hold constants (frequencies, bases, random
@@ -69,10 +125,11 @@ class Float32BuffersMixin(nn.Module):
 
 
 class TxFormerSelfAttention(Float32BuffersMixin):
-    """Multi-head self-attention over events. Owns the query/key/value/output projections; `attend` is the core
-    that each attention kind replaces (here: exact attention dispatched by `config._attn_implementation`)."""
+    """Multi-head self-attention over events, and the interface of every attention kind. Owns the
+    query/key/value/output projections; `attend` is the core that each kind replaces (here: exact attention
+    dispatched by `config._attn_implementation`), and the hooks below are what a kind adds (here: nothing)."""
 
-    def __init__(self, config: TxFormerConfig, layer_idx: int):
+    def __init__(self, config: "TxFormerConfig", layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -102,20 +159,20 @@ class TxFormerSelfAttention(Float32BuffersMixin):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        key_padding_mask: torch.Tensor,
+        key_mask: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_state: None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         """Attend over `hidden_states` `[batch, length, hidden]`. `attention_mask` is the additive key mask
-        `[batch, 1, 1, length]` used by exact attention, `key_padding_mask` the boolean `[batch, length]` mask
-        (True = real event) used by the other kinds, `position_embeddings` the rotary `(cos, sin)` (None: no order
-        signal). Returns the output, the weights (eager only) and the state carried to the next segment (stateless
-        kinds: None)."""
+        `[batch, 1, 1, length]` used by exact attention, `key_mask` the boolean `[batch, length]` mask (True = real
+        event) used by the other kinds, `position_embeddings` the rotary `(cos, sin)` (None: no order signal).
+        Returns the output, the weights (eager only) and the state carried to the next segment (stateless kinds:
+        None)."""
         query, key, value = self.project(hidden_states)
         if position_embeddings is not None:
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        attn_output, attn_weights = self.attend(query, key, value, attention_mask, key_padding_mask, **kwargs)
+        attn_output, attn_weights = self.attend(query, key, value, attention_mask, key_mask, **kwargs)
         attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(attn_output), attn_weights, None
 
@@ -125,7 +182,7 @@ class TxFormerSelfAttention(Float32BuffersMixin):
         key: torch.Tensor,
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        key_padding_mask: torch.Tensor,
+        key_mask: torch.Tensor | None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Exact attention: `[batch, heads, length, head_dim]` inputs -> `[batch, length, heads, head_dim]`."""
@@ -142,3 +199,30 @@ class TxFormerSelfAttention(Float32BuffersMixin):
             scaling=self.scaling,
             **kwargs,
         )
+
+    def reset_buffers(self) -> None:
+        """Fill the buffers the kind derives from the config (random projections, fixed bases), on whatever device
+        they live and leaving loaded ones alone (`transformers.initialization` semantics); `_init_weights` calls it.
+        Exact attention has none."""
+
+    def begin_optimizer_step(self, step: int) -> None:
+        """Called in training before the first forward pass of optimizer step `step`, for state a kind refreshes
+        during training (the Performer redraws its projection). What it does must depend only on the config and
+        `step`, so that every process of a distributed run does the same without communicating. Exact attention:
+        nothing."""
+
+    def auxiliary_loss(self, state: Any) -> torch.Tensor | None:
+        """The weighted regularisation term this layer adds to the training loss, from the state it returned (None:
+        none). Exact attention: none."""
+        return None
+
+
+FULL_ATTENTION = AttentionKind(
+    name="full",
+    attention_class=TxFormerSelfAttention,
+    label="exact",
+    summary="exact softmax attention over every kept event (memory grows with the square of the history length); "
+    'the backend is chosen when loading, `attn_implementation="sdpa"` or `"eager"`.',
+    hub_tag="full-attention",
+    time_exponent=2,
+)

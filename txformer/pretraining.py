@@ -19,7 +19,7 @@ from transformers import (
     set_seed,
 )
 
-from .callbacks import PerformerRedrawCallback
+from .callbacks import AttentionStepCallback
 from .cli import configure_logging
 from .data import EventVocabulary, TransactionCollator, build_customer_dataset
 from .hub import RESULTS_FILE, TRAINING_RUN_FILE, PushCodeFilesCallback
@@ -255,7 +255,7 @@ def pretrain(
         eval_dataset=data["eval"],
         data_collator=collator,
         processing_class=processor,
-        callbacks=[PerformerRedrawCallback(), PushCodeFilesCallback()],
+        callbacks=[AttentionStepCallback(), PushCodeFilesCallback()],
     )
     add_profiling_callback(trainer)
     train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..configuration_txformer import ATTENTION_KINDS
 from ..io_utils import atomic_write_json
 
 
@@ -39,6 +40,12 @@ TRAIN_ENTRY_POINT = "txformer-train"
 BASELINE_ENTRY_POINT = "txformer-baseline"
 # Context length a whole history counts as when choosing the micro-batch size (the longest histories are grouped).
 WHOLE_HISTORY_BATCH_LENGTH = 8192
+# The contexts every registered kind is trained at by default: a streaming kind reads whole histories, any other
+# kind the last 256 and 1,024 events.
+DEFAULT_RUNS = [
+    f"{name}:{WHOLE_HISTORY}" if kind.streaming is not None else f"{name}:256,1024"
+    for name, kind in ATTENTION_KINDS.items()
+]
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ class CompareConfig:
         metadata={"help": "FAMILY:CUSTOMERS per synthetic data family (`--synthetic_family` of scripts/train.py)."},
     )
     runs: list[str] = field(
-        default_factory=lambda: ["full:256,1024", "performer:256,1024", "infinity:0"],
+        default_factory=lambda: list(DEFAULT_RUNS),
         metadata={
             "help": "[FAMILY/]KIND:LENGTH,LENGTH,... per attention kind (on every family, or on FAMILY only); "
             "length 0 = whole histories."

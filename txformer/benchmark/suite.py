@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..configuration_txformer import ATTENTION_KINDS
 from ..modeling_txformer import MASK_VALUE
 from .measure import Measurement, measure_callable, measure_forward_backward, synchronize, tensor_peak_mib
 from .models import EXACT_REFERENCE, METHODS, PEERS, Method, benchmark_config, build_model, synthetic_batch
@@ -191,34 +192,36 @@ class Budget:
         self.stopped[(level, method.name)] = f"from L={length}: {reason}"
 
 
-def additive_mask(key_padding_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive_mask(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The model's additive key mask `[batch, 1, 1, length]` from a boolean `[batch, length]` mask."""
-    mask = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
-    return mask.masked_fill(~key_padding_mask, MASK_VALUE)[:, None, None, :]
+    mask = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
+    return mask.masked_fill(~key_mask, MASK_VALUE)[:, None, None, :]
 
 
 def attention_layer_function(model: torch.nn.Module, method: Method) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`hidden [batch, length, hidden] -> output` through the first layer's attention module. The ∞-former reads the
-    sequence segment by segment as the model does: memory carried between segments, earlier segments without
-    gradient when `ltm_detach_memory` is set."""
+    """`hidden [batch, length, hidden] -> output` through the first layer's attention module. A streaming kind (the
+    ∞-former) reads the sequence segment by segment as the model does: state carried between segments, earlier
+    segments without gradient when the kind detaches it."""
     attention = model.txformer.layers[0].self_attn
     config = model.config
+    streaming = ATTENTION_KINDS[method.attention_type].streaming
 
     def attend(hidden: torch.Tensor) -> torch.Tensor:
-        key_padding_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        if method.attention_type != "infinity":
-            return attention(hidden, additive_mask(key_padding_mask, hidden.dtype), key_padding_mask)[0]
+        key_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        if streaming is None:
+            return attention(hidden, additive_mask(key_mask, hidden.dtype), key_mask)[0]
+        segment_length, detach_state = streaming.segment_length(config), streaming.detach_state(config)
         outputs, state = [], None
-        starts = range(0, hidden.shape[1], config.segment_length)
+        starts = range(0, hidden.shape[1], segment_length)
         for index, start in enumerate(starts):
-            window = slice(start, start + config.segment_length)
-            keeps_graph = not config.ltm_detach_memory or index == len(starts) - 1
+            window = slice(start, start + segment_length)
+            keeps_graph = not detach_state or index == len(starts) - 1
             with torch.set_grad_enabled(torch.is_grad_enabled() and keeps_graph):
-                mask = key_padding_mask[:, window]
+                mask = key_mask[:, window]
                 output, _, state = attention(
                     hidden[:, window], additive_mask(mask, hidden.dtype), mask, past_state=state
                 )
-            if config.ltm_detach_memory:
+            if detach_state:
                 state = state.detach()
             outputs.append(output)
         return torch.cat(outputs, dim=1)
