@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from .configuration_txformer import TxFormerConfig
 
 
+# Additive mask value: exp() of it is 0 in every float dtype, and it is finite in float16 (unlike finfo(float32).min).
+MASK_VALUE = -65504.0
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,

@@ -13,12 +13,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .attention_full import Float32BuffersMixin, Streaming, TxFormerSelfAttention
+from .attention_full import MASK_VALUE, Float32BuffersMixin, Streaming, TxFormerSelfAttention
 from .configuration_txformer import ATTENTION_KINDS, TxFormerConfig
 
 
-# Additive mask value: exp() of it is 0 in every float dtype, and it is finite in float16 (unlike finfo(float32).min).
-MASK_VALUE = -65504.0
 MINUTES_PER_DAY = 1440.0
 
 
