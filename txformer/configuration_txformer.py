@@ -10,6 +10,7 @@ from transformers.configuration_utils import strict  # huggingface_hub.dataclass
 
 from .attention_full import FULL_ATTENTION, AttentionKind
 from .attention_infinity import INFINITY_ATTENTION
+from .attention_local import LOCAL_ATTENTION
 from .attention_performer import PERFORMER_ATTENTION
 
 
@@ -22,6 +23,7 @@ ATTENTION_KINDS: dict[str, AttentionKind] = {
         FULL_ATTENTION,
         PERFORMER_ATTENTION,
         INFINITY_ATTENTION,
+        LOCAL_ATTENTION,
     )
 }
 # Every kind's config fields are fields of `TxFormerConfig`, so a config keeps the settings of every kind.
