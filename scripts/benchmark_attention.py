@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Benchmark the attention ops, forward + backward: FAVOR+ (ours), performer-pytorch (if installed), SDPA, naive.
+"""Benchmark the attention ops, forward + backward: FAVOR+ (ours), performer-pytorch (if installed), the sliding
+window (ours), SDPA, naive.
 
-    python scripts/benchmark_attention.py                                  # 256 ... 32768: 2 minutes on 2 cores
+    python scripts/benchmark_attention.py                                  # 256 ... 32768, every method
     python scripts/benchmark_attention.py --lengths 1024 8192 --repeats 3  # a quick check
 
 Prints the table and writes `attention_benchmark.csv` and `attention_benchmark.md` to `--output_dir`.
