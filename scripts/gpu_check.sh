@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One check of txformer on a CUDA machine, within 10 minutes on one GPU: the test suite, bf16 training of every
-# attention kind with the profiling callback, the benchmarks up to 64k events, and a one-GPU FSDP2 launch. Results go
-# to docs/gpu/ (summary.md, steps.csv, logs/, one folder per run). Each step has its own timeout and a failed step
-# does not stop the others; the exit status is non-zero if any step failed. docs/gpu.md says more.
+# One check of txformer on a CUDA machine, within 10 minutes on one GPU: the test suite and the CUDA-only attention
+# tests, bf16 training of every attention kind with the profiling callback, the benchmarks up to 64k events, and a
+# one-GPU FSDP2 launch. Results go to docs/gpu/ (summary.md, steps.csv, logs/, one folder per run). Each step has its
+# own timeout and a failed step does not stop the others; the exit status is non-zero if any step failed.
+# docs/gpu.md says more.
 #
 #   scripts/gpu_check.sh                   # on a machine with CUDA
 #   scripts/gpu_check.sh --dry-run         # anywhere: prints the commands and checks scripts, configs and flags
@@ -160,13 +161,17 @@ if ! run_step machine 30 "$PYTHON" -m txformer.gpu_check machine; then
 fi
 
 # The tests pick their own devices: the training tests use CUDA when it is there, the rest the CPU. Parallel by file
-# with pytest-xdist when it is installed.
+# with pytest-xdist when it is installed. The CUDA-only tests are the next step.
 PARALLEL=()
 if "$PYTHON" -c "import xdist" 2>/dev/null; then
     PARALLEL=(--numprocesses=8 --dist=loadfile)
 fi
 run_step tests 100 env OMP_NUM_THREADS=1 "$PYTHON" -m pytest -q "${PARALLEL[@]}" \
-    "--junitxml=$OUTPUT_DIR/tests.junit.xml" tests
+    "--junitxml=$OUTPUT_DIR/tests.junit.xml" --ignore=tests/test_cuda_attention.py tests
+
+# flash_attention_2 and flex attention (training) against SDPA; -rs names the tests skipped (no flash-attn package).
+run_step cuda_attention 45 env OMP_NUM_THREADS=1 "$PYTHON" -m pytest -q -rs \
+    "--junitxml=$OUTPUT_DIR/cuda_attention.junit.xml" tests/test_cuda_attention.py
 
 # Histories of about 4k to 16k events at the default --max-length (5th to 95th percentile: 0.56 to 1.8 × median).
 run_step data 40 "$PYTHON" -c "from txformer.data import SyntheticConfig, generate_synthetic_data; \

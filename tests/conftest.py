@@ -1,10 +1,13 @@
-"""Shared fixtures: a tiny config per attention kind, a padded batch built from it, and a Python without txformer."""
+"""Shared fixtures: a tiny config per attention kind, a padded batch built from it, a Python without txformer, and a
+data cache of the session's own."""
 
 import functools
 import importlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,19 @@ from txformer.configuration_txformer import ATTENTION_KINDS
 TESTS_DIR = Path(__file__).resolve().parent
 # Every registered attention kind runs the shared tests.
 ATTENTION_TYPES = list(ATTENTION_KINDS)
+CACHE_ENVIRONMENT_VARIABLE = "TXFORMER_CACHE"
+
+
+def pytest_configure(config):
+    """Data prepared by the tests (training, prediction and pretraining cache what they read) goes to a folder of the
+    session, never into the user's cache; set before any test module imports `txformer.data`, and inherited by the
+    processes the tests start."""
+    config.txformer_cache = tempfile.mkdtemp(prefix="txformer-test-cache-")
+    os.environ[CACHE_ENVIRONMENT_VARIABLE] = config.txformer_cache
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(config.txformer_cache, ignore_errors=True)
 
 
 @functools.cache

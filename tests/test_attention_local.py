@@ -134,6 +134,16 @@ def test_invalid_settings_are_value_errors(overrides, message):
         TxFormerConfig(attention_type="local", **overrides)
 
 
+@pytest.mark.parametrize("attn_implementation", ["flex_attention", "flash_attention_2"])
+def test_backends_without_block_masks_are_refused_by_name(attn_implementation):
+    config = tiny_config("local")
+    config._attn_implementation = attn_implementation
+    layer = TxFormerLocalAttention(config, layer_idx=0)
+    hidden_states = torch.randn(1, 5, config.hidden_size)
+    with pytest.raises(ValueError, match=f"not '{attn_implementation}'"):
+        layer(hidden_states, None, torch.ones(1, 5, dtype=torch.bool))
+
+
 def test_the_functional_core_refuses_cross_attention():
     query, key, value, key_mask = random_qkv([6])
     with pytest.raises(ValueError, match="self-attention"):

@@ -268,3 +268,8 @@ def test_embeddings_go_with_their_feature_sets():
         main(["--features", "both"])
     with pytest.raises(ValueError, match="embeddings go with"):
         main(["--embeddings", "file.parquet"])
+
+
+def test_streaming_is_refused():
+    with pytest.raises(ValueError, match="--streaming is for scripts/train.py"):
+        main(["--streaming"])

@@ -48,6 +48,10 @@ CONFIG_OVERRIDES = (
 # Both runs compute in float32; they differ only in summation order (batch split, all-reduce).
 RTOL, ATOL = 1e-5, 1e-6
 PAIR_EMBEDDING_ATOL = 1e-5
+CACHE_FOLDER = "cache"
+# Log lines of the data preparation (`txformer.data.prepare`).
+ENCODING_LINE = "txformer.data.prepare: Encoding "
+CACHE_HIT_LINE = "txformer.data.prepare: Using the prepared data in {}."
 
 
 def train_arguments(data_dir: Path, output_dir: Path, attention_type: str, per_device_batch: int) -> list[str]:
@@ -55,8 +59,12 @@ def train_arguments(data_dir: Path, output_dir: Path, attention_type: str, per_d
 
     `MAX_STEPS` global batches fit in the first epoch, so both runs see the same samples in the same order; the
     evaluation split (9 customers of the test data) is not a multiple of `WORLD_SIZE * EVAL_BATCH`: uneven batches.
+    The runs of one output root share a data cache (`CACHE_FOLDER`, next to their output folders); every process logs
+    at INFO, so that the log shows which processes prepared the data.
     """
     return [
+        "--data_cache_dir", str(output_dir.parent / CACHE_FOLDER),
+        "--log_level_replica", "info",
         "--transactions", str(data_dir / "transactions.csv"),
         "--labels", str(data_dir / "gender_train.csv"),
         "--attention_type", attention_type,
@@ -172,7 +180,8 @@ def runs(request, tmp_path_factory) -> dict[str, Path]:
             if launch.poll() is None:
                 os.killpg(launch.pid, signal.SIGKILL)  # the launcher and the processes it started
     assert returncodes == [0] * len(launches), "\n".join(path.read_text()[-6000:] for path in log_paths)
-    return {"one": one_process, "two": two_processes, "layout": request.param}
+    log = "".join(path.read_text() for path in log_paths)
+    return {"one": one_process, "two": two_processes, "layout": request.param, "log": log}
 
 
 def test_processes_ran_on_the_machines_of_the_layout(runs):
@@ -187,6 +196,15 @@ def test_processes_ran_on_the_machines_of_the_layout(runs):
         rank % processes_per_machine for rank in range(WORLD_SIZE)
     ]
     assert all(placement["LOCAL_WORLD_SIZE"] == processes_per_machine for placement in placements)
+
+
+def test_the_launch_encoded_the_data_once_and_every_later_run_read_the_cache(runs):
+    """Three runs (one per kind) in two processes: the first run's main process prepares and encodes the data while
+    the other process waits; its loading, and both processes' loading in the two later runs, read the cache."""
+    (training_folder,) = (runs["two"] / CACHE_FOLDER / "prepared").glob("training-*")
+    assert runs["log"].count(ENCODING_LINE) == 1, runs["log"][-6000:]
+    cache_hits = runs["log"].count(CACHE_HIT_LINE.format(training_folder))
+    assert cache_hits == WORLD_SIZE * len(ATTENTION_KINDS) - 1, runs["log"][-6000:]
 
 
 def training_logs(output_dir: Path) -> list[dict]:

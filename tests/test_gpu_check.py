@@ -40,8 +40,8 @@ def test_dry_run_checks_every_step_trains_every_kind_and_writes_nothing(tmp_path
     assert len(checked) == len(planned) and all(line.startswith("ok ") for line in checked)
     steps = [line.split()[0] for line in planned]
     assert steps == [
-        "machine", "tests", "data", *(f"train_{kind}" for kind in ATTENTION_KINDS), "fsdp2", "benchmark_attention",
-        "benchmark",
+        "machine", "tests", "cuda_attention", "data", *(f"train_{kind}" for kind in ATTENTION_KINDS), "fsdp2",
+        "benchmark_attention", "benchmark",
     ]  # fmt: skip
     for kind in ATTENTION_KINDS:
         (command,) = [line for line in checked if f"--attention_type {kind} " in line and "--bf16 true" in line]

@@ -1,10 +1,12 @@
 """From a trained folder or a Hub repository to probabilities: `pipeline(...)` on raw rows, a DataFrame or a CSV gives
-`scripts/predict.py`'s probabilities, for every attention kind, in this process and in one without txformer (from
-the folder and from a push recorded by the offline fake Hub); `predict --model <repo> --revision <commit>`; weights
-that do not match their config; a predictions file and a report that cannot disagree."""
+`scripts/predict.py`'s probabilities (its transactions encoded once, then read from the cache), for every attention
+kind, in this process and in one without txformer (from the folder and from a push recorded by the offline fake Hub);
+`predict --model <repo> --revision <commit>`; weights that do not match their config; a predictions file and a report
+that cannot disagree."""
 
 import hashlib
 import json
+import logging
 import shutil
 import textwrap
 from pathlib import Path
@@ -106,6 +108,22 @@ def test_the_pipeline_matches_predict_on_rows_a_dataframe_and_a_csv(folders, pre
         assert_agree(scorer(inputs, batch_size=batch_size), predicted[attention_type])
 
 
+def test_a_second_prediction_reads_the_encoded_transactions_from_the_cache(
+    folders, predicted, synthetic_dir, tmp_path, caplog
+):
+    """The three folders share a vocabulary: the first prediction encoded the file for all of them."""
+    arguments = PredictionArguments(
+        model=str(folders["full"]),
+        transactions=str(synthetic_dir / "transactions.csv"),
+        output_file=str(tmp_path / "again.csv"),
+        batch_size=16,
+        device="cpu",
+    )
+    with caplog.at_level(logging.INFO, logger="txformer.data.prepare"):
+        assert read_predictions(predict(arguments)) == predicted["full"]
+    assert "Using the prepared data in" in caplog.text and "Encoding" not in caplog.text
+
+
 def test_the_pipeline_takes_the_max_length_of_a_call(folders, synthetic_dir):
     scorer = pipeline(model=str(folders["full"]), trust_remote_code=True, device="cpu")
     transactions = str(synthetic_dir / "transactions.csv")
@@ -130,14 +148,16 @@ def hub_cache_from_recorded_push(folder: Path, hub_cache: Path) -> None:
 BARE_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    from transformers import AutoModelForSequenceClassification, AutoProcessor, pipeline
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoProcessor, pipeline
     results = {}
     for name, model, revision, transactions in json.loads(sys.argv[1]):
+        encoder = AutoModel.from_pretrained(model, revision=revision, trust_remote_code=True)
         classifier = AutoModelForSequenceClassification.from_pretrained(model, revision=revision, trust_remote_code=True)
         processor = AutoProcessor.from_pretrained(model, revision=revision, trust_remote_code=True)
         scorer = pipeline(model=model, revision=revision, trust_remote_code=True, device="cpu")
-        modules = {type(part).__module__.split(".")[0] for part in (classifier, processor, scorer, scorer.model)}
+        modules = {type(part).__module__.split(".")[0] for part in (encoder, classifier, processor, scorer, scorer.model)}
         assert modules == {"transformers_modules"}, modules
+        assert type(encoder).__name__ == "TxFormerModel", type(encoder)
         results[name] = scorer(transactions, batch_size=8)
     print(json.dumps(results))
     """

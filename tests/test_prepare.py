@@ -38,9 +38,9 @@ from txformer.data.prepare import (
     prepare_customers,
     prepare_encoded_customers,
     prepare_training_data,
-    streaming_dataset,
     transaction_files,
 )
+from txformer.data.streaming import streaming_dataset
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,8 +120,8 @@ def test_training_data_is_the_in_memory_preparation(inputs, tmp_path, num_shards
     assert (prepared.validation is None) == (num_validation is None)
     for name, expected in parts.items():
         got = getattr(prepared, name)
-        # Prepared rows are in ascending id order (a subsampled training part in memory is in shuffled order).
-        assert customer_table(got).equals(customer_table(vocabulary.encode(expected)).sort_by("customer_id"))
+        # The same rows in the same order: ascending ids, but for a subsampled training part (shuffled order).
+        assert customer_table(got).equals(customer_table(vocabulary.encode(expected)))
         assert got.cache_files, "memory-mapped from the cache"
 
 
@@ -141,10 +141,32 @@ def test_every_customer_encoded_with_a_trained_vocabulary_for_prediction(inputs,
         inputs["files"], prepared.vocabulary, cache_dir=tmp_path, part_bytes=PART_BYTES
     )
     expected = prepared.vocabulary.encode(build_customer_dataset(inputs["whole"]))
-    assert customer_table(encoded).equals(customer_table(expected))
+    assert customer_table(encoded.customers).equals(customer_table(expected))
+    assert encoded.vocabulary.to_dict() == prepared.vocabulary.to_dict()
     prepare_customers(inputs["files"], keep_unlabelled=True, cache_dir=tmp_path, part_bytes=PART_BYTES)
     folders = sorted(path.name.split("-")[0] for path in (tmp_path / "prepared").iterdir())
     assert folders == ["customers", "encoded"], "the customers folder is shared"
+
+
+def test_every_customer_encoded_with_a_vocabulary_fitted_on_them_all_for_pretraining(inputs, tmp_path):
+    encoded = prepare_encoded_customers(inputs["files"], min_count=2, cache_dir=tmp_path, part_bytes=PART_BYTES)
+    everyone = build_customer_dataset(inputs["whole"])
+    vocabulary = EventVocabulary.fit(everyone, min_count=2)
+    assert encoded.vocabulary.to_dict() == vocabulary.to_dict()
+    assert customer_table(encoded.customers).equals(customer_table(vocabulary.encode(everyone)))
+
+
+def test_requested_customers_are_kept_in_id_order_and_absent_ones_reported(inputs, prepared, tmp_path, caplog):
+    everyone = prepare_encoded_customers(inputs["files"], prepared.vocabulary, cache_dir=tmp_path).customers
+    ids = everyone["customer_id"]
+    with caplog.at_level(logging.WARNING, logger="txformer.data.reader"):
+        chosen = prepare_encoded_customers(
+            inputs["files"], prepared.vocabulary, customer_ids=[ids[7], -5, ids[2]], cache_dir=tmp_path
+        ).customers
+    assert customer_table(chosen).equals(customer_table(everyone.select([2, 7])))
+    assert "1 requested customers have no transactions" in caplog.text and "[-5]" in caplog.text
+    with pytest.raises(TransactionDataError, match="no transactions left for the requested customers"):
+        prepare_encoded_customers(inputs["files"], prepared.vocabulary, customer_ids=[-5], cache_dir=tmp_path)
 
 
 def test_a_second_call_loads_the_cache_without_encoding_again(inputs, tmp_path, caplog):
@@ -190,28 +212,42 @@ def write_lines(path, lines: list[str]):
 
 
 def prepare_in_launched_process(cache_dir: Path, output_dir: Path, files: list[str], labels: str) -> None:
-    """The launched program: this rank prepares the training data inside `main_process_first(local=False)`, streams
-    its share of the training customers, and writes what it got to `rank<r>.json`."""
-    from transformers import TrainingArguments
+    """The launched program: this rank prepares the training data inside `main_process_first(local=False)`, then
+    reads its share of the training customers, from the stream and from the loader the Trainer trains on, and writes
+    what it got to `rank<r>.json`."""
+    from conftest import tiny_config
+
+    from txformer import TxFormerForSequenceClassification
+    from txformer.training import TxFormerTrainer, TxFormerTrainingArguments, training_stream
 
     rank = os.environ["RANK"]
     logging.basicConfig(level=logging.INFO, format=f"rank {rank} %(name)s: %(message)s", stream=sys.stdout)
-    arguments = TrainingArguments(output_dir=str(output_dir), use_cpu=True, ddp_backend="gloo", report_to=[])
+    arguments = TxFormerTrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=1, eval_strategy="no", report_to=[]
+    )
     with arguments.main_process_first(local=False, desc="preparing the data"):
         prepared = prepare_training_data(files, labels, cache_dir=cache_dir, part_bytes=PART_BYTES)
-    stream = streaming_dataset(
-        prepared.train, 4, num_shards=4, rank=arguments.process_index, world_size=arguments.world_size
+    stream = training_stream(prepared.train, arguments, seed=0)
+    share = [example["customer_id"] for example in stream.stream]
+    trainer = TxFormerTrainer(
+        model=TxFormerForSequenceClassification(tiny_config()),
+        args=arguments,
+        train_dataset=stream,
+        data_collator=lambda features: [feature["customer_id"] for feature in features],
     )
+    loaded = itertools.chain.from_iterable(trainer.get_train_dataloader())
     result = {
         "world_size": arguments.world_size,
         "directory": str(prepared.directory),
         "train": list(prepared.train["customer_id"]),
-        "streamed": [example["customer_id"] for example in stream],
+        "streamed": share,
+        "loaded": list(itertools.islice(loaded, len(share))),
     }
     (output_dir / f"rank{rank}.json").write_text(json.dumps(result))
 
 
 def test_two_launched_processes_prepare_once_then_stream_disjoint_shares(inputs, tmp_path):
+    """The Trainer's loader of each rank reads exactly the rank's share: `accelerate` does not split it again."""
     environment = {key: value for key, value in os.environ.items() if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")]))
     environment["CUDA_VISIBLE_DEVICES"] = ""
@@ -229,6 +265,7 @@ def test_two_launched_processes_prepare_once_then_stream_disjoint_shares(inputs,
     streamed = ranks[0]["streamed"] + ranks[1]["streamed"]
     assert sorted(streamed) == sorted(ranks[0]["train"]), "each training customer streamed once, by one rank"
     assert ranks[0]["streamed"] and ranks[1]["streamed"]
+    assert all(rank["loaded"] == rank["streamed"] for rank in ranks)
     log = launched.stdout.splitlines()
     encoding = [line for line in log if "txformer.data.prepare: Encoding" in line]
     assert len(encoding) == 1 and encoding[0].startswith("rank 0"), "\n".join(log)

@@ -356,9 +356,11 @@ def test_masked_pretraining_runs_under_the_trainer(synthetic, tmp_path):
     assert model.config.architectures == ["TxFormerForMaskedEventModeling"]
 
 
-def test_pretraining_refuses_labels(synthetic, tmp_path):
+def test_pretraining_refuses_labels_and_streaming(synthetic, tmp_path):
     with pytest.raises(ValueError, match="no labels"):
         run_pretraining(synthetic, tmp_path, "--labels", str(synthetic.train_labels_path))
+    with pytest.raises(ValueError, match="--streaming is for scripts/train.py"):
+        run_pretraining(synthetic, tmp_path, "--streaming")
 
 
 @pytest.mark.parametrize("embedding", ["pooled", "contrastive"])

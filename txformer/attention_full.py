@@ -1,5 +1,6 @@
-"""Exact softmax attention (SDPA or eager), and the interface every attention kind implements: the projection layer
-whose hooks a kind overrides (`TxFormerSelfAttention`) and the description generic code reads (`AttentionKind`).
+"""Exact softmax attention (SDPA, eager, flex or flash), and the interface every attention kind implements: the
+projection layer whose hooks a kind overrides (`TxFormerSelfAttention`) and the description generic code reads
+(`AttentionKind`).
 
 A kind is one module, `attention_<kind>.py`: its functional core, its layer (a subclass of `TxFormerSelfAttention`),
 its config fields (a dataclass mixed into `TxFormerConfig`) and its `AttentionKind`, registered by one line in
@@ -12,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
@@ -19,8 +22,8 @@ if TYPE_CHECKING:
     from .configuration_txformer import TxFormerConfig
 
 
-# Additive mask value: exp() of it is 0 in every float dtype, and it is finite in float16 (unlike finfo(float32).min).
-MASK_VALUE = -65504.0
+# Every backend of exact attention: transformers' attention interface and masking utilities take each of them.
+EXACT_ATTENTION_BACKENDS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
 
 
 def eager_attention_forward(
@@ -43,6 +46,20 @@ def eager_attention_forward(
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
+
+
+def build_attention_mask(
+    config: "TxFormerConfig", hidden_states: torch.Tensor, key_mask: torch.Tensor
+) -> torch.Tensor | BlockMask | None:
+    """The mask of padded keys in the form `config._attn_implementation` takes, from transformers' masking utilities.
+    `hidden_states`: `[batch, length, hidden]`; `key_mask`: `[batch, length]`, True = real event.
+
+    SDPA (boolean) and eager (additive) get one row `[batch, 1, 1, length]` broadcast over the queries (SDPA would
+    turn a `[batch, 1, length, length]` mask into a float tensor of that size), or None without padding; flex attention
+    a `BlockMask` over every query; flash attention the `[batch, length]` mask it unpads the batch by, or None."""
+    # `create_bidirectional_mask` takes the number of query rows from the states it is given.
+    query_rows = hidden_states if config._attn_implementation == "flex_attention" else hidden_states[:, :1]
+    return create_bidirectional_mask(config, query_rows, key_mask)
 
 
 def rotate_half(states: torch.Tensor) -> torch.Tensor:
@@ -92,6 +109,8 @@ class AttentionKind:
         hub_tag: the tag of its models on the Hub.
         settings: a dataclass of its config fields, with defaults, mixed into `TxFormerConfig` (None: no fields).
         validate_settings: raises a `ValueError` for invalid values of those fields; the config calls it.
+        attn_implementations: the `attn_implementation` backends its layer computes exact attention with (empty: it
+            uses none, and `attn_implementation` has no effect on it).
         time_exponent: how its time grows with the history length (2: quadratic, 1: linear), for benchmark budgets.
         streaming: how the model reads a history in parts when the layers carry a state (None: in one pass).
     """
@@ -103,6 +122,7 @@ class AttentionKind:
     hub_tag: str
     settings: type | None = None
     validate_settings: Callable[[Any], None] | None = None
+    attn_implementations: tuple[str, ...] = ()
     time_exponent: int = 1
     streaming: Streaming | None = None
 
@@ -162,15 +182,15 @@ class TxFormerSelfAttention(Float32BuffersMixin):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | BlockMask | None,
         key_mask: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_state: None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
-        """Attend over `hidden_states` `[batch, length, hidden]`. `attention_mask` is the additive key mask
-        `[batch, 1, 1, length]` used by exact attention, `key_mask` the boolean `[batch, length]` mask (True = real
-        event) used by the other kinds, `position_embeddings` the rotary `(cos, sin)` (None: no order signal).
+        """Attend over `hidden_states` `[batch, length, hidden]`. `attention_mask` is the key mask of exact attention
+        in the form of its backend (`build_attention_mask`), `key_mask` the boolean `[batch, length]` mask (True =
+        real event) used by the other kinds, `position_embeddings` the rotary `(cos, sin)` (None: no order signal).
         Returns the output, the weights (eager only) and the state carried to the next segment (stateless kinds:
         None)."""
         query, key, value = self.project(hidden_states)
@@ -185,7 +205,7 @@ class TxFormerSelfAttention(Float32BuffersMixin):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | BlockMask | None,
         key_mask: torch.Tensor | None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -226,7 +246,9 @@ FULL_ATTENTION = AttentionKind(
     attention_class=TxFormerSelfAttention,
     label="exact",
     summary="exact softmax attention over every kept event (memory grows with the square of the history length); "
-    'the backend is chosen when loading, `attn_implementation="sdpa"` or `"eager"`.',
+    'the backend is chosen when loading: `attn_implementation="sdpa"`, `"eager"`, `"flex_attention"` or '
+    '`"flash_attention_2"`.',
     hub_tag="full-attention",
+    attn_implementations=EXACT_ATTENTION_BACKENDS,
     time_exponent=2,
 )

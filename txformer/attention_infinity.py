@@ -21,7 +21,13 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
-from .attention_full import AttentionKind, Streaming, TxFormerSelfAttention, apply_rotary_pos_emb
+from .attention_full import (
+    EXACT_ATTENTION_BACKENDS,
+    AttentionKind,
+    Streaming,
+    TxFormerSelfAttention,
+    apply_rotary_pos_emb,
+)
 
 
 if TYPE_CHECKING:
@@ -504,6 +510,7 @@ INFINITY_ATTENTION = AttentionKind(
     hub_tag="infinity-former",
     settings=InfinitySettings,
     validate_settings=validate_infinity_settings,
+    attn_implementations=EXACT_ATTENTION_BACKENDS,
     streaming=Streaming(
         segment_length=attrgetter("segment_length"),
         detach_state=attrgetter("ltm_detach_memory"),

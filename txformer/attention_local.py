@@ -15,11 +15,18 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .attention_full import MASK_VALUE, AttentionKind, TxFormerSelfAttention
+from .attention_full import AttentionKind, TxFormerSelfAttention
 
 
 if TYPE_CHECKING:
     from .configuration_txformer import TxFormerConfig
+
+
+# Additive mask value of the blocks: exp() of it is 0 in every float dtype, and it is finite in float16 (unlike
+# finfo(float32).min), so a padded query without a real key in its window gets a finite row, not NaN.
+MASK_VALUE = -65504.0
+# The exact-attention backends that take the blocks' additive `[n, 1, q, k]` mask.
+BLOCK_BACKENDS = ("sdpa", "eager")
 
 
 def sdpa_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -137,7 +144,8 @@ def validate_local_settings(config: LocalSettings) -> None:
 
 class TxFormerLocalAttention(TxFormerSelfAttention):
     """Sliding-window self-attention: the shared projections (and rotary positions) around `local_attention`, whose
-    blocks go through the exact attention of `attn_implementation` (SDPA or eager; attention dropout applies)."""
+    blocks go through the exact attention of `attn_implementation`, SDPA or eager (attention dropout applies); flex
+    and flash attention take masks of other forms and are refused."""
 
     def __init__(self, config: "TxFormerConfig", layer_idx: int):
         super().__init__(config, layer_idx)
@@ -154,7 +162,12 @@ class TxFormerLocalAttention(TxFormerSelfAttention):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         """Sliding-window attention: `[batch, heads, length, head_dim]` inputs -> `[batch, length, heads, head_dim]`,
-        no weights (they are per block). The additive `attention_mask` is not used (`key_mask` is)."""
+        no weights (they are per block). The exact-attention `attention_mask` is not used (`key_mask` is)."""
+        if self.config._attn_implementation not in BLOCK_BACKENDS:
+            raise ValueError(
+                f"attention_type='local' computes its blocks with attn_implementation {list(BLOCK_BACKENDS)}, not "
+                f"{self.config._attn_implementation!r}."
+            )
         exact_attention = super().attend
 
         def attend_blocks(
@@ -175,6 +188,7 @@ LOCAL_ATTENTION = AttentionKind(
     hub_tag="local-attention",
     settings=LocalSettings,
     validate_settings=validate_local_settings,
+    attn_implementations=BLOCK_BACKENDS,
 )
 
 

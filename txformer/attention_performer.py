@@ -508,7 +508,7 @@ class TxFormerPerformerAttention(TxFormerSelfAttention):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         """FAVOR+ attention: `[batch, heads, length, head_dim]` inputs -> `[batch, length, heads, head_dim]`, no
-        weights. The additive `attention_mask` is not used (the boolean `key_mask` is exact), nor is
+        weights. The exact-attention `attention_mask` is not used (the boolean `key_mask` is exact), nor is
         attention dropout (there are no attention weights to drop)."""
         output = favor_attention(query, key, value, self.projection_matrix, key_mask, kernel=self.kernel)
         return output.transpose(1, 2), None

@@ -21,9 +21,9 @@ from transformers import HfArgumentParser
 from .cli import configure_logging
 from .data import (
     EventVocabulary,
-    build_customer_dataset,
     customer_table,
     oracle_auroc,
+    prepare_customers,
     split_for_evaluation,
     stratified_split,
 )
@@ -541,6 +541,11 @@ class BaselineDataArguments(DataArguments):
         default=0, metadata={"help": "Aggregate only the most recent events of each customer; 0 = whole histories."}
     )
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.streaming:
+            raise ValueError("--streaming is for scripts/train.py: the baseline reads the prepared customers at once.")
+
 
 @dataclass
 class BaselineArguments:
@@ -557,10 +562,10 @@ class BaselineArguments:
 
 
 def load_labelled_customers(data_args: DataArguments) -> tuple[datasets.Dataset, Path | None]:
-    """The labelled customers of the data flags (real files, or the synthetic data that training uses) and the
-    synthetic folder (None for real data)."""
+    """The labelled customers of the data flags (real files, or the synthetic data that training uses), prepared once
+    into the cache as training prepares them, and the synthetic folder (None for real data)."""
     transactions, labels, synthetic_dir = data_files(data_args)
-    return build_customer_dataset(transactions, labels), synthetic_dir
+    return prepare_customers(transactions, labels, cache_dir=data_args.data_cache_dir), synthetic_dir
 
 
 def run_baseline(data_args: DataArguments, baseline_args: BaselineArguments, lightgbm_args: LightGBMArguments) -> dict:

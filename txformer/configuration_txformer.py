@@ -76,7 +76,8 @@ class TxFormerConfig(PreTrainedConfig, *ATTENTION_SETTINGS):
         event_context_size (`int`): each event's embedding is mixed with those of the `event_context_size` events
             before it (a causal convolution), so "code a followed by code b" is visible to every layer; 0 = off.
         attention_type (`str`): a kind of `ATTENTION_KINDS`: `"full"` (exact attention, `attn_implementation`
-            picks SDPA or eager), `"performer"` (FAVOR+), `"infinity"` (∞-former), ...
+            picks SDPA, eager, flex or flash), `"performer"` (FAVOR+), `"infinity"` (∞-former), `"local"` (sliding
+            window), ...
 
     Attention kinds: each kind adds its own fields, documented in its settings class (`PerformerSettings` in
     `attention_performer.py`, `InfinitySettings` in `attention_infinity.py`, ...). A config holds the fields of every

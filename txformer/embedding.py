@@ -12,7 +12,8 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, HfArgumentParser
 
 from .cli import configure_logging
-from .data import EventVocabulary, TransactionCollator, build_customer_dataset, read_customer_ids
+from .data import EventVocabulary, TransactionCollator, prepare_encoded_customers, read_customer_ids
+from .data.prepare import DEFAULT_CACHE
 from .io_utils import atomic_write
 from .prediction import check_processor_matches, length_sorted_batches, load_processor
 
@@ -32,7 +33,12 @@ class EmbeddingArguments:
             "help": "A trained or pretrained folder (model and processor, or vocabulary and preprocessing.json)."
         }
     )
-    transactions: str = field(metadata={"help": "transactions.csv in the real format."})
+    transactions: str = field(
+        metadata={
+            "help": "Transactions in the real format: a CSV (plain, .gz, .bz2) or Parquet file, or a glob pattern of "
+            "several (quoted)."
+        }
+    )
     output_file: str = field(default="embeddings.parquet", metadata={"help": "Where to write the Parquet file."})
     embedding: str = field(
         default="pooled",
@@ -50,6 +56,10 @@ class EmbeddingArguments:
     )
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, mps; default: cuda when available."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Load a folder whose package is not installed."})
+    data_cache_dir: str = field(
+        default=str(DEFAULT_CACHE),
+        metadata={"help": "Cache of the encoded transactions (default: env TXFORMER_CACHE or ~/.cache/txformer)."},
+    )
 
     def __post_init__(self):
         if self.embedding not in EMBEDDING_KINDS:
@@ -110,7 +120,9 @@ def embed(args: EmbeddingArguments) -> Path:
     max_length = processor.max_length if args.max_length is None else (args.max_length or None)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     wanted_ids = None if args.customer_ids is None else read_customer_ids(args.customer_ids)
-    customers = vocabulary.encode(build_customer_dataset(args.transactions, customer_ids=wanted_ids))
+    customers = prepare_encoded_customers(
+        args.transactions, vocabulary, customer_ids=wanted_ids, cache_dir=args.data_cache_dir
+    ).customers
     collator = TransactionCollator(
         categorical_fields=list(vocabulary.categorical_fields),
         numeric_fields=list(vocabulary.numeric_fields),

@@ -27,8 +27,8 @@ from .configuration_txformer import ATTENTION_KINDS
 PROFILE_FILE = "profile_summary.json"
 RESULTS_FILE = "all_results.json"
 REQUIRED_PACKAGES = ("transformers", "accelerate", "datasets", "safetensors", "scikit-learn", "pytest")
-# Used when present: parallel tests, the benchmark's peer and plots.
-OPTIONAL_PACKAGES = ("pytest-xdist", "performer-pytorch", "matplotlib")
+# Used when present: parallel tests, the benchmark's peer and plots, flash attention 2.
+OPTIONAL_PACKAGES = ("pytest-xdist", "performer-pytorch", "matplotlib", "flash-attn")
 
 
 @contextmanager

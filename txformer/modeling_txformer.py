@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -13,7 +14,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .attention_full import MASK_VALUE, Float32BuffersMixin, Streaming, TxFormerSelfAttention
+from .attention_full import Float32BuffersMixin, Streaming, TxFormerSelfAttention, build_attention_mask
 from .configuration_txformer import ATTENTION_KINDS, TxFormerConfig
 
 
@@ -262,7 +263,7 @@ class TxFormerLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | BlockMask | None,
         key_mask: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_state: Any = None,
@@ -312,6 +313,8 @@ class TxFormerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["TxFormerLayer"]
     _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = True
     _supports_attention_backend = False
 
     @torch.no_grad()
@@ -495,8 +498,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
         event_context = None
         if self.event_context is not None:
             hidden_states, event_context = self.event_context(hidden_states, event_mask, state.event_context)
-        attention_mask = torch.zeros(event_mask.shape, dtype=hidden_states.dtype, device=hidden_states.device)
-        attention_mask = attention_mask.masked_fill(~event_mask, MASK_VALUE)[:, None, None, :]
+        attention_mask = build_attention_mask(self.config, hidden_states, event_mask)
         position_embeddings = None if self.rotary_emb is None else self.rotary_emb(hidden_states.shape[1])
         layer_states = state.layer_states or (None,) * len(self.layers)
         all_hidden_states = () if output_hidden_states else None

@@ -22,7 +22,8 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import CONFIG_NAME, FEATURE_EXTRACTOR_NAME, cached_file
 
 from .cli import configure_logging
-from .data import EventVocabulary, TransactionCollator, build_customer_dataset, customer_table, read_customer_ids
+from .data import EventVocabulary, TransactionCollator, customer_table, prepare_encoded_customers, read_customer_ids
+from .data.prepare import DEFAULT_CACHE
 from .data.reader import list_offsets_and_values
 from .data.vocabulary import UNKNOWN_INDEX, VOCABULARY_FILE
 from .io_utils import atomic_write, atomic_write_json
@@ -43,7 +44,12 @@ REPORT_SUFFIX = ".report.json"
 class PredictionArguments:
     """What to score, with which model, and where to write the probabilities."""
 
-    transactions: str = field(metadata={"help": "transactions.csv in the real format."})
+    transactions: str = field(
+        metadata={
+            "help": "Transactions in the real format: a CSV (plain, .gz, .bz2) or Parquet file, or a glob pattern of "
+            "several (quoted)."
+        }
+    )
     model: str | None = field(
         default=None, metadata={"help": "A trained output folder, or a Hub repository id (pin it with --revision)."}
     )
@@ -62,6 +68,10 @@ class PredictionArguments:
     )
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, mps; default: cuda when available."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Load a folder whose package is not installed."})
+    data_cache_dir: str = field(
+        default=str(DEFAULT_CACHE),
+        metadata={"help": "Cache of the encoded transactions (default: env TXFORMER_CACHE or ~/.cache/txformer)."},
+    )
 
     def __post_init__(self):
         if self.model is not None and self.model_dir is not None and self.model != self.model_dir:
@@ -253,7 +263,9 @@ def predict(args: PredictionArguments) -> Path:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     vocabulary = EventVocabulary.from_processor(processor)
-    customers = vocabulary.encode(build_customer_dataset(args.transactions, customer_ids=wanted_ids))
+    customers = prepare_encoded_customers(
+        args.transactions, vocabulary, customer_ids=wanted_ids, cache_dir=args.data_cache_dir
+    ).customers
     unknown_shares = unknown_code_shares(vocabulary, customers)
     logger.info("Share of events with codes unseen in training: %s", unknown_shares)
     for name, share in unknown_shares.items():

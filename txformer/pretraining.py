@@ -21,7 +21,7 @@ from transformers import (
 
 from .callbacks import AttentionStepCallback
 from .cli import configure_logging
-from .data import EventVocabulary, TransactionCollator, build_customer_dataset
+from .data import EventVocabulary, TransactionCollator, prepare_encoded_customers
 from .hub import RESULTS_FILE, TRAINING_RUN_FILE, PushCodeFilesCallback
 from .io_utils import atomic_write_json
 from .profiling import add_profiling_callback
@@ -177,6 +177,10 @@ class PretrainingDataArguments(DataArguments):
             self.max_length = None
         if self.labels is not None:
             raise ValueError("Pretraining uses no labels: give --transactions alone.")
+        if self.streaming:
+            raise ValueError(
+                "--streaming is for scripts/train.py: pretraining reads the prepared customers as a dataset."
+            )
 
 
 @dataclass
@@ -195,24 +199,30 @@ class PretrainingArguments(TxFormerTrainingArguments):
 def prepare_pretraining_data(
     model_args: PretrainingModelArguments, data_args: PretrainingDataArguments, training_args: TrainingArguments
 ) -> dict:
-    """Reads every customer of the transactions, fits the vocabulary on them (or takes the one of
-    `model_name_or_path`), encodes them and holds out `eval_fraction` when evaluation is on."""
+    """Every customer of the transactions, encoded with a vocabulary fitted on them all (or the one of
+    `model_name_or_path`), prepared once into the cache and memory-mapped (under a launch the main process prepares
+    while the others wait); `eval_fraction` held out when evaluation is on."""
     transactions, _, _ = data_files(data_args, training_args)
-    customers = build_customer_dataset(transactions)
+    vocabulary = None
     if model_args.model_name_or_path is not None:
         vocabulary = EventVocabulary.from_pretrained(model_args.model_name_or_path)
-    else:
-        vocabulary = EventVocabulary.fit(customers)
-    customers = vocabulary.encode(customers)
+    with training_args.main_process_first(local=False, desc="preparing the data"):
+        prepared = prepare_encoded_customers(transactions, vocabulary, cache_dir=data_args.data_cache_dir)
+    customers = prepared.customers
     if model_args.objective == "contrastive":
         customers = keep_long_histories(customers, data_args.slice_min_length)
     eval_customers = None
+    # In memory: the index files of a split or a shuffle would otherwise go into the shared cache folder.
     if training_args.eval_strategy != "no":
-        split = customers.train_test_split(test_size=data_args.eval_fraction, seed=data_args.split_seed)
+        split = customers.train_test_split(
+            test_size=data_args.eval_fraction, seed=data_args.split_seed, keep_in_memory=True
+        )
         customers, eval_customers = split["train"], split["test"]
     if data_args.max_train_customers is not None and data_args.max_train_customers < len(customers):
-        customers = customers.shuffle(seed=data_args.split_seed).select(range(data_args.max_train_customers))
-    return {"train": customers, "eval": eval_customers, "vocabulary": vocabulary}
+        customers = customers.shuffle(seed=data_args.split_seed, keep_in_memory=True).select(
+            range(data_args.max_train_customers)
+        )
+    return {"train": customers, "eval": eval_customers, "vocabulary": prepared.vocabulary}
 
 
 def build_pretraining_model(model_args: PretrainingModelArguments, vocabulary: EventVocabulary):

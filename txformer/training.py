@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 import transformers
@@ -36,16 +37,16 @@ from .configuration_txformer import ATTENTION_KINDS
 from .data import (
     SYNTHETIC_FAMILIES,
     VOCABULARY_FILE,
+    EndlessStream,
     EventVocabulary,
     RandomWindow,
     RandomWindowEpochCallback,
     TokenBudgetBatchSampler,
     TransactionCollator,
-    build_customer_dataset,
     generate_synthetic_data,
     oracle_auroc,
-    split_for_evaluation,
-    stratified_split,
+    prepare_training_data,
+    streaming_dataset,
 )
 from .data.prepare import DEFAULT_CACHE
 from .data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
@@ -79,7 +80,13 @@ class ModelArguments:
     """Which model to train: a fresh config of the given attention kind, or a trained folder to continue from."""
 
     attention_type: str = field(default="full", metadata={"help": f"Attention kind, one of {list(ATTENTION_KINDS)}."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "Full attention backend: sdpa or eager."})
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={
+            "help": "Exact attention backend (full attention, the ∞-former's short-term attention): sdpa, eager, "
+            "flex_attention (trains on a GPU only) or flash_attention_2 (GPU, flash-attn package)."
+        },
+    )
     model_name_or_path: str | None = field(
         default=None,
         metadata={
@@ -98,7 +105,11 @@ class DataArguments:
     """Where the data comes from and how histories are cut."""
 
     transactions: str | None = field(
-        default=None, metadata={"help": "transactions.csv (real format). Default: synthetic."}
+        default=None,
+        metadata={
+            "help": "Transactions in the real format: a CSV (plain, .gz, .bz2) or Parquet file, or a glob pattern of "
+            "several (quoted). Default: synthetic."
+        },
     )
     labels: str | None = field(default=None, metadata={"help": "gender_train.csv (customer_id,gender)."})
     synthetic_num_customers: int = field(default=8000, metadata={"help": "Customers of the generated data."})
@@ -110,7 +121,10 @@ class DataArguments:
     synthetic_labelled_fraction: float | None = field(
         default=None, metadata={"help": "Share of generated customers that get a label (default: all)."}
     )
-    data_cache_dir: str = field(default=str(DEFAULT_CACHE), metadata={"help": "Where generated data is cached."})
+    data_cache_dir: str = field(
+        default=str(DEFAULT_CACHE),
+        metadata={"help": "Cache of generated and prepared data (default: env TXFORMER_CACHE or ~/.cache/txformer)."},
+    )
     max_length: int | None = field(
         default=256, metadata={"help": "Most recent events kept per history; 0 = whole histories (∞-former)."}
     )
@@ -135,6 +149,15 @@ class DataArguments:
     min_validation_customers: int = field(
         default=200,
         metadata={"help": "Validation customers at least (but at most a quarter of the training customers)."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Train from an endless stream of the prepared training customers (an IterableDataset read shard by "
+            "shard through a shuffle buffer, split across ranks, grouped by length within the buffer with "
+            "--group_by_length) instead of random access to them; needs --max_steps. For data far larger than the "
+            "page cache or on slow disks (docs/data.md)."
+        },
     )
 
     def __post_init__(self):
@@ -327,29 +350,37 @@ class BudgetEarlyStoppingCallback(EarlyStoppingCallback):
 
 
 class TxFormerTrainer(Trainer):
-    """The `Trainer`, whose training batches come from `train_batch_sampler` when one is given (token budgets)."""
+    """The `Trainer`, whose training batches come from `train_batch_sampler` when one is given (token budgets), or
+    from this process's own stream when the training dataset is an `EndlessStream` (`--streaming`)."""
 
     def __init__(self, *args, train_batch_sampler: TokenBudgetBatchSampler | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.train_batch_sampler = train_batch_sampler
 
     def get_train_dataloader(self) -> DataLoader:
-        """The `Trainer`'s loader, or one over `train_batch_sampler`; `accelerator.prepare` deals its batches to the
-        processes of a distributed run."""
-        if self.train_batch_sampler is None:
+        """The `Trainer`'s loader; one over `train_batch_sampler`, whose batches `accelerator.prepare` deals to the
+        processes of a distributed run; or one over the stream, left unprepared: the stream is this process's share
+        already, and `accelerator.prepare` would split it again (the `Trainer` moves each batch to the device)."""
+        if self.train_batch_sampler is None and not isinstance(self.train_dataset, EndlessStream):
             return super().get_train_dataloader()
         args = self.args
-        dataloader = DataLoader(
-            self._remove_unused_columns(self.train_dataset, description="Training"),
-            batch_sampler=self.train_batch_sampler,
-            collate_fn=self.data_collator,
+        options = dict(
             num_workers=args.dataloader_num_workers,
             pin_memory=args.dataloader_pin_memory,
             persistent_workers=args.dataloader_persistent_workers,
             multiprocessing_context=args.dataloader_multiprocessing_context,
             prefetch_factor=args.dataloader_prefetch_factor,
             in_order=args.dataloader_in_order,
+        )
+        if isinstance(self.train_dataset, EndlessStream):
+            collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
+            return DataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=collator, **options)
+        dataloader = DataLoader(
+            self._remove_unused_columns(self.train_dataset, description="Training"),
+            batch_sampler=self.train_batch_sampler,
+            collate_fn=self.data_collator,
             worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
+            **options,
         )
         return self.accelerator.prepare(dataloader)
 
@@ -357,27 +388,52 @@ class TxFormerTrainer(Trainer):
 def prepare_datasets(
     data_args: DataArguments, training_args: TrainingArguments, vocabulary: EventVocabulary | None = None
 ) -> dict:
-    """Reads (or generates) the data and splits the labelled customers: held-out (reported, never seen in training),
-    then, from the training customers and when training evaluates, a validation split. Fits the vocabulary on the
-    training part unless one is given, and encodes every part."""
+    """The data of the flags (generated first, for synthetic data) prepared once into the cache, then memory-mapped
+    (`prepare_training_data`; under a launch the main process prepares while the others wait): the labelled customers
+    split into held-out (reported, never seen in training) and training customers, then, when training evaluates, a
+    validation split of the training customers; the vocabulary fitted on the training part unless one is given; every
+    part encoded."""
     transactions, labels, synthetic_dir = data_files(data_args, training_args)
-    customers = build_customer_dataset(transactions, labels)
-    train, held_out = split_for_evaluation(
-        customers, data_args.eval_fraction, data_args.split_seed, data_args.max_train_customers
-    )
     validation = None
     if IntervalStrategy(training_args.eval_strategy) != IntervalStrategy.NO and data_args.validation_fraction > 0:
-        num_validation = validation_size(len(train), data_args.validation_fraction, data_args.min_validation_customers)
-        train, validation = stratified_split(train, test_size=num_validation, seed=data_args.split_seed)
-    if vocabulary is None:
-        vocabulary = EventVocabulary.fit(train)
+        validation = partial(
+            validation_size, fraction=data_args.validation_fraction, minimum=data_args.min_validation_customers
+        )
+    with training_args.main_process_first(local=False, desc="preparing the data"):
+        prepared = prepare_training_data(
+            transactions,
+            labels,
+            eval_fraction=data_args.eval_fraction,
+            split_seed=data_args.split_seed,
+            max_train_customers=data_args.max_train_customers,
+            validation_size=validation,
+            vocabulary=vocabulary,
+            cache_dir=data_args.data_cache_dir,
+        )
     return {
-        "train": vocabulary.encode(train),
-        "validation": None if validation is None else vocabulary.encode(validation),
-        "eval": vocabulary.encode(held_out),
-        "vocabulary": vocabulary,
+        "train": prepared.train,
+        "validation": prepared.validation,
+        "eval": prepared.eval,
+        "vocabulary": prepared.vocabulary,
         "synthetic_dir": synthetic_dir,
     }
+
+
+def training_stream(
+    train: datasets.Dataset, training_args: TxFormerTrainingArguments, seed: int, window: RandomWindow | None = None
+) -> EndlessStream:
+    """The training customers as this process's endless stream (`--streaming`): its share of them
+    (`split_dataset_by_node` by `process_index` of `world_size`), batches of similar length within the shuffle buffer
+    with `--group_by_length`, histories cut by `window` anew at each pass."""
+    stream = streaming_dataset(
+        train,
+        training_args.per_device_train_batch_size,
+        seed=seed,
+        length_column=training_args.length_column_name if training_args.group_by_length else None,
+        rank=training_args.process_index,
+        world_size=training_args.world_size,
+    )
+    return EndlessStream(stream, window)
 
 
 def data_files(
@@ -533,6 +589,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             f"--eval_strategy {training_args.eval_strategy} evaluates on the validation split, but "
             "--validation_fraction is 0: give a share of the training customers, or pass --eval_strategy no."
         )
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise ValueError(
+            "--streaming trains from an endless stream, which has no epochs to count: give --max_steps (the optimizer "
+            "steps of the run)."
+        )
+    if data_args.streaming and training_args.max_tokens_per_batch is not None:
+        raise ValueError(
+            "--max_tokens_per_batch draws batches from the whole dataset and --streaming reads it as a stream: pass "
+            "one (with --streaming, --group_by_length groups histories of similar length within the stream's buffer)."
+        )
     resume_from_checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume_from_checkpoint is None and not training_args.overwrite_output_dir:
         check_output_dir_is_free(training_args.output_dir)
@@ -551,12 +617,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         max_length=data_args.max_length, label_prior=float(np.mean(data["train"]["labels"]))
     )
     model.config.custom_pipelines = custom_pipelines()
+    data_seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
     batch_sampler = None
     if training_args.max_tokens_per_batch is not None:
         batch_sampler = TokenBudgetBatchSampler(
             data["train"][training_args.length_column_name],
             max_tokens=training_args.max_tokens_per_batch,
-            seed=training_args.seed if training_args.data_seed is None else training_args.data_seed,
+            seed=data_seed,
             max_length=data_args.max_length,
         )
         num_batches, drop_last = len(batch_sampler), False
@@ -577,15 +644,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                 training_args.early_stopping_patience, start=training_args.early_stopping_start
             )
         )
-    train_dataset = data["train"]
+    window = None
     if data_args.train_window_min_share > 0:
         window = RandomWindow(
-            max_length=data_args.max_length,
-            min_share=data_args.train_window_min_share,
-            seed=training_args.seed if training_args.data_seed is None else training_args.data_seed,
+            max_length=data_args.max_length, min_share=data_args.train_window_min_share, seed=data_seed
         )
-        train_dataset = train_dataset.with_transform(window)
+    if data_args.streaming:
+        train_dataset = training_stream(data["train"], training_args, data_seed, window)
+    elif window is not None:
+        train_dataset = data["train"].with_transform(window)
         callbacks.append(RandomWindowEpochCallback(window))
+    else:
+        train_dataset = data["train"]
     trainer = TxFormerTrainer(
         model=model,
         args=training_args,

@@ -1,7 +1,7 @@
 """Preparation of generated data at multiples of the real size (`scripts/benchmark_data.py --scale 1 10`): the time
 and peak memory of `prepare_training_data` from scratch, and of the second call that loads the cache, each measured
-in a fresh process; at the first scale also the in-memory preparation of training (`build_customer_dataset`, the
-split, the vocabulary, `encode`) for comparison.
+in a fresh process; at the first scale also the in-memory preparation (`build_customer_dataset`, the split, the
+vocabulary, `encode`: what training did before it read the prepared data) for comparison.
 
 The peak is the process's own high-water mark of resident memory (`VmHWM`, imports included). Not `ru_maxrss` from
 `getrusage` or `wait4`: on Linux a child's `ru_maxrss` starts from its launcher's peak, which survives `exec`.

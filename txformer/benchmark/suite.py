@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..attention_full import build_attention_mask
 from ..configuration_txformer import ATTENTION_KINDS
-from ..modeling_txformer import MASK_VALUE
 from .measure import Measurement, measure_callable, measure_forward_backward, synchronize, tensor_peak_mib
 from .models import EXACT_REFERENCE, METHODS, PEERS, Method, benchmark_config, build_model, synthetic_batch
 
@@ -192,12 +192,6 @@ class Budget:
         self.stopped[(level, method.name)] = f"from L={length}: {reason}"
 
 
-def additive_mask(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The model's additive key mask `[batch, 1, 1, length]` from a boolean `[batch, length]` mask."""
-    mask = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
-    return mask.masked_fill(~key_mask, MASK_VALUE)[:, None, None, :]
-
-
 def attention_layer_function(model: torch.nn.Module, method: Method) -> Callable[[torch.Tensor], torch.Tensor]:
     """`hidden [batch, length, hidden] -> output` through the first layer's attention module. A streaming kind (the
     ∞-former) reads the sequence segment by segment as the model does: state carried between segments, earlier
@@ -209,7 +203,7 @@ def attention_layer_function(model: torch.nn.Module, method: Method) -> Callable
     def attend(hidden: torch.Tensor) -> torch.Tensor:
         key_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         if streaming is None:
-            return attention(hidden, additive_mask(key_mask, hidden.dtype), key_mask)[0]
+            return attention(hidden, build_attention_mask(config, hidden, key_mask), key_mask)[0]
         segment_length, detach_state = streaming.segment_length(config), streaming.detach_state(config)
         outputs, state = [], None
         starts = range(0, hidden.shape[1], segment_length)
@@ -219,7 +213,7 @@ def attention_layer_function(model: torch.nn.Module, method: Method) -> Callable
             with torch.set_grad_enabled(torch.is_grad_enabled() and keeps_graph):
                 mask = key_mask[:, window]
                 output, _, state = attention(
-                    hidden[:, window], additive_mask(mask, hidden.dtype), mask, past_state=state
+                    hidden[:, window], build_attention_mask(config, hidden[:, window], mask), mask, past_state=state
                 )
             if detach_state:
                 state = state.detach()

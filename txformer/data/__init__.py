@@ -5,11 +5,11 @@ batches, random training windows and synthetic data with a known Bayes-optimal p
 from .augmentation import RandomWindow, RandomWindowEpochCallback
 from .collator import TransactionCollator
 from .prepare import (
+    EncodedCustomers,
     PreparedData,
     prepare_customers,
     prepare_encoded_customers,
     prepare_training_data,
-    streaming_dataset,
     transaction_files,
 )
 from .reader import (
@@ -22,6 +22,7 @@ from .reader import (
 )
 from .sampler import TokenBudgetBatchSampler
 from .split import split_for_evaluation, stratified_split
+from .streaming import EndlessStream, streaming_dataset
 from .synthetic import (
     LONG_HISTORY_CONFIG,
     SYNTHETIC_FAMILIES,
@@ -41,6 +42,8 @@ __all__ = [
     "LONG_HISTORY_CONFIG",
     "SYNTHETIC_FAMILIES",
     "VOCABULARY_FILE",
+    "EncodedCustomers",
+    "EndlessStream",
     "EventVocabulary",
     "RandomWindow",
     "RandomWindowEpochCallback",

@@ -8,8 +8,9 @@ and the settings.
 2. Group: each shard alone is sorted by customer and time (stable: ties keep the input order), grouped into one row
    per customer and labelled, as `build_customer_dataset` does with one file in memory.
 3. Encode: for training, the parts of `split_for_evaluation` (and a validation part), a vocabulary fitted in one
-   pass over the training customers (or a given one); for prediction, every customer with a trained vocabulary. One
-   encoding pass merges the shards into ascending customer id order.
+   pass over the training customers (or a given one); for prediction, every customer with a trained vocabulary; for
+   pretraining, every customer with a vocabulary fitted on them all. One encoding pass merges the shards into
+   ascending customer id order.
 
 Peak memory is that of one part or one shard, not of the data, and no step memory-maps what it reads, so the resident
 size of the preparing process stays bounded too. A second call with the same inputs and settings loads the cache.
@@ -26,7 +27,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from glob import glob
@@ -39,7 +40,6 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from datasets.arrow_writer import ArrowWriter
-from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
@@ -102,6 +102,16 @@ class PreparedData:
     vocabulary: EventVocabulary
     directory: Path
     validation: datasets.Dataset | None = None
+
+
+@dataclass
+class EncodedCustomers:
+    """Customers encoded with `vocabulary` (given, or fitted on them all), memory-mapped; the cache folder that holds
+    them."""
+
+    customers: datasets.Dataset
+    vocabulary: EventVocabulary
+    directory: Path
 
 
 def transaction_files(transactions: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -176,7 +186,7 @@ def prepare_training_data(
     part_bytes: int = DEFAULT_PART_BYTES,
 ) -> PreparedData:
     """The labelled customers split as training splits them in memory, encoded, memory-mapped from a cache prepared on
-    the first call; rows in ascending customer id order.
+    the first call; each part in the order of the split (ascending customer id, but for a subsampled training part).
 
     The held-out part comes from `split_for_evaluation`. With `validation_size` (number of validation customers for a
     number of training customers), a validation part is split off the training part (stratified, `split_seed`). The
@@ -188,25 +198,27 @@ def prepare_training_data(
         transaction_files(transactions), labels_path, False, False, label_column, cache_dir, num_shards, part_bytes
     )
     parts = _training_parts(customers_directory, eval_fraction, split_seed, max_train_customers, validation_size)
-    fit_settings = {
-        "categorical_fields": list(DEFAULT_CATEGORICAL_FIELDS),
-        "numeric_fields": list(DEFAULT_NUMERIC_FIELDS),
-        "min_count": min_count,
-        "max_size": max_size,
-    }
+    sorted_parts = {name: np.sort(ids) for name, ids in parts.items()}
+    fit_settings = _fit_settings(min_count, max_size)
     settings = {
         "customers": customers_directory.name,
-        "parts": {name: hashlib.sha256(ids.tobytes()).hexdigest() for name, ids in parts.items()},
+        "parts": {name: hashlib.sha256(ids.tobytes()).hexdigest() for name, ids in sorted_parts.items()},
         "vocabulary": fit_settings if vocabulary is None else vocabulary.to_dict(),
     }
     directory = _cached(
         cache_dir / PREPARED_FOLDER / f"training-{_fingerprint(settings)}",
         lambda folder: {
             "settings": settings,
-            **_encode_parts(folder, customers_directory, parts, vocabulary, fit_settings),
+            **_encode_parts(folder, customers_directory, sorted_parts, "train", vocabulary, fit_settings),
         },
     )
-    loaded = {name: datasets.load_from_disk(str(directory / name)) for name in parts}
+    # Stored in ascending id order: row `searchsorted(sorted ids, id)` holds customer `id`.
+    loaded = {
+        name: _select_if_reordered(
+            datasets.load_from_disk(str(directory / name)), np.searchsorted(sorted_parts[name], ids)
+        )
+        for name, ids in parts.items()
+    }
     return PreparedData(
         train=loaded["train"],
         eval=loaded["eval"],
@@ -218,27 +230,72 @@ def prepare_training_data(
 
 def prepare_encoded_customers(
     transactions: str | os.PathLike | Sequence[str | os.PathLike],
-    vocabulary: EventVocabulary,
+    vocabulary: EventVocabulary | None = None,
+    customer_ids: Iterable[int] | None = None,
+    min_count: int = DEFAULT_MIN_COUNT,
+    max_size: int | None = DEFAULT_MAX_SIZE,
     cache_dir: str | os.PathLike | None = None,
     num_shards: int | None = None,
     part_bytes: int = DEFAULT_PART_BYTES,
-) -> datasets.Dataset:
-    """Every customer of the files encoded with a trained model's `vocabulary` (what prediction scores), in ascending
-    id order, memory-mapped from a cache prepared on the first call."""
+) -> EncodedCustomers:
+    """Every customer of the files, in ascending id order, encoded with a trained model's `vocabulary` (what prediction
+    scores) or, without one, with a vocabulary fitted on them all (`min_count`, `max_size`; what pretraining reads),
+    memory-mapped from a cache prepared on the first call. `customer_ids` keeps only those customers (the cache holds
+    them all); requested ids without transactions are reported, and none with transactions is an error."""
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
+    files = transaction_files(transactions)
     customers_directory = _prepare_customers_folder(
-        transaction_files(transactions), None, False, False, "gender", cache_dir, num_shards, part_bytes
+        files, None, False, False, "gender", cache_dir, num_shards, part_bytes
     )
-    customer_ids = _customer_index(customers_directory).column("customer_id").to_numpy()
-    settings = {"customers": customers_directory.name, "vocabulary": vocabulary.to_dict()}
+    stored_ids = np.sort(_customer_index(customers_directory).column("customer_id").to_numpy())
+    fit_settings = _fit_settings(min_count, max_size)
+    settings = {
+        "customers": customers_directory.name,
+        "vocabulary": fit_settings if vocabulary is None else vocabulary.to_dict(),
+    }
     directory = _cached(
         cache_dir / PREPARED_FOLDER / f"encoded-{_fingerprint(settings)}",
         lambda folder: {
             "settings": settings,
-            **_encode_parts(folder, customers_directory, {"customers": np.sort(customer_ids)}, vocabulary, {}),
+            **_encode_parts(
+                folder, customers_directory, {"customers": stored_ids}, "customers", vocabulary, fit_settings
+            ),
         },
     )
-    return datasets.load_from_disk(str(directory / "customers"))
+    customers = datasets.load_from_disk(str(directory / "customers"))
+    if customer_ids is not None:
+        customers = _requested_customers(customers, stored_ids, customer_ids, _describe(files))
+    return EncodedCustomers(customers, EventVocabulary.from_pretrained(directory), directory)
+
+
+def _fit_settings(min_count: int, max_size: int | None) -> dict:
+    """What a fitted vocabulary depends on, besides the customers: its fields and thresholds."""
+    return {
+        "categorical_fields": list(DEFAULT_CATEGORICAL_FIELDS),
+        "numeric_fields": list(DEFAULT_NUMERIC_FIELDS),
+        "min_count": min_count,
+        "max_size": max_size,
+    }
+
+
+def _select_if_reordered(dataset: datasets.Dataset, rows: np.ndarray) -> datasets.Dataset:
+    """`dataset.select(rows)`, or `dataset` itself when `rows` are all its rows in order (no indices mapping)."""
+    if np.array_equal(rows, np.arange(len(dataset))):
+        return dataset
+    return dataset.select(rows)
+
+
+def _requested_customers(
+    customers: datasets.Dataset, stored_ids: np.ndarray, customer_ids: Iterable[int], source: str
+) -> datasets.Dataset:
+    """The rows of `customers` (ids `stored_ids`, ascending) whose id is in `customer_ids`, as the reader keeps
+    requested customers."""
+    wanted = np.unique(np.asarray(list(customer_ids), dtype=np.int64))
+    rows = np.flatnonzero(_is_in_sorted(stored_ids, wanted))
+    _warn_absent(wanted, stored_ids[rows], "requested customers", source)
+    if not len(rows):
+        raise TransactionDataError(f"{source}: no transactions left for the requested customers.")
+    return _select_if_reordered(customers, rows)
 
 
 def _training_parts(
@@ -248,8 +305,9 @@ def _training_parts(
     max_train_customers: int | None,
     validation_size: Callable[[int], int] | None,
 ) -> dict[str, np.ndarray]:
-    """The sorted customer ids of the `train`, `eval` and (with `validation_size`) `validation` parts, split as in
-    memory: the same operations on the (id, label) rows in the same order, read from the customer index."""
+    """The customer ids of the `train`, `eval` and (with `validation_size`) `validation` parts in the order of the
+    split, made as in memory: the same operations on the (id, label) rows in the same order, read from the customer
+    index."""
     index = _customer_index(customers_directory).select(["customer_id", "labels"])
     labelled = datasets.Dataset(index.sort_by("customer_id"))
     train, held_out = split_for_evaluation(labelled, eval_fraction, split_seed, max_train_customers)
@@ -258,7 +316,7 @@ def _training_parts(
         parts["train"], parts["validation"] = stratified_split(
             train, test_size=validation_size(len(train)), seed=split_seed
         )
-    return {name: np.sort(part.with_format("arrow")["customer_id"].to_numpy()) for name, part in parts.items()}
+    return {name: part.with_format("arrow")["customer_id"].to_numpy() for name, part in parts.items()}
 
 
 def _signature(path: str | os.PathLike) -> dict:
@@ -625,15 +683,16 @@ def _encode_parts(
     folder: Path,
     customers_directory: Path,
     parts: dict[str, np.ndarray],
+    fit_part: str,
     vocabulary: EventVocabulary | None,
     fit_settings: dict,
 ) -> dict:
-    """Pass 3: the vocabulary (unless given) fitted on the `train` part shard by shard, then one encoding pass that
+    """Pass 3: the vocabulary (unless given) fitted on the `fit_part` part shard by shard, then one encoding pass that
     merges the shards into ascending customer id order and writes the dataset of each part (sorted ids)."""
     data_files = _data_files(customers_directory)
     if vocabulary is None:
         training_shards = (
-            table.filter(_is_in_sorted(table.column("customer_id").to_numpy(), parts["train"]))
+            table.filter(_is_in_sorted(table.column("customer_id").to_numpy(), parts[fit_part]))
             for table in map(_read_stored, tqdm(data_files, desc="fitting the vocabulary", unit="shard"))
         )
         vocabulary = EventVocabulary.fit_tables(training_shards, **fit_settings)
@@ -697,47 +756,6 @@ def _in_id_order(data_files: list[Path], shard_ids: list[np.ndarray], batch_rows
             position = np.empty(len(batch_source), dtype=np.int64)
             position[np.argsort(batch_source, kind="stable")] = np.arange(len(batch_source))
             yield merged.take(position)
-
-
-class _LengthGroupedBuffers:
-    """Reorders each buffer of customers so that every `batch_size` consecutive ones have similar lengths, batches
-    in a random order (the last, partial batch last): `group_by_length` within a buffer."""
-
-    def __init__(self, batch_size: int, seed: int, length_column: str):
-        self.batch_size, self.length_column = batch_size, length_column
-        self.random = np.random.default_rng(seed)
-
-    def __call__(self, buffer: pa.Table) -> pa.Table:
-        by_length = np.argsort(buffer.column(self.length_column).to_numpy(), kind="stable")
-        num_full = len(by_length) // self.batch_size
-        batches = np.split(by_length, np.arange(1, num_full + 1) * self.batch_size)
-        order = [*self.random.permutation(num_full), *range(num_full, len(batches))]
-        return buffer.take(np.concatenate([batches[number] for number in order]))
-
-
-def streaming_dataset(
-    dataset: datasets.Dataset,
-    batch_size: int,
-    seed: int = 42,
-    buffer_batches: int = 64,
-    num_shards: int = 64,
-    length_column: str | None = "num_events",
-    rank: int | None = None,
-    world_size: int | None = None,
-) -> datasets.IterableDataset:
-    """A prepared (memory-mapped) dataset as a stream: `num_shards` contiguous shards read in a seeded random order
-    through a shuffle buffer of `buffer_batches * batch_size` customers, split across ranks by `split_dataset_by_node`
-    when `rank` and `world_size` are given, then reordered buffer by buffer so that every `batch_size` consecutive
-    customers have similar `length_column` values (the length grouping of `group_by_length`, within a buffer)."""
-    buffer_size = buffer_batches * batch_size
-    stream = dataset.to_iterable_dataset(num_shards=max(1, min(num_shards, len(dataset))))
-    stream = stream.shuffle(seed=seed, buffer_size=buffer_size)
-    if world_size is not None:
-        stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
-    if length_column is not None:
-        grouping = _LengthGroupedBuffers(batch_size, seed, length_column)
-        stream = stream.with_format("arrow").map(grouping, batched=True, batch_size=buffer_size).with_format(None)
-    return stream
 
 
 @dataclass
