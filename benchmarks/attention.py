@@ -1,7 +1,8 @@
 """Attention-op benchmark, forward + backward over sequence lengths: FAVOR+ (ours) against performer-pytorch's
-`FastAttention` (when installed), exact SDPA and a naive softmax attention. Reports time, peak memory, tokens/s, the
-ratios that matter (ours vs performer-pytorch, tokens/s at each length vs a reference length), the fraction of the
-machine's GEMM throughput reached, and the length from which FAVOR+ beats SDPA."""
+`FastAttention` (when installed), our sliding-window attention, exact SDPA and a naive softmax attention. Reports
+time, peak memory, tokens/s, the ratios that matter (every method's time vs SDPA, ours vs performer-pytorch, tokens/s
+at each length vs a reference length), the fraction of the machine's GEMM throughput reached, and the length from
+which FAVOR+ and the sliding window beat SDPA."""
 
 import csv
 import math
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional
 
+from txformer.attention_local import local_attention
 from txformer.attention_performer import draw_orthogonal_features, favor_attention
 
 from .measure import measure_forward_backward, measure_matmul_flops
@@ -21,6 +23,7 @@ OURS = "favor+ (ours)"
 PERFORMER_PYTORCH = "performer-pytorch"
 SDPA = "sdpa (exact)"
 NAIVE = "naive softmax (exact)"
+LOCAL = "sliding window (ours)"
 LINEAR_METHODS = (OURS, PERFORMER_PYTORCH)
 CSV_FILE = "attention_benchmark.csv"
 MARKDOWN_FILE = "attention_benchmark.md"
@@ -46,6 +49,7 @@ class AttentionBenchmarkConfig:
             "help": "Seconds of timed runs per point after a warm-up run (Timer.blocked_autorange; the median)."
         },
     )
+    local_window: int = field(default=128, metadata={"help": "Window w of the sliding window (events on each side)."})
     device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda."})
     reference_length: int = field(default=1024, metadata={"help": "Length the tokens/s ratios refer to."})
     seed: int = field(default=0, metadata={"help": "Seed of the inputs and of the projection."})
@@ -61,6 +65,7 @@ class BenchmarkRow:
     peak_memory_mib: float
     tokens_per_s: float
     gemm_roofline_fraction: float
+    time_vs_sdpa: float | None = None
     tokens_per_s_vs_reference: float | None = None
     speedup_vs_performer_pytorch: float | None = None
     memory_vs_performer_pytorch: float | None = None
@@ -78,6 +83,11 @@ def favor_flops(config: AttentionBenchmarkConfig, length: int) -> float:
 def exact_attention_flops(config: AttentionBenchmarkConfig, length: int) -> float:
     """GEMM FLOPs of an exact attention forward (QKᵀ, PV) + backward (dV, dP, dQ, dK), 2·L²·d each."""
     return config.batch_size * config.num_heads * 6 * 2 * length**2 * config.head_dim
+
+
+def local_attention_flops(config: AttentionBenchmarkConfig, length: int) -> float:
+    """GEMM FLOPs of the sliding window's exact attention over blocks (each query against 3w keys)."""
+    return exact_attention_flops(config, length) * min(1.0, 3 * config.local_window / length)
 
 
 def naive_softmax_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -104,6 +114,7 @@ def build_methods(config: AttentionBenchmarkConfig) -> dict[str, tuple[Callable[
         fast_attention = FastAttention(dim_heads=config.head_dim, nb_features=config.num_features).to(device)
         fast_attention.projection_matrix.copy_(projection)
         methods[PERFORMER_PYTORCH] = (fast_attention, max_length)
+    methods[LOCAL] = (lambda query, key, value: local_attention(query, key, value, config.local_window), max_length)
     methods[SDPA] = (functional.scaled_dot_product_attention, config.max_sdpa_length)
     methods[NAIVE] = (naive_softmax_attention, config.max_naive_length)
     return methods
@@ -118,10 +129,14 @@ def random_inputs(config: AttentionBenchmarkConfig, length: int) -> list[torch.T
 
 
 def add_ratios(rows: list[BenchmarkRow], reference_length: int) -> None:
-    """Fills the ratio columns: tokens/s against the same method at `reference_length`, and ours against
-    performer-pytorch at the same length (time: theirs / ours; memory: ours / theirs)."""
+    """Fills the ratio columns: time against SDPA at the same length, tokens/s against the same method at
+    `reference_length`, and ours against performer-pytorch at the same length (time: theirs / ours; memory: ours /
+    theirs)."""
     by_key = {(row.method, row.length): row for row in rows}
     for row in rows:
+        sdpa = by_key.get((SDPA, row.length))
+        if sdpa is not None:
+            row.time_vs_sdpa = row.time_ms / sdpa.time_ms
         reference = by_key.get((row.method, reference_length))
         if reference is not None:
             row.tokens_per_s_vs_reference = row.tokens_per_s / reference.tokens_per_s
@@ -131,14 +146,14 @@ def add_ratios(rows: list[BenchmarkRow], reference_length: int) -> None:
             row.memory_vs_performer_pytorch = row.peak_memory_mib / theirs.peak_memory_mib
 
 
-def crossover_length(rows: list[BenchmarkRow]) -> int | None:
-    """Smallest measured length from which FAVOR+ is faster than SDPA at every longer length measured for both;
+def crossover_length(rows: list[BenchmarkRow], method: str = OURS) -> int | None:
+    """Smallest measured length from which `method` is faster than SDPA at every longer length measured for both;
     None if SDPA is faster at the longest common length."""
     times = {(row.method, row.length): row.time_ms for row in rows}
-    common = sorted(length for method, length in times if method == SDPA and (OURS, length) in times)
+    common = sorted(length for name, length in times if name == SDPA and (method, length) in times)
     crossover = None
     for length in reversed(common):
-        if times[(OURS, length)] >= times[(SDPA, length)]:
+        if times[(method, length)] >= times[(SDPA, length)]:
             break
         crossover = length
     return crossover
@@ -161,7 +176,12 @@ def run_attention_benchmark(
             if length > max_length:
                 continue
             measurement = measure_forward_backward(function, inputs, config.min_run_time)
-            flops = favor_flops(config, length) if method in LINEAR_METHODS else exact_attention_flops(config, length)
+            if method in LINEAR_METHODS:
+                flops = favor_flops(config, length)
+            elif method == LOCAL:
+                flops = local_attention_flops(config, length)
+            else:
+                flops = exact_attention_flops(config, length)
             rows.append(
                 BenchmarkRow(
                     method=method,
@@ -175,7 +195,11 @@ def run_attention_benchmark(
             log(f"{method:>22} L={length:>6}: {rows[-1].time_ms:9.1f} ms {rows[-1].peak_memory_mib:8.1f} MiB")
         del inputs
     add_ratios(rows, config.reference_length)
-    summary = {"gemm_gflops_per_s": gemm_flops_per_s / 1e9, "crossover_length_vs_sdpa": crossover_length(rows)}
+    summary = {
+        "gemm_gflops_per_s": gemm_flops_per_s / 1e9,
+        "crossover_length_vs_sdpa": crossover_length(rows),
+        "local_crossover_length_vs_sdpa": crossover_length(rows, LOCAL),
+    }
     return rows, summary
 
 
@@ -201,34 +225,39 @@ def format_markdown(
         f"Machine: {machine}. Achieved GEMM throughput: {summary['gemm_gflops_per_s']:.1f} GFLOP/s (float32).",
         "",
         f"batch {config.batch_size}, heads {config.num_heads}, head dim {config.head_dim}, "
-        f"random features {config.num_features}, float32. Time: median per run of "
+        f"random features {config.num_features}, sliding window {config.local_window}, float32. Time: median per run of "
         f"`torch.utils.benchmark.Timer.blocked_autorange` (a warm-up run, then at least {config.min_run_time:g} s of "
         "runs). Peak memory: rise of the peak allocated (CUDA) or resident (CPU) memory during a timed block, inputs "
         "excluded.",
         "",
-        f"| method | length | time (ms) | peak memory (MiB) | tokens/s | tokens/s vs L={reference} "
+        f"| method | length | time (ms) | time vs SDPA | peak memory (MiB) | tokens/s | tokens/s vs L={reference} "
         "| speedup vs performer-pytorch | memory vs performer-pytorch | GEMM roofline |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row.method} | {row.length} | {row.time_ms:.1f} | {_cell(row.peak_memory_mib, '.1f')} "
+            f"| {row.method} | {row.length} | {row.time_ms:.1f} | {_cell(row.time_vs_sdpa, '.2f', '×')} "
+            f"| {_cell(row.peak_memory_mib, '.1f')} "
             f"| {row.tokens_per_s:,.0f} | {_cell(row.tokens_per_s_vs_reference, '.2f')} "
             f"| {_cell(row.speedup_vs_performer_pytorch, '.2f', '×')} "
             f"| {_cell(row.memory_vs_performer_pytorch, '.2f', '×')} | {row.gemm_roofline_fraction:.0%} |"
         )
-    crossover = summary["crossover_length_vs_sdpa"]
-    if crossover is None:
-        crossover_line = "SDPA is faster than FAVOR+ at the longest length measured for both."
-    else:
-        crossover_line = f"FAVOR+ is faster than SDPA from length {crossover} on (every longer length measured)."
     lines += [
         "",
         "GEMM roofline: the algorithmic GEMM FLOPs of the method (FAVOR+: without the features recomputed in the "
-        "backward) per second, as a fraction of the achieved GEMM throughput.",
+        "backward; sliding window: each query against the 3w keys of its blocks) per second, as a fraction of the "
+        "achieved GEMM throughput.",
         "",
-        crossover_line,
     ]
+    for name, key in (
+        ("FAVOR+", "crossover_length_vs_sdpa"),
+        ("The sliding window", "local_crossover_length_vs_sdpa"),
+    ):
+        crossover = summary[key]
+        if crossover is None:
+            lines.append(f"- {name}: SDPA is faster at the longest length measured for both.")
+        else:
+            lines.append(f"- {name} is faster than SDPA from length {crossover} on (every longer length measured).")
     return "\n".join(lines) + "\n"
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from transformers.trainer import TRAINER_STATE_NAME
 
+from txformer.configuration_txformer import ATTENTION_KINDS
 from txformer.file_names import (
     BASELINE_PREDICTIONS_FILE,
     BASELINE_RESULTS_FILE,
@@ -51,6 +52,12 @@ BASELINE_ENTRY_POINT = "txformer-baseline"
 BOOTSTRAP_RESAMPLES = 2000
 # Context length a whole history counts as when choosing the micro-batch size (the longest histories are grouped).
 WHOLE_HISTORY_BATCH_LENGTH = 8192
+# The contexts every registered kind is trained at by default: a streaming kind reads whole histories, any other
+# kind the last 256 and 1,024 events.
+DEFAULT_RUNS = [
+    f"{name}:{WHOLE_HISTORY}" if kind.streaming is not None else f"{name}:256,1024"
+    for name, kind in ATTENTION_KINDS.items()
+]
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,7 @@ class CompareConfig:
         metadata={"help": "FAMILY:CUSTOMERS per synthetic data family (`--synthetic_family` of scripts/train.py)."},
     )
     runs: list[str] = field(
-        default_factory=lambda: ["full:256,1024", "performer:256,1024", "infinity:0"],
+        default_factory=lambda: list(DEFAULT_RUNS),
         metadata={
             "help": "[FAMILY/]KIND:LENGTH,LENGTH,... per attention kind (on every family, or on FAMILY only); "
             "length 0 = whole histories."

@@ -1,6 +1,6 @@
 """The methods the benchmark compares, and how each is built: a TxFormer model (or one of its attention layers) of
-every attention kind, plus the peers (exact SDPA, a naive softmax attention, performer-pytorch's `FastAttention`)
-inside the same model, so that only the attention differs."""
+every registered attention kind (exact attention once per backend: the exact SDPA and the naive softmax peers), plus
+performer-pytorch's `FastAttention` inside the same model, so that only the attention differs."""
 
 import importlib.util
 from dataclasses import dataclass
@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from txformer.attention_full import TxFormerSelfAttention
 from txformer.attention_performer import TxFormerPerformerAttention
-from txformer.configuration_txformer import TxFormerConfig
+from txformer.configuration_txformer import ATTENTION_KINDS, TxFormerConfig
 from txformer.machine import installed_version
 from txformer.modeling_txformer import TxFormerForSequenceClassification
 
@@ -43,19 +44,46 @@ class Method:
         return self.requires is None or importlib.util.find_spec(self.requires) is not None
 
 
-METHODS: dict[str, Method] = {
-    method.name: method
-    for method in (
-        Method("full_sdpa", "full (exact, SDPA)", "full", "sdpa", time_exponent=2),
-        Method("full_eager", "full (naive softmax, eager)", "full", "eager", time_exponent=2, memory_exponent=2),
-        Method("performer", "performer (FAVOR+, ours)", "performer"),
-        Method("performer_pytorch", "performer-pytorch FastAttention", "performer", requires="performer_pytorch"),
-        Method("infinity", "infinity (∞-former)", "infinity"),
+# Exact attention runs with each backend: SDPA (the exact reference) and eager (the naive softmax, whose score matrix
+# makes its memory quadratic).
+EXACT_BACKENDS = {"sdpa": "exact, SDPA", "eager": "naive softmax, eager"}
+# Public implementations of a kind, run inside our layer after it.
+PEER_METHODS = {
+    "performer": Method(
+        "performer_pytorch", "performer-pytorch FastAttention", "performer", requires="performer_pytorch"
     )
 }
+
+
+def kind_methods() -> list[Method]:
+    """Every registered attention kind: exact attention once per backend, any other kind once, then its peers."""
+    methods = []
+    for kind in ATTENTION_KINDS.values():
+        if kind.attention_class is TxFormerSelfAttention:
+            methods += [
+                Method(
+                    f"{kind.name}_{backend}",
+                    f"{kind.name} ({label})",
+                    kind.name,
+                    backend,
+                    time_exponent=kind.time_exponent,
+                    memory_exponent=2 if backend == "eager" else 1,
+                )
+                for backend, label in EXACT_BACKENDS.items()
+            ]
+        else:
+            methods.append(
+                Method(kind.name, f"{kind.name} ({kind.label})", kind.name, time_exponent=kind.time_exponent)
+            )
+        if kind.name in PEER_METHODS:
+            methods.append(PEER_METHODS[kind.name])
+    return methods
+
+
+METHODS: dict[str, Method] = {method.name: method for method in kind_methods()}
 # The reference every other method is compared with at the same length, and ours against its public peer.
 EXACT_REFERENCE = "full_sdpa"
-PEERS = {"performer": "performer_pytorch"}
+PEERS = {kind: peer.name for kind, peer in PEER_METHODS.items()}
 
 
 def peer_versions() -> dict[str, str | None]:
@@ -79,8 +107,8 @@ class PerformerPytorchAttention(TxFormerPerformerAttention):
         )
         self.fast_attention.projection_matrix.copy_(self.projection_matrix)
 
-    def attend(self, query, key, value, attention_mask, key_padding_mask, **kwargs):
-        value = value.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    def attend(self, query, key, value, attention_mask, key_mask, **kwargs):
+        value = value.masked_fill(~key_mask[:, None, :, None], 0.0)
         return self.fast_attention(query, key, value).transpose(1, 2), None
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from txformer.attention_full import build_attention_mask
+from txformer.configuration_txformer import ATTENTION_KINDS
 
 from .measure import Measurement, measure_callable, measure_forward_backward, synchronize, tensor_peak_mib
 from .models import EXACT_REFERENCE, METHODS, PEERS, Method, benchmark_config, build_model, synthetic_batch
@@ -201,27 +202,29 @@ class Budget:
 
 
 def attention_layer_function(model: torch.nn.Module, method: Method) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`hidden [batch, length, hidden] -> output` through the first layer's attention module. The ∞-former reads the
-    sequence segment by segment as the model does: memory carried between segments, earlier segments without
-    gradient when `ltm_detach_memory` is set."""
+    """`hidden [batch, length, hidden] -> output` through the first layer's attention module. A streaming kind (the
+    ∞-former) reads the sequence segment by segment as the model does: state carried between segments, earlier
+    segments without gradient when the kind detaches it."""
     attention = model.txformer.layers[0].self_attn
     config = model.config
+    streaming = ATTENTION_KINDS[method.attention_type].streaming
 
     def attend(hidden: torch.Tensor) -> torch.Tensor:
-        key_padding_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        if method.attention_type != "infinity":
-            return attention(hidden, build_attention_mask(config, hidden, key_padding_mask), key_padding_mask)[0]
+        key_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        if streaming is None:
+            return attention(hidden, build_attention_mask(config, hidden, key_mask), key_mask)[0]
+        segment_length, detach_state = streaming.segment_length(config), streaming.detach_state(config)
         outputs, state = [], None
-        starts = range(0, hidden.shape[1], config.segment_length)
+        starts = range(0, hidden.shape[1], segment_length)
         for index, start in enumerate(starts):
-            window = slice(start, start + config.segment_length)
-            keeps_graph = not config.ltm_detach_memory or index == len(starts) - 1
+            window = slice(start, start + segment_length)
+            keeps_graph = not detach_state or index == len(starts) - 1
             with torch.set_grad_enabled(torch.is_grad_enabled() and keeps_graph):
-                mask = key_padding_mask[:, window]
+                mask = key_mask[:, window]
                 output, _, state = attention(
                     hidden[:, window], build_attention_mask(config, hidden[:, window], mask), mask, past_state=state
                 )
-            if config.ltm_detach_memory:
+            if detach_state:
                 state = state.detach()
             outputs.append(output)
         return torch.cat(outputs, dim=1)

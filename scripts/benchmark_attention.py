@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark the attention ops, forward + backward: FAVOR+ (ours), performer-pytorch (if installed), SDPA, naive.
+"""Benchmark the attention ops, forward + backward: FAVOR+ (ours), performer-pytorch (if installed), the sliding
+window (ours), SDPA, naive.
 
     python scripts/benchmark_attention.py                                       # 256 ... 32768: minutes on 2 cores
     python scripts/benchmark_attention.py --lengths 1024 8192 --min_run_time 3  # two lengths, longer timing

@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny config per attention kind, a padded batch built from it, a Python without txformer, and a
 data cache of the session's own."""
 
+import functools
+import importlib
 import os
 import shutil
 import subprocess
@@ -12,9 +14,12 @@ import pytest
 import torch
 
 from txformer import TxFormerConfig
+from txformer.configuration_txformer import ATTENTION_KINDS
 
 
-ATTENTION_TYPES = ["full", "performer", "infinity"]
+TESTS_DIR = Path(__file__).resolve().parent
+# Every registered attention kind runs the shared tests.
+ATTENTION_TYPES = list(ATTENTION_KINDS)
 CACHE_ENVIRONMENT_VARIABLE = "TXFORMER_CACHE"
 
 
@@ -30,6 +35,17 @@ def pytest_unconfigure(config):
     shutil.rmtree(config.txformer_cache, ignore_errors=True)
 
 
+@functools.cache
+def tiny_kind_settings() -> dict:
+    """The small settings of every kind: `TINY_SETTINGS` of its own test file, `tests/test_attention_<kind>.py`,
+    where it defines them (read when first needed: those files import this one)."""
+    settings = {}
+    for name in ATTENTION_KINDS:
+        if (TESTS_DIR / f"test_attention_{name}.py").exists():
+            settings.update(getattr(importlib.import_module(f"test_attention_{name}"), "TINY_SETTINGS", {}))
+    return settings
+
+
 def tiny_config(attention_type: str = "full", **overrides) -> TxFormerConfig:
     """A small config of the given attention kind; dropout off so outputs are deterministic."""
     settings = dict(
@@ -41,11 +57,8 @@ def tiny_config(attention_type: str = "full", **overrides) -> TxFormerConfig:
         hidden_dropout_prob=0.0,
         attention_dropout_prob=0.0,
         attention_type=attention_type,
-        performer_num_random_features=16,
-        segment_length=4,
-        ltm_num_basis=8,
-        ltm_num_samples=8,
     )
+    settings.update(tiny_kind_settings())
     settings.update(overrides)
     return TxFormerConfig(**settings)
 

@@ -23,6 +23,10 @@ from txformer.attention_infinity import (
 )
 
 
+# The ∞-former's fields in the tiny config of every test (`conftest.tiny_config`).
+TINY_SETTINGS = {"segment_length": 4, "ltm_num_basis": 8, "ltm_num_samples": 8}
+
+
 def build(config, **kwargs):
     torch.manual_seed(0)
     return TxFormerForSequenceClassification(config, **kwargs).eval()
@@ -320,8 +324,8 @@ def test_ridge_fits_use_the_reference_padding_layout(num_samples, length):
 
 
 def test_kl_regulariser_averages_over_every_segment():
-    """The auxiliary loss is the KL term averaged over the real (head, event) pairs of all segments, each layer's
-    average summed over layers: not the last segment's alone."""
+    """The auxiliary loss is `ltm_kl_weight` times the KL term averaged over the real (head, event) pairs of all
+    segments, each layer's average summed over layers: not the last segment's alone."""
     config = tiny_config("infinity", ltm_kl_weight=0.1)
     model = build(config)
     recorded = {index: [] for index in range(config.num_hidden_layers)}
@@ -337,7 +341,7 @@ def test_kl_regulariser_averages_over_every_segment():
             return context, mean, variance
 
         def record_mask(module, args, kwargs, index=index):
-            recorded[index].append(kwargs["key_padding_mask"])
+            recorded[index].append(kwargs["key_mask"])
 
         attention.read_memory = read_memory
         attention.register_forward_pre_hook(record_mask, with_kwargs=True)
@@ -351,8 +355,8 @@ def test_kl_regulariser_averages_over_every_segment():
             kl_divergence_to_prior(variance)[mask[:, None, :].expand_as(variance)]
             for mask, variance in zip(masks, variances, strict=True)
         ]
-        expected = expected + torch.cat(terms).mean()
-        last_only = last_only + terms[-1].mean()
+        expected = expected + config.ltm_kl_weight * torch.cat(terms).mean()
+        last_only = last_only + config.ltm_kl_weight * terms[-1].mean()
     torch.testing.assert_close(aux_loss, expected)
     assert not torch.allclose(aux_loss, last_only)
 

@@ -16,11 +16,13 @@ from txformer.attention_performer import (
     draw_orthogonal_features,
     favor_attention,
 )
-from txformer.callbacks import PerformerRedrawCallback
+from txformer.callbacks import AttentionStepCallback
 
 
 # Spec §11: relative Frobenius error bounds of the output at d = 64, σ <= 0.35, averaged over a few seeds.
 ERROR_BOUNDS = {64: 0.35, 128: 0.25, 256: 0.18}
+# The Performer's fields in the tiny config of every test (`conftest.tiny_config`).
+TINY_SETTINGS = {"performer_num_random_features": 16}
 ACCURACY_HEAD_DIM = 64
 ACCURACY_LENGTH = 256
 ACCURACY_SEEDS = range(4)
@@ -266,19 +268,19 @@ def test_redraws_happen_in_training_at_positive_multiples_of_the_interval_only()
     layer = TxFormerPerformerAttention(config, layer_idx=1).train()
     initial = layer.projection_matrix.clone()
     for step in (0, 1, 2, 4, 5):
-        layer.redraw_projection(step)
+        layer.begin_optimizer_step(step)
         assert torch.equal(layer.projection_matrix, initial)
-    layer.redraw_projection(3)
+    layer.begin_optimizer_step(3)
     step_3 = layer.projection_matrix.clone()
     assert not torch.equal(step_3, initial)
     replica = TxFormerPerformerAttention(config, layer_idx=1).train()  # another process of a distributed run
-    replica.redraw_projection(3)
+    replica.begin_optimizer_step(3)
     assert torch.equal(replica.projection_matrix, step_3)
-    layer.redraw_projection(6)
+    layer.begin_optimizer_step(6)
     assert not torch.equal(layer.projection_matrix, step_3)
     layer.eval()
     evaluated = layer.projection_matrix.clone()
-    layer.redraw_projection(9)
+    layer.begin_optimizer_step(9)
     assert torch.equal(layer.projection_matrix, evaluated)
 
 
@@ -286,17 +288,17 @@ def test_interval_zero_never_redraws():
     layer = TxFormerPerformerAttention(tiny_config("performer", performer_redraw_interval=0), layer_idx=0).train()
     initial = layer.projection_matrix.clone()
     for step in (1, 2, 1000, 10**6):
-        layer.redraw_projection(step)
+        layer.begin_optimizer_step(step)
     assert torch.equal(layer.projection_matrix, initial)
 
 
-def test_reset_projection_draws_the_step_zero_matrix_after_meta_device_init():
+def test_reset_buffers_draws_the_step_zero_matrix_after_meta_device_init():
     config = tiny_config("performer", performer_redraw_interval=2)
     with torch.device("meta"):
         layer = TxFormerPerformerAttention(config, layer_idx=1)
     assert layer.projection_matrix.is_meta
     layer.to_empty(device="cpu")
-    layer.reset_projection()
+    layer.reset_buffers()
     assert torch.equal(layer.projection_matrix, TxFormerPerformerAttention(config, layer_idx=1).projection_matrix)
 
 
@@ -305,19 +307,19 @@ def test_module_output_equals_the_functional_call(kernel):
     config = tiny_config("performer", performer_kernel=kernel)
     layer = TxFormerPerformerAttention(config, layer_idx=0).eval()
     hidden_states = torch.randn(2, 9, config.hidden_size, generator=torch.Generator().manual_seed(0))
-    key_padding_mask = padding_mask([9, 4], 9)
-    output, weights, state = layer(hidden_states, None, key_padding_mask)
+    key_mask = padding_mask([9, 4], 9)
+    output, weights, state = layer(hidden_states, None, key_mask)
     query, key, value = (layer.split_heads(proj(hidden_states)) for proj in (layer.q_proj, layer.k_proj, layer.v_proj))
-    expected = favor_attention(query, key, value, layer.projection_matrix, key_padding_mask, kernel=kernel)
+    expected = favor_attention(query, key, value, layer.projection_matrix, key_mask, kernel=kernel)
     expected = layer.o_proj(expected.transpose(1, 2).reshape(hidden_states.shape))
     torch.testing.assert_close(output, expected, rtol=0, atol=0)
     assert weights is None and state is None
 
 
-def test_redraw_callback_redraws_every_performer_layer_when_due():
+def test_step_callback_redraws_every_performer_layer_when_due():
     config = tiny_config("performer", performer_redraw_interval=2)
     model = nn.ModuleList(TxFormerPerformerAttention(config, layer_idx) for layer_idx in range(2)).train()
-    callback = PerformerRedrawCallback()
+    callback = AttentionStepCallback()
     callback.on_step_begin(None, TrainerState(global_step=1), TrainerControl(), model=model)
     assert all(torch.equal(layer.projection_matrix, layer.draw_projection(0)) for layer in model)
     callback.on_step_begin(None, TrainerState(global_step=2), TrainerControl(), model=model)
@@ -337,7 +339,7 @@ def test_model_init_draws_the_step_zero_projection_of_each_layer():
 def test_save_and_load_keep_a_redrawn_projection(tmp_path):
     config = tiny_config("performer", performer_redraw_interval=5)
     model = TxFormerForSequenceClassification(config).train()
-    model.redraw_performer_projections(5)
+    model.begin_optimizer_step(5)
     model.eval()
     batch = random_batch(config, [6, 3])
     logits = model(**batch).logits

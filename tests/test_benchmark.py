@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import attention as op_benchmark
 from benchmarks import compare
 from benchmarks.compare import (
     CompareConfig,
@@ -389,3 +390,19 @@ def test_scripts_parse_every_field_as_a_flag_with_hf_argument_parser(capsys):
 def test_throughput_rejects_malformed_points(point):
     with pytest.raises(ValueError, match="METHOD:HISTORIESxLENGTH|Unknown method"):
         ThroughputConfig(points=[point])
+
+
+def test_attention_op_benchmark_ratios_against_sdpa_and_crossover_lengths():
+    def row(method: str, length: int, time_ms: float) -> op_benchmark.BenchmarkRow:
+        return op_benchmark.BenchmarkRow(method, length, time_ms, 1.0, 1.0, 0.5)
+
+    sdpa, local, favor = op_benchmark.SDPA, op_benchmark.LOCAL, op_benchmark.OURS
+    rows = [
+        *(row(sdpa, length, time) for length, time in ((1024, 10.0), (2048, 40.0), (4096, 160.0))),
+        *(row(local, length, time) for length, time in ((1024, 12.0), (2048, 20.0), (4096, 40.0), (8192, 80.0))),
+        *(row(favor, length, time) for length, time in ((1024, 5.0), (2048, 50.0), (4096, 30.0))),
+    ]
+    op_benchmark.add_ratios(rows, reference_length=1024)
+    assert [row.time_vs_sdpa for row in rows if row.method == local] == [1.2, 0.5, 0.25, None]
+    assert op_benchmark.crossover_length(rows, local) == 2048
+    assert op_benchmark.crossover_length(rows) == 4096  # FAVOR+ is slower than SDPA at 2048

@@ -5,7 +5,7 @@ them as its `cuda_attention` step."""
 import pytest
 import torch
 from conftest import random_batch, select_rows, tiny_config
-from test_modeling import EXACT_KINDS, build, event_states, logits
+from test_modeling import build, event_states, kinds_with, logits
 from transformers.utils import is_flash_attn_2_available
 
 
@@ -26,7 +26,7 @@ def cuda_model_and_sdpa(attention_type: str, attn_implementation: str, dtype: to
 
 
 @pytest.mark.skipif(not is_flash_attn_2_available(), reason="needs the flash-attn package")
-@pytest.mark.parametrize("attention_type", EXACT_KINDS)
+@pytest.mark.parametrize("attention_type", kinds_with("flash_attention_2"))
 def test_flash_attention_2_gives_the_outputs_of_sdpa_and_is_padding_invariant(attention_type):
     flash, sdpa, batch = cuda_model_and_sdpa(attention_type, "flash_attention_2", torch.bfloat16)
     real_events = batch["attention_mask"].bool()
@@ -39,17 +39,20 @@ def test_flash_attention_2_gives_the_outputs_of_sdpa_and_is_padding_invariant(at
 
 
 @pytest.mark.parametrize(
-    ("attn_implementation", "dtype"),
+    ("attention_type", "attn_implementation", "dtype"),
     [
-        pytest.param(
-            "flash_attention_2",
-            torch.bfloat16,
-            marks=pytest.mark.skipif(not is_flash_attn_2_available(), reason="needs the flash-attn package"),
+        *(
+            pytest.param(
+                kind,
+                "flash_attention_2",
+                torch.bfloat16,
+                marks=pytest.mark.skipif(not is_flash_attn_2_available(), reason="needs the flash-attn package"),
+            )
+            for kind in kinds_with("flash_attention_2")
         ),
-        ("flex_attention", torch.float32),
+        *((kind, "flex_attention", torch.float32) for kind in kinds_with("flex_attention")),
     ],
 )
-@pytest.mark.parametrize("attention_type", EXACT_KINDS)
 def test_training_gives_the_loss_and_gradients_of_sdpa(attention_type, attn_implementation, dtype):
     model, sdpa, batch = cuda_model_and_sdpa(attention_type, attn_implementation, dtype)
     labels = torch.tensor([0, 1, 1], device="cuda")

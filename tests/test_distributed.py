@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from txformer.configuration_txformer import ATTENTION_TYPES
+from txformer.configuration_txformer import ATTENTION_KINDS
 from txformer.file_names import EVAL_PREDICTIONS_FILE
 from txformer.metrics import read_evaluated_predictions
 
@@ -96,7 +96,7 @@ def run_kinds_in_launched_processes(data_dir: Path, output_root: Path) -> None:
     process first records where torchrun placed it (`placement.rank<r>.json`)."""
     placement = {key: int(os.environ[key]) for key in ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     (output_root / f"placement.rank{placement['RANK']}.json").write_text(json.dumps(placement))
-    for attention_type in ATTENTION_TYPES:
+    for attention_type in ATTENTION_KINDS:
         arguments = train_arguments(data_dir, output_root / attention_type, attention_type, PER_DEVICE_BATCH)
         sys.argv = [str(TRAIN_SCRIPT), *arguments]
         runpy.run_path(str(TRAIN_SCRIPT), run_name="__main__")
@@ -172,7 +172,7 @@ def runs(request, tmp_path_factory) -> dict[str, Path]:
                 )
         from txformer.training import main
 
-        for attention_type in ATTENTION_TYPES:
+        for attention_type in ATTENTION_KINDS:
             output_dir = one_process / attention_type
             main(train_arguments(data_dir, output_dir, attention_type, WORLD_SIZE * PER_DEVICE_BATCH))
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
@@ -206,7 +206,7 @@ def test_the_launch_encoded_the_data_once_and_every_later_run_read_the_cache(run
     (training_folder,) = (runs["two"] / CACHE_FOLDER / "prepared").glob("training-*")
     assert runs["log"].count(ENCODING_LINE) == 1, runs["log"][-6000:]
     cache_hits = runs["log"].count(CACHE_HIT_LINE.format(training_folder))
-    assert cache_hits == WORLD_SIZE * len(ATTENTION_TYPES) - 1, runs["log"][-6000:]
+    assert cache_hits == WORLD_SIZE * len(ATTENTION_KINDS) - 1, runs["log"][-6000:]
 
 
 def training_logs(output_dir: Path) -> list[dict]:
@@ -219,7 +219,7 @@ def results(output_dir: Path) -> dict:
     return json.loads((output_dir / "all_results.json").read_text())
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+@pytest.mark.parametrize("attention_type", ATTENTION_KINDS)
 def test_two_ranks_exist_and_the_profile_summary_gathers_both(runs, attention_type):
     output_dir = runs["two"] / attention_type
     summary = json.loads((output_dir / "profile_summary.json").read_text())
@@ -237,7 +237,7 @@ def test_two_ranks_exist_and_the_profile_summary_gathers_both(runs, attention_ty
     assert not (output_dir / "profile_steps.jsonl").exists()
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+@pytest.mark.parametrize("attention_type", ATTENTION_KINDS)
 def test_loss_trajectory_matches_one_process_with_the_same_global_batch(runs, attention_type):
     """Each global batch is split between the ranks with its own padding; the loss is a per-sample sum over the
     global batch (`num_items_in_batch`). Per-row state must make the split invisible: the ∞-former's memory, and
@@ -254,7 +254,7 @@ def test_loss_trajectory_matches_one_process_with_the_same_global_batch(runs, at
     assert len({entry["loss"] for entry in single}) == MAX_STEPS
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+@pytest.mark.parametrize("attention_type", ATTENTION_KINDS)
 def test_saved_model_equals_the_one_process_model(runs, attention_type):
     single = load_file(runs["one"] / attention_type / "model.safetensors")
     distributed = load_file(runs["two"] / attention_type / "model.safetensors")
@@ -285,7 +285,7 @@ def test_performer_projection_is_the_deterministic_redraw_of_the_last_step(runs)
     assert all(torch.equal(distributed[name], single[name]) for name in buffers)
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+@pytest.mark.parametrize("attention_type", ATTENTION_KINDS)
 def test_evaluation_covers_every_sample_once_with_uneven_last_batches(runs, attention_type):
     single, distributed = results(runs["one"] / attention_type), results(runs["two"] / attention_type)
     num_eval = distributed["eval_samples"]

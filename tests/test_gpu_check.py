@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from txformer.configuration_txformer import ATTENTION_TYPES
+from txformer.configuration_txformer import ATTENTION_KINDS
 from txformer.gpu_check import check_plan, training_table
 
 
@@ -40,10 +40,10 @@ def test_dry_run_checks_every_step_trains_every_kind_and_writes_nothing(tmp_path
     assert len(checked) == len(planned) and all(line.startswith("ok ") for line in checked)
     steps = [line.split()[0] for line in planned]
     assert steps == [
-        "machine", "tests", "cuda_attention", "data", *(f"train_{kind}" for kind in ATTENTION_TYPES), "fsdp2",
+        "machine", "tests", "cuda_attention", "data", *(f"train_{kind}" for kind in ATTENTION_KINDS), "fsdp2",
         "benchmark_attention", "benchmark",
     ]  # fmt: skip
-    for kind in ATTENTION_TYPES:
+    for kind in ATTENTION_KINDS:
         (command,) = [line for line in checked if f"--attention_type {kind} " in line and "--bf16 true" in line]
         assert "--max_length 16384" in command and "--max_steps 200" in command
     assert "--config_file configs/fsdp2.yaml --num_processes 1" in result.stdout

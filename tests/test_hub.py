@@ -1,6 +1,7 @@
 """Hub side, offline: the pushed file set, the model card, the one-commit upload and the Trainer's own pushes (Hub
 client replaced at its boundary), the offline CLI, and loading and scoring from the pushed files alone."""
 
+import dataclasses
 import fnmatch
 import json
 import os
@@ -21,6 +22,7 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from transformers import Trainer, TrainingArguments
 
 from txformer import TxFormerForSequenceClassification, TxFormerProcessor
+from txformer.configuration_txformer import ATTENTION_KINDS
 from txformer.data import EventVocabulary, TransactionCollator, build_customer_dataset, generate_synthetic_data
 from txformer.hub import (
     IncompleteModelFolderError,
@@ -105,10 +107,11 @@ def vocabulary(customers) -> EventVocabulary:
     return EventVocabulary.fit(customers, min_count=1)
 
 
-def model_for(vocabulary: EventVocabulary) -> TxFormerForSequenceClassification:
+def model_for(vocabulary: EventVocabulary, attention_type: str = "full") -> TxFormerForSequenceClassification:
     """A tiny untrained classifier whose event schema is the vocabulary's, which names the pipeline in its config."""
     torch.manual_seed(0)
     config = tiny_config(
+        attention_type,
         categorical_fields=list(vocabulary.categorical_fields),
         categorical_vocab_sizes=list(vocabulary.vocab_sizes),
         numeric_fields=list(vocabulary.numeric_fields),
@@ -256,6 +259,20 @@ def test_the_card_carries_the_measured_results_and_parses_back(output_folder):
     write_json(output_folder / "all_results.json", {**RESULTS, "eval_auroc": 0.6})
     rendered_again = render_model_card(output_folder, repo_id=REPO_ID)
     assert {result.metric_type: result.metric_value for result in rendered_again.data.eval_results}["roc_auc"] == 0.6
+
+
+def test_every_kind_gets_its_tag_summary_and_settings_on_the_card(tmp_path, vocabulary, attention_type):
+    kind = ATTENTION_KINDS[attention_type]
+    model = model_for(vocabulary, attention_type)
+    model.save_pretrained(tmp_path)
+    vocabulary.to_processor(**PREPROCESSING).save_pretrained(tmp_path)
+    card = render_model_card(tmp_path, repo_id=REPO_ID)
+    assert kind.hub_tag in card.data.tags
+    assert f'`attention_type="{attention_type}"`: {kind.summary}' in card.text
+    settings = dataclasses.fields(kind.settings) if kind.settings is not None else ()
+    for setting in settings:
+        assert f"| `{setting.name}` | `{getattr(model.config, setting.name)}` |" in card.text
+    assert ("| setting | value |" in card.text) == bool(settings)
 
 
 def test_a_card_without_results_reports_none(output_folder):

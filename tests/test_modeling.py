@@ -2,7 +2,6 @@
 
 import contextlib
 import copy
-import itertools
 import json
 import textwrap
 from pathlib import Path
@@ -15,18 +14,26 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from txformer import TxFormerConfig, TxFormerForSequenceClassification, TxFormerModel
 from txformer.attention_full import build_attention_mask
+from txformer.configuration_txformer import ATTENTION_KINDS
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-# The kinds whose attention is exact (the ∞-former's short-term attention is), dispatched by `attn_implementation`,
-# and every pairing of a kind with a backend that runs on the CPU (Performer attention uses none of them).
-EXACT_KINDS = ["full", "infinity"]
+# Every pairing of a kind with a backend of `attn_implementation` that runs on the CPU and that the kind computes
+# exact attention with (the ∞-former's short-term attention, the sliding window's blocks); a kind that uses none
+# (Performer attention) once, with the default.
+CPU_BACKENDS = ("eager", "sdpa", "flex_attention")
 KINDS_AND_IMPLEMENTATIONS = [
-    ("performer", "sdpa"),
-    *itertools.product(EXACT_KINDS, ["eager", "sdpa", "flex_attention"]),
+    (name, backend)
+    for name, kind in ATTENTION_KINDS.items()
+    for backend in [backend for backend in CPU_BACKENDS if backend in kind.attn_implementations] or ["sdpa"]
 ]
+
+
+def kinds_with(backend: str) -> list[str]:
+    """The kinds that compute exact attention with `backend`."""
+    return [name for name, kind in ATTENTION_KINDS.items() if backend in kind.attn_implementations]
 
 
 def build(config: TxFormerConfig, **kwargs) -> TxFormerForSequenceClassification:
@@ -98,8 +105,8 @@ def test_dummy_inputs_are_valid_for_every_kind(attention_type):
 
 
 def test_eager_and_sdpa_give_the_same_outputs_with_padding(attention_type):
-    if attention_type == "performer":
-        pytest.skip("Performer attention does not go through attn_implementation")
+    if not ATTENTION_KINDS[attention_type].attn_implementations:
+        pytest.skip(f"{attention_type} attention does not go through attn_implementation")
     config = tiny_config(attention_type)
     sdpa = build(config, attn_implementation="sdpa")
     eager = build(config, attn_implementation="eager")
@@ -109,7 +116,7 @@ def test_eager_and_sdpa_give_the_same_outputs_with_padding(attention_type):
     torch.testing.assert_close(eager(**batch).logits, sdpa(**batch).logits, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("attention_type", EXACT_KINDS)
+@pytest.mark.parametrize("attention_type", kinds_with("flex_attention"))
 def test_flex_attention_gives_the_outputs_of_eager_with_padding(attention_type):
     config = tiny_config(attention_type)
     flex = build(config, attn_implementation="flex_attention")
@@ -131,11 +138,11 @@ def test_the_attention_mask_has_the_form_the_backend_takes(attn_implementation):
     padding: no mask (flex attention: a block mask that masks nothing)."""
     config = tiny_config()
     config._attn_implementation = attn_implementation
-    key_padding_mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    key_mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
     hidden_states = torch.zeros(2, 4, config.hidden_size)
-    mask = build_attention_mask(config, hidden_states, key_padding_mask)
-    unpadded = build_attention_mask(config, hidden_states, torch.ones_like(key_padding_mask))
-    key_row = key_padding_mask[:, None, None, :]
+    mask = build_attention_mask(config, hidden_states, key_mask)
+    unpadded = build_attention_mask(config, hidden_states, torch.ones_like(key_mask))
+    key_row = key_mask[:, None, None, :]
     if attn_implementation == "flex_attention":
         assert mask.shape == (2, 1, 4, 4)
         torch.testing.assert_close(create_mask(mask.mask_mod, 2, 1, 4, 4, device="cpu"), key_row.expand(2, 1, 4, 4))
@@ -147,7 +154,7 @@ def test_the_attention_mask_has_the_form_the_backend_takes(attn_implementation):
         torch.testing.assert_close(mask == 0, key_row)
         assert torch.all(mask[~key_row].exp() == 0)
     else:
-        torch.testing.assert_close(mask, key_row if attn_implementation == "sdpa" else key_padding_mask)
+        torch.testing.assert_close(mask, key_row if attn_implementation == "sdpa" else key_mask)
 
 
 @pytest.mark.parametrize(("attention_type", "attn_implementation"), KINDS_AND_IMPLEMENTATIONS)

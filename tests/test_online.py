@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import ATTENTION_TYPES, tiny_config
 from safetensors.torch import save_file
 from transformers import pipeline
 
@@ -136,7 +136,7 @@ def test_a_partial_segment_is_read_on_top_of_the_memory_as_the_model_streams_it(
     assert abs(online[customer] - probability_of_positive_class(continued.logits).item()) <= TOLERANCE
 
 
-@pytest.mark.parametrize("attention_type", ["full", "performer", "infinity"])
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
 def test_a_window_state_rescores_the_last_max_length_events_exactly(data, attention_type):
     vocabulary, rows = data
     model, processor = tiny_model(vocabulary, attention_type), vocabulary.to_processor(WINDOW, label_prior=0.4)

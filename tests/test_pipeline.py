@@ -32,11 +32,8 @@ MAX_LENGTH = 16
 REPO_ID = "someone/tiny-txformer"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TOLERANCE = 1e-6
-SETTINGS = {
-    "full": {"max_length": MAX_LENGTH},
-    "performer": {"max_length": MAX_LENGTH},
-    "infinity": {"max_length": None, "segment_length": 16},
-}
+# Every kind reads the last MAX_LENGTH events, except the ∞-former: whole histories, in segments of 16 events.
+SETTINGS = {"infinity": {"max_length": None, "segment_length": 16}}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +50,10 @@ def folders(tmp_path_factory, synthetic_dir) -> dict[str, Path]:
     vocabulary = EventVocabulary.fit(customers, min_count=2)
     root = tmp_path_factory.mktemp("trained")
     return {
-        kind: train_tiny_folder(root / kind, kind, vocabulary, customers, **SETTINGS[kind]) for kind in ATTENTION_TYPES
+        kind: train_tiny_folder(
+            root / kind, kind, vocabulary, customers, **SETTINGS.get(kind, {"max_length": MAX_LENGTH})
+        )
+        for kind in ATTENTION_TYPES
     }
 
 

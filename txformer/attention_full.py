@@ -1,6 +1,15 @@
-"""Exact softmax attention (SDPA, eager, flex or flash) and the projection layer every attention kind shares."""
+"""Exact softmax attention (SDPA, eager, flex or flash), and the interface every attention kind implements: the
+projection layer whose hooks a kind overrides (`TxFormerSelfAttention`) and the description generic code reads
+(`AttentionKind`).
+
+A kind is one module, `attention_<kind>.py`: its functional core, its layer (a subclass of `TxFormerSelfAttention`),
+its config fields (a dataclass mixed into `TxFormerConfig`) and its `AttentionKind`, registered by one line in
+`ATTENTION_KINDS` (`configuration_txformer.py`). `docs/adding_an_attention_kind.md` is the recipe.
+"""
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -8,7 +17,13 @@ from torch.nn.attention.flex_attention import BlockMask
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .configuration_txformer import TxFormerConfig
+
+if TYPE_CHECKING:
+    from .configuration_txformer import TxFormerConfig
+
+
+# Every backend of exact attention: transformers' attention interface and masking utilities take each of them.
+EXACT_ATTENTION_BACKENDS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
 
 
 def eager_attention_forward(
@@ -34,17 +49,17 @@ def eager_attention_forward(
 
 
 def build_attention_mask(
-    config: TxFormerConfig, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor
+    config: "TxFormerConfig", hidden_states: torch.Tensor, key_mask: torch.Tensor
 ) -> torch.Tensor | BlockMask | None:
     """The mask of padded keys in the form `config._attn_implementation` takes, from transformers' masking utilities.
-    `hidden_states`: `[batch, length, hidden]`; `key_padding_mask`: `[batch, length]`, True = real event.
+    `hidden_states`: `[batch, length, hidden]`; `key_mask`: `[batch, length]`, True = real event.
 
     SDPA (boolean) and eager (additive) get one row `[batch, 1, 1, length]` broadcast over the queries (SDPA would
     turn a `[batch, 1, length, length]` mask into a float tensor of that size), or None without padding; flex attention
     a `BlockMask` over every query; flash attention the `[batch, length]` mask it unpads the batch by, or None."""
     # `create_bidirectional_mask` takes the number of query rows from the states it is given.
     query_rows = hidden_states if config._attn_implementation == "flex_attention" else hidden_states[:, :1]
-    return create_bidirectional_mask(config, query_rows, key_padding_mask)
+    return create_bidirectional_mask(config, query_rows, key_mask)
 
 
 def rotate_half(states: torch.Tensor) -> torch.Tensor:
@@ -61,6 +76,55 @@ def apply_rotary_pos_emb(
     works unchanged in front of any kernel: SDPA, FAVOR+ features, the ∞-former's short-term attention."""
     cos, sin = cos.to(query.dtype), sin.to(query.dtype)
     return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+
+@dataclass(frozen=True)
+class Streaming:
+    """How the model reads histories in segments for a kind whose layers carry a state from one segment, or one call,
+    to the next (each layer takes it as `past_state` and returns the next one).
+
+    Args:
+        segment_length: events per segment, from the config.
+        detach_state: whether the state carried between segments is detached (training memory bounded by one
+            segment), from the config.
+        state_class: the dataclass of one layer's state: tensors with the batch first (or None), and `detach()`.
+    """
+
+    segment_length: Callable[[Any], int]
+    detach_state: Callable[[Any], bool]
+    state_class: type
+
+
+@dataclass(frozen=True)
+class AttentionKind:
+    """What generic code (the config, the model, cards, callbacks, benchmarks, shared tests) knows of an attention
+    kind. Each kind's module defines one; `ATTENTION_KINDS` in `configuration_txformer.py` registers it.
+
+    Args:
+        name: its `config.attention_type`.
+        attention_class: its layer, a subclass of [`TxFormerSelfAttention`]; the kind's behaviour lives in the hooks
+            it overrides (`attend` or `forward`, `reset_buffers`, `begin_optimizer_step`, `auxiliary_loss`).
+        label: a few words for tables and plots.
+        summary: one sentence for model cards.
+        hub_tag: the tag of its models on the Hub.
+        settings: a dataclass of its config fields, with defaults, mixed into `TxFormerConfig` (None: no fields).
+        validate_settings: raises a `ValueError` for invalid values of those fields; the config calls it.
+        attn_implementations: the `attn_implementation` backends its layer computes exact attention with (empty: it
+            uses none, and `attn_implementation` has no effect on it).
+        time_exponent: how its time grows with the history length (2: quadratic, 1: linear), for benchmark budgets.
+        streaming: how the model reads a history in parts when the layers carry a state (None: in one pass).
+    """
+
+    name: str
+    attention_class: type["TxFormerSelfAttention"]
+    label: str
+    summary: str
+    hub_tag: str
+    settings: type | None = None
+    validate_settings: Callable[[Any], None] | None = None
+    attn_implementations: tuple[str, ...] = ()
+    time_exponent: int = 1
+    streaming: Streaming | None = None
 
 
 class Float32BuffersMixin(nn.Module):
@@ -85,10 +149,11 @@ class Float32BuffersMixin(nn.Module):
 
 
 class TxFormerSelfAttention(Float32BuffersMixin):
-    """Multi-head self-attention over events. Owns the query/key/value/output projections; `attend` is the core
-    that each attention kind replaces (here: exact attention dispatched by `config._attn_implementation`)."""
+    """Multi-head self-attention over events, and the interface of every attention kind. Owns the
+    query/key/value/output projections; `attend` is the core that each kind replaces (here: exact attention
+    dispatched by `config._attn_implementation`), and the hooks below are what a kind adds (here: nothing)."""
 
-    def __init__(self, config: TxFormerConfig, layer_idx: int):
+    def __init__(self, config: "TxFormerConfig", layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -118,20 +183,20 @@ class TxFormerSelfAttention(Float32BuffersMixin):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | BlockMask | None,
-        key_padding_mask: torch.Tensor,
+        key_mask: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_state: None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         """Attend over `hidden_states` `[batch, length, hidden]`. `attention_mask` is the key mask of exact attention
-        in the form of its backend (`build_attention_mask`), `key_padding_mask` the boolean `[batch, length]` mask
-        (True = real event) used by the other kinds, `position_embeddings` the rotary `(cos, sin)` (None: no order
-        signal). Returns the output, the weights (eager only) and the state carried to the next segment (stateless
-        kinds: None)."""
+        in the form of its backend (`build_attention_mask`), `key_mask` the boolean `[batch, length]` mask (True =
+        real event) used by the other kinds, `position_embeddings` the rotary `(cos, sin)` (None: no order signal).
+        Returns the output, the weights (eager only) and the state carried to the next segment (stateless kinds:
+        None)."""
         query, key, value = self.project(hidden_states)
         if position_embeddings is not None:
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        attn_output, attn_weights = self.attend(query, key, value, attention_mask, key_padding_mask, **kwargs)
+        attn_output, attn_weights = self.attend(query, key, value, attention_mask, key_mask, **kwargs)
         attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(attn_output), attn_weights, None
 
@@ -141,7 +206,7 @@ class TxFormerSelfAttention(Float32BuffersMixin):
         key: torch.Tensor,
         value: torch.Tensor,
         attention_mask: torch.Tensor | BlockMask | None,
-        key_padding_mask: torch.Tensor,
+        key_mask: torch.Tensor | None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Exact attention: `[batch, heads, length, head_dim]` inputs -> `[batch, length, heads, head_dim]`."""
@@ -158,3 +223,32 @@ class TxFormerSelfAttention(Float32BuffersMixin):
             scaling=self.scaling,
             **kwargs,
         )
+
+    def reset_buffers(self) -> None:
+        """Fill the buffers the kind derives from the config (random projections, fixed bases), on whatever device
+        they live and leaving loaded ones alone (`transformers.initialization` semantics); `_init_weights` calls it.
+        Exact attention has none."""
+
+    def begin_optimizer_step(self, step: int) -> None:
+        """Called in training before the first forward pass of optimizer step `step`, for state a kind refreshes
+        during training (the Performer redraws its projection). What it does must depend only on the config and
+        `step`, so that every process of a distributed run does the same without communicating. Exact attention:
+        nothing."""
+
+    def auxiliary_loss(self, state: Any) -> torch.Tensor | None:
+        """The weighted regularisation term this layer adds to the training loss, from the state it returned (None:
+        none). Exact attention: none."""
+        return None
+
+
+FULL_ATTENTION = AttentionKind(
+    name="full",
+    attention_class=TxFormerSelfAttention,
+    label="exact",
+    summary="exact softmax attention over every kept event (memory grows with the square of the history length); "
+    'the backend is chosen when loading: `attn_implementation="sdpa"`, `"eager"`, `"flex_attention"` or '
+    '`"flash_attention_2"`.',
+    hub_tag="full-attention",
+    attn_implementations=EXACT_ATTENTION_BACKENDS,
+    time_exponent=2,
+)

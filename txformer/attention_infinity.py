@@ -5,20 +5,33 @@ written as coefficients on N Gaussian radial basis functions. Each segment of L 
 ridge regression; the old signal is sampled at M points and contracted into [0, τ] so the memory stays N x hidden
 whatever the length of the history. Queries read the memory through a Gaussian density over [0, 1] in closed form.
 
-Functional core first (basis, ridge fits, closed-form weights, resampling), then the attention module. The memory is
-explicit, per-row state ([`InfinityMemoryState`]), passed in and returned, never stored on the module.
+Functional core first (basis, ridge fits, closed-form weights, resampling), then the config fields
+(`InfinitySettings`), the attention module and the kind's entry (`INFINITY_ATTENTION`). The memory is explicit,
+per-row state ([`InfinityMemoryState`]), passed in and returned, never stored on the module; the model reads a
+history segment by segment, carrying it (`Streaming`).
 """
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import initialization as init
 
-from .attention_full import TxFormerSelfAttention, apply_rotary_pos_emb
-from .configuration_txformer import TxFormerConfig
+from .attention_full import (
+    EXACT_ATTENTION_BACKENDS,
+    AttentionKind,
+    Streaming,
+    TxFormerSelfAttention,
+    apply_rotary_pos_emb,
+)
+
+
+if TYPE_CHECKING:
+    from .configuration_txformer import TxFormerConfig
 
 
 MIN_DENSITY_VARIANCE = 1e-4
@@ -181,6 +194,57 @@ class InfinityMemoryState:
         )
 
 
+@dataclass(kw_only=True)
+class InfinitySettings:
+    """Config fields of `attention_type="infinity"`.
+
+    Args:
+        segment_length: events per segment (short-term attention span and memory update).
+        ltm_num_basis: Gaussian RBF basis functions N (a multiple of the number of widths).
+        ltm_basis_widths: basis widths (standard deviations on [0, 1]).
+        ltm_num_samples: samples M taken from the old signal at each update.
+        ltm_contraction: τ, the part of [0, 1] the old signal is contracted into.
+        ltm_ridge_penalty: λ of the ridge regression onto the basis.
+        ltm_sticky_memories, ltm_sticky_bins: sample the old signal where it was attended to.
+        ltm_kl_weight: weight of the KL regulariser on the attention densities (0 = off).
+        ltm_gating: gate the memory input with a width-3 convolution.
+        ltm_detach_memory: detach the memory carried between segments (bounded memory in training).
+    """
+
+    segment_length: int = 256
+    ltm_num_basis: int = 128
+    ltm_basis_widths: list[float] = field(default_factory=lambda: [0.01, 0.05])
+    ltm_num_samples: int = 256
+    ltm_contraction: float = 0.75
+    ltm_ridge_penalty: float = 1.0
+    ltm_sticky_memories: bool = False
+    ltm_sticky_bins: int = 128
+    ltm_kl_weight: float = 0.0
+    ltm_gating: bool = True
+    ltm_detach_memory: bool = True
+
+
+def validate_infinity_settings(config: InfinitySettings) -> None:
+    """Raises a `ValueError` for invalid ∞-former fields."""
+    for name in ("segment_length", "ltm_num_samples", "ltm_sticky_bins"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}.")
+    num_widths = len(config.ltm_basis_widths)
+    if num_widths == 0 or config.ltm_num_basis % num_widths != 0:
+        raise ValueError(
+            f"ltm_num_basis ({config.ltm_num_basis}) must be a multiple of the number of ltm_basis_widths "
+            f"({num_widths})."
+        )
+    if config.ltm_num_basis < 2 * num_widths:
+        raise ValueError(f"ltm_num_basis ({config.ltm_num_basis}) needs at least two centres per width.")
+    if not 0.0 < config.ltm_contraction < 1.0:
+        raise ValueError(f"ltm_contraction must lie in (0, 1), got {config.ltm_contraction}.")
+    if any(width <= 0 for width in config.ltm_basis_widths) or config.ltm_ridge_penalty <= 0:
+        raise ValueError("ltm_basis_widths and ltm_ridge_penalty must be positive.")
+    if config.ltm_kl_weight < 0:
+        raise ValueError(f"ltm_kl_weight must be >= 0 (0 = off), got {config.ltm_kl_weight}.")
+
+
 class TxFormerInfinityAttention(TxFormerSelfAttention):
     """∞-former attention: `Z = Z_STM + Z_LTM`. The short-term part is the inherited exact attention within the
     segment; the long-term part reads the memory of every segment read so far, the current one included (the memory
@@ -198,7 +262,7 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
     )
     float64_buffers = ("segment_design", "segment_prior", "memory_design", "memory_prior")
 
-    def __init__(self, config: TxFormerConfig, layer_idx: int):
+    def __init__(self, config: "TxFormerConfig", layer_idx: int):
         super().__init__(config, layer_idx)
         self.segment_length = config.segment_length
         self.num_samples = config.ltm_num_samples
@@ -277,7 +341,7 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        key_padding_mask: torch.Tensor,
+        key_mask: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_state: InfinityMemoryState | None = None,
         **kwargs,
@@ -297,25 +361,21 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
         short_query, short_key = query, key
         if position_embeddings is not None:
             short_query, short_key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        short_term, attn_weights = self.attend(
-            short_query, short_key, value, attention_mask, key_padding_mask, **kwargs
-        )
+        short_term, attn_weights = self.attend(short_query, short_key, value, attention_mask, key_mask, **kwargs)
         short_term = self.o_proj(short_term.reshape(batch_size, length, -1))
 
-        state = self.update_memory(hidden_states, key_padding_mask, past_state)
+        state = self.update_memory(hidden_states, key_mask, past_state)
         long_term, mean, variance = self.read_memory(query, state)
         long_term = torch.where(state.has_memory[:, None, None], self.ltm_o_proj(long_term), 0.0)
 
-        read_any = key_padding_mask.any(dim=1)
+        read_any = key_mask.any(dim=1)
         if self.sticky_memories:
-            mass = (density_bin_mass(mean, variance, self.sticky_bins) * key_padding_mask[:, None, :, None]).sum(
-                (1, 2)
-            )
+            mass = (density_bin_mass(mean, variance, self.sticky_bins) * key_mask[:, None, :, None]).sum((1, 2))
             state.attention_mass = torch.where(read_any[:, None], mass, state.attention_mass)
         if self.kl_weight > 0:
-            divergence = torch.where(key_padding_mask[:, None, :], kl_divergence_to_prior(variance), 0.0)
+            divergence = torch.where(key_mask[:, None, :], kl_divergence_to_prior(variance), 0.0)
             state.divergence_sum = state.divergence_sum + divergence.sum((1, 2))
-            state.num_divergences = state.num_divergences + key_padding_mask.sum(dim=1) * self.num_heads
+            state.num_divergences = state.num_divergences + key_mask.sum(dim=1) * self.num_heads
         return short_term + long_term.to(short_term.dtype), attn_weights, state
 
     def empty_state(self, hidden_states: torch.Tensor) -> InfinityMemoryState:
@@ -337,20 +397,20 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
         )
 
     def update_memory(
-        self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor, past_state: InfinityMemoryState | None
+        self, hidden_states: torch.Tensor, key_mask: torch.Tensor, past_state: InfinityMemoryState | None
     ) -> InfinityMemoryState:
         """Write the segment into each row's memory: the first segment of a row is fitted alone; later ones after the
         old signal sampled at M points and contracted into [0, τ]. Rows without events in the segment keep theirs."""
         length = hidden_states.shape[1]
         if past_state is None:
             past_state = self.empty_state(hidden_states)
-        memory_input = hidden_states.masked_fill(~key_padding_mask[..., None], 0.0)
+        memory_input = hidden_states.masked_fill(~key_mask[..., None], 0.0)
         if self.gate is not None:
             gate = self.gate(memory_input.transpose(1, 2)).transpose(1, 2)
             memory_input = memory_input * torch.sigmoid(gate)
         # Short segments (the last one of a call) sit at the end of the positions, as in a full segment.
         memory_input = nn.functional.pad(memory_input, (0, 0, self.segment_length - length, 0))
-        mask = nn.functional.pad(key_padding_mask, (self.segment_length - length, 0), value=False)
+        mask = nn.functional.pad(key_mask, (self.segment_length - length, 0), value=False)
 
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             memory_input = memory_input.float()
@@ -433,3 +493,27 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             context = torch.matmul(weights, value.float())
         context = context.transpose(1, 2).reshape(batch_size, length, -1).to(query.dtype)
         return context, mean, variance
+
+    def auxiliary_loss(self, state: InfinityMemoryState) -> torch.Tensor | None:
+        """`ltm_kl_weight` times the KL regulariser averaged over every (head, event) read so far (None when off)."""
+        if self.kl_weight <= 0:
+            return None
+        return self.kl_weight * state.regularization_loss
+
+
+INFINITY_ATTENTION = AttentionKind(
+    name="infinity",
+    attention_class=TxFormerInfinityAttention,
+    label="∞-former",
+    summary="∞-former: exact attention inside segments of `segment_length` events plus a continuous long-term "
+    "memory, so whole histories of any length are read in bounded memory.",
+    hub_tag="infinity-former",
+    settings=InfinitySettings,
+    validate_settings=validate_infinity_settings,
+    attn_implementations=EXACT_ATTENTION_BACKENDS,
+    streaming=Streaming(
+        segment_length=attrgetter("segment_length"),
+        detach_state=attrgetter("ltm_detach_memory"),
+        state_class=InfinityMemoryState,
+    ),
+)

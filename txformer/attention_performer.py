@@ -1,20 +1,26 @@
 """Performer (FAVOR+) attention: positive orthogonal random features, linear in the sequence length.
 
-Layout: the pure functional core first (`draw_orthogonal_features`, `favor_attention`), then the module that owns the
-projection buffer and its redraw policy (`TxFormerPerformerAttention`). Reference: Choromanski et al., "Rethinking
+Layout: the pure functional core first (`draw_orthogonal_features`, `favor_attention`), then the config fields
+(`PerformerSettings`), the module that owns the projection buffer and its redraw policy (`TxFormerPerformerAttention`)
+and the kind's entry (`PERFORMER_ATTENTION`). Reference: Choromanski et al., "Rethinking
 Attention with Performers", ICLR 2021. The numerics choices and measurements are described in `docs/performer.md`.
 """
 
 import hashlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.autograd.function import once_differentiable
 from transformers import initialization as init
 
-from .attention_full import TxFormerSelfAttention
-from .configuration_txformer import TxFormerConfig
+from .attention_full import AttentionKind, TxFormerSelfAttention
+
+
+if TYPE_CHECKING:
+    from .configuration_txformer import TxFormerConfig
 
 
 # δ of the normaliser guard: where |D| <= δ the division uses ±δ. D only gets there when every feature product has
@@ -200,9 +206,9 @@ def _augmented_values(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([values, values.new_ones(*values.shape[:-1], 1)], dim=-1)
 
 
-def _chunk_mask(key_padding_mask: torch.Tensor | None, chunk: slice) -> torch.Tensor | None:
+def _chunk_mask(key_mask: torch.Tensor | None, chunk: slice) -> torch.Tensor | None:
     """`[batch, 1, chunk, 1]` slice of the key mask, broadcastable over heads and features."""
-    return None if key_padding_mask is None else key_padding_mask[:, None, chunk, None]
+    return None if key_mask is None else key_mask[:, None, chunk, None]
 
 
 def _new_output(query: torch.Tensor, value_dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -226,7 +232,7 @@ class _FavorAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, scaled_projection, key_padding_mask, kernel, chunk_length):
+    def forward(ctx, query, key, value, scaled_projection, key_mask, kernel, chunk_length):
         compute_dtype = torch.promote_types(query.dtype, torch.float32)
         batch_size, num_heads, key_length, _ = key.shape
         query_length, value_dim = query.shape[2], value.shape[-1]
@@ -240,7 +246,7 @@ class _FavorAttentionFunction(torch.autograd.Function):
                 lowest = torch.finfo(compute_dtype).min
                 key_offset = key.new_full((batch_size, num_heads, 1, 1), lowest, dtype=compute_dtype)
             for chunk in _chunks(key_length, chunk_length):
-                rows, mask = key[:, :, chunk].to(compute_dtype), _chunk_mask(key_padding_mask, chunk)
+                rows, mask = key[:, :, chunk].to(compute_dtype), _chunk_mask(key_mask, chunk)
                 block = _block(block_buffer, rows, num_features)
                 if kernel == "softmax":
                     exponent = _key_exponent(rows, exponent_projection, mask, out=block)
@@ -265,18 +271,14 @@ class _FavorAttentionFunction(torch.autograd.Function):
                 augmented_output = torch.matmul(state, features.transpose(-2, -1)).transpose(-2, -1)
                 normalizer[:, :, chunk] = augmented_output[..., value_dim]
                 output[:, :, chunk] = augmented_output[..., :value_dim] / _guard(augmented_output[..., value_dim:])
-        ctx.save_for_backward(
-            query, key, value, scaled_projection, key_padding_mask, output, normalizer, state, key_offset
-        )
+        ctx.save_for_backward(query, key, value, scaled_projection, key_mask, output, normalizer, state, key_offset)
         ctx.kernel, ctx.chunk_length = kernel, chunk_length
         return output
 
     @staticmethod
     @once_differentiable
     def backward(ctx, output_grad):
-        query, key, value, scaled_projection, key_padding_mask, output, normalizer, state, key_offset = (
-            ctx.saved_tensors
-        )
+        query, key, value, scaled_projection, key_mask, output, normalizer, state, key_offset = ctx.saved_tensors
         kernel, chunk_length = ctx.kernel, ctx.chunk_length
         needs_query_grad, needs_key_grad, needs_value_grad, needs_projection_grad = ctx.needs_input_grad[:4]
         compute_dtype = state.dtype
@@ -319,7 +321,7 @@ class _FavorAttentionFunction(torch.autograd.Function):
             value_grad = torch.empty_like(value) if needs_value_grad else None
             value_state_grad = state_grad[:, :, :value_dim].transpose(-2, -1)
             for chunk in _chunks(key_length, chunk_length):
-                rows, mask = key[:, :, chunk].to(compute_dtype), _chunk_mask(key_padding_mask, chunk)
+                rows, mask = key[:, :, chunk].to(compute_dtype), _chunk_mask(key_mask, chunk)
                 block = _block(block_buffer, rows, num_features)
                 features = _key_features(rows, exponent_projection, kernel, mask, key_offset, out=block)
                 if needs_value_grad:
@@ -345,15 +347,15 @@ def _performer_pytorch_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     projection_matrix: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
     kernel: str,
 ) -> torch.Tensor:
     """performer-pytorch 1.1.4 `FastAttention` (non-causal) numerics, op for op, with plain autograd."""
     head_dim, num_features = query.shape[-1], projection_matrix.shape[0]
     data_normalizer = head_dim**-0.25
     projection = projection_matrix.to(query.dtype)
-    if key_padding_mask is not None:
-        value = value.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    if key_mask is not None:
+        value = value.masked_fill(~key_mask[:, None, :, None], 0.0)
 
     def features(data: torch.Tensor, is_query: bool) -> torch.Tensor:
         data_dash = torch.matmul(data_normalizer * data, projection.transpose(0, 1))
@@ -375,7 +377,7 @@ def favor_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     projection_matrix: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     kernel: str = "softmax",
     compat_performer_pytorch: bool = False,
     chunk_length: int | None = None,
@@ -388,7 +390,7 @@ def favor_attention(
         value: `[batch, heads, key_length, d_v]`.
         projection_matrix: `[m, d]` random features (e.g. from `draw_orthogonal_features`), shared by queries and
             keys, broadcast over batch and heads. Receives a gradient if it requires one.
-        key_padding_mask: bool `[batch, key_length]`, True = real key. Padded keys contribute nothing at all (zero
+        key_mask: bool `[batch, key_length]`, True = real key. Padded keys contribute nothing at all (zero
             feature rows, excluded from the key stabiliser): the real rows' outputs equal those of the unpadded
             input. Output rows of padded queries are finite but meaningless. A row of batch with no real key gets 0.
         kernel: `"softmax"`: φ(x) = m^(-1/2) exp(W x − ‖x‖²/2) with x = q·d^(-1/4), an unbiased estimate of
@@ -407,7 +409,7 @@ def favor_attention(
     if kernel not in KERNELS:
         raise ValueError(f"Unknown kernel {kernel!r}; valid kernels: {list(KERNELS)}.")
     if compat_performer_pytorch:
-        return _performer_pytorch_attention(query, key, value, projection_matrix, key_padding_mask, kernel)
+        return _performer_pytorch_attention(query, key, value, projection_matrix, key_mask, kernel)
     batch_size, num_heads, key_length, head_dim = key.shape
     if projection_matrix.shape[-1] != head_dim:
         raise ValueError(
@@ -417,11 +419,46 @@ def favor_attention(
         chunk_length = _chunk_length(
             batch_size * num_heads, projection_matrix.shape[0], max(key_length, query.shape[2])
         )
-    if key_padding_mask is not None:
-        key_padding_mask = key_padding_mask.bool()
+    if key_mask is not None:
+        key_mask = key_mask.bool()
     # Pre-scaling W by d^(-1/4) turns x Wᵀ with x = q·d^(-1/4) into one product q (d^(-1/4) W)ᵀ.
     scaled_projection = projection_matrix * head_dim**-0.25
-    return _FavorAttentionFunction.apply(query, key, value, scaled_projection, key_padding_mask, kernel, chunk_length)
+    return _FavorAttentionFunction.apply(query, key, value, scaled_projection, key_mask, kernel, chunk_length)
+
+
+@dataclass(kw_only=True)
+class PerformerSettings:
+    """Config fields of `attention_type="performer"`.
+
+    Args:
+        performer_num_random_features: random features m.
+        performer_kernel: `"softmax"` (positive random features) or `"relu"` (generalised ReLU).
+        performer_orthogonal_scaling: 0 = rows scaled by χ_d norms (unbiased), 1 = every row has norm √d.
+        performer_redraw_interval: redraw the projection every so many optimizer steps in training; 0 never.
+        performer_seed: base seed of the projection draws (a draw is a function of seed and step).
+    """
+
+    performer_num_random_features: int = 128
+    performer_kernel: str = "softmax"
+    performer_orthogonal_scaling: int = 0
+    performer_redraw_interval: int = 1000
+    performer_seed: int = 0
+
+
+def validate_performer_settings(config: PerformerSettings) -> None:
+    """Raises a `ValueError` for invalid Performer fields."""
+    if config.performer_kernel not in KERNELS:
+        raise ValueError(f"Unknown performer_kernel {config.performer_kernel!r}; valid kernels: {list(KERNELS)}.")
+    if config.performer_num_random_features < 1:
+        raise ValueError(
+            f"performer_num_random_features must be positive, got {config.performer_num_random_features}."
+        )
+    if config.performer_orthogonal_scaling not in (0, 1):
+        raise ValueError(f"performer_orthogonal_scaling must be 0 or 1, got {config.performer_orthogonal_scaling}.")
+    if config.performer_redraw_interval < 0:
+        raise ValueError(
+            f"performer_redraw_interval must be >= 0 (0 = never), got {config.performer_redraw_interval}."
+        )
 
 
 class TxFormerPerformerAttention(TxFormerSelfAttention):
@@ -430,7 +467,7 @@ class TxFormerPerformerAttention(TxFormerSelfAttention):
 
     float32_buffers = ("projection_matrix",)
 
-    def __init__(self, config: TxFormerConfig, layer_idx: int):
+    def __init__(self, config: "TxFormerConfig", layer_idx: int):
         super().__init__(config, layer_idx)
         self.kernel = config.performer_kernel
         self.orthogonal_scaling = config.performer_orthogonal_scaling
@@ -438,7 +475,7 @@ class TxFormerPerformerAttention(TxFormerSelfAttention):
         self.seed = config.performer_seed
         projection = torch.empty(config.performer_num_random_features, self.head_dim, dtype=torch.float32)
         self.register_buffer("projection_matrix", projection, persistent=True)
-        self.reset_projection()
+        self.reset_buffers()
 
     def draw_projection(self, step: int) -> torch.Tensor:
         """The projection of this layer at optimizer step `step`, a function of `(performer_seed, layer_idx, step)`."""
@@ -448,13 +485,13 @@ class TxFormerPerformerAttention(TxFormerSelfAttention):
             num_features, head_dim, self.orthogonal_scaling, generator, dtype=self.projection_matrix.dtype
         )
 
-    def reset_projection(self) -> None:
+    def reset_buffers(self) -> None:
         """Draw the step-0 projection into the buffer (on whatever device it lives; a no-op on meta tensors). Leaves
         a buffer loaded from a checkpoint alone (`transformers.initialization` semantics)."""
         init.copy_(self.projection_matrix, self.draw_projection(step=0).to(self.projection_matrix.device))
 
     @torch.no_grad()
-    def redraw_projection(self, step: int) -> None:
+    def begin_optimizer_step(self, step: int) -> None:
         """Redraw the projection if optimizer step `step` is a positive multiple of `performer_redraw_interval`, in
         training only; the draw depends only on the seed, layer and step, so every process draws the same matrix."""
         if not self.training or self.redraw_interval <= 0 or step <= 0 or step % self.redraw_interval != 0:
@@ -467,14 +504,32 @@ class TxFormerPerformerAttention(TxFormerSelfAttention):
         key: torch.Tensor,
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        key_padding_mask: torch.Tensor,
+        key_mask: torch.Tensor,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         """FAVOR+ attention: `[batch, heads, length, head_dim]` inputs -> `[batch, length, heads, head_dim]`, no
-        weights. The exact-attention `attention_mask` is not used (the boolean `key_padding_mask` is exact), nor is
+        weights. The exact-attention `attention_mask` is not used (the boolean `key_mask` is exact), nor is
         attention dropout (there are no attention weights to drop)."""
-        output = favor_attention(query, key, value, self.projection_matrix, key_padding_mask, kernel=self.kernel)
+        output = favor_attention(query, key, value, self.projection_matrix, key_mask, kernel=self.kernel)
         return output.transpose(1, 2), None
 
 
-__all__ = ["TxFormerPerformerAttention", "draw_orthogonal_features", "favor_attention", "projection_seed"]
+PERFORMER_ATTENTION = AttentionKind(
+    name="performer",
+    attention_class=TxFormerPerformerAttention,
+    label="FAVOR+",
+    summary="FAVOR+ (Performer) random-feature approximation of softmax attention, linear in the history length.",
+    hub_tag="performer",
+    settings=PerformerSettings,
+    validate_settings=validate_performer_settings,
+)
+
+
+__all__ = [
+    "PERFORMER_ATTENTION",
+    "PerformerSettings",
+    "TxFormerPerformerAttention",
+    "draw_orthogonal_features",
+    "favor_attention",
+    "projection_seed",
+]

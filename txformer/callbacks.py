@@ -3,15 +3,16 @@
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .attention_performer import TxFormerPerformerAttention
+from .attention_full import TxFormerSelfAttention
 
 
-class PerformerRedrawCallback(TrainerCallback):
-    """Redraws the Performer projections due at each optimizer step, before its first forward pass.
+class AttentionStepCallback(TrainerCallback):
+    """Runs every attention layer's per-optimizer-step hook (`begin_optimizer_step`: the Performer redraws its
+    projection) at the start of each optimizer step, before its first forward pass.
 
-    The draw is a function of `(performer_seed, layer_idx, global_step)`, so every process of a distributed run draws
-    the same matrices without communication, and a resumed run continues with the matrices of an uninterrupted one.
-    The interval, the training-only rule and the seed belong to the config (see `TxFormerPerformerAttention`).
+    A hook depends only on the config and the step (the Performer's draw is a function of `(performer_seed,
+    layer_idx, global_step)`), so every process of a distributed run does the same without communication, and a
+    resumed run continues as an uninterrupted one would.
     """
 
     def on_step_begin(
@@ -22,10 +23,10 @@ class PerformerRedrawCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs,
     ) -> None:
-        """Calls `redraw_projection(state.global_step)` on every Performer attention layer of `model`."""
+        """Calls `begin_optimizer_step(state.global_step)` on every attention layer of `model`."""
         if model is None:
             return
         # `modules()` also walks into wrappers (DDP, compiled modules), so the unwrapped layers are reached either way.
         for module in model.modules():
-            if isinstance(module, TxFormerPerformerAttention):
-                module.redraw_projection(state.global_step)
+            if isinstance(module, TxFormerSelfAttention):
+                module.begin_optimizer_step(state.global_step)

@@ -8,11 +8,28 @@ import itertools
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import strict  # huggingface_hub.dataclasses.strict, as transformers uses it
 
+from .attention_full import FULL_ATTENTION, AttentionKind
+from .attention_infinity import INFINITY_ATTENTION
+from .attention_local import LOCAL_ATTENTION
+from .attention_performer import PERFORMER_ATTENTION
 
-ATTENTION_TYPES = ("full", "performer", "infinity")
+
+# The attention kinds by `attention_type`. A kind is one module, `attention_<kind>.py`, that defines its layer, its
+# config fields and its `AttentionKind`; registering it here is all that generic code needs
+# (docs/adding_an_attention_kind.md).
+ATTENTION_KINDS: dict[str, AttentionKind] = {
+    kind.name: kind
+    for kind in (
+        FULL_ATTENTION,
+        PERFORMER_ATTENTION,
+        INFINITY_ATTENTION,
+        LOCAL_ATTENTION,
+    )
+}
+# Every kind's config fields are fields of `TxFormerConfig`, so a config keeps the settings of every kind.
+ATTENTION_SETTINGS = tuple(kind.settings for kind in ATTENTION_KINDS.values() if kind.settings is not None)
 POOLING_TYPES = ("mean", "mean_sum", "last")
 POSITION_EMBEDDING_TYPES = ("rotary", "none")
-PERFORMER_KERNELS = ("softmax", "relu")
 CONTRASTIVE_LOSSES = ("margin", "infonce")
 # Signed decades of the amount, from -10^8 to 10^8 (the real amounts reach about 1.5e8).
 DEFAULT_AMOUNT_BUCKET_BOUNDARIES = (
@@ -24,7 +41,7 @@ _READING_SAVED_CONFIG = contextvars.ContextVar("txformer_reading_saved_config", 
 
 
 @strict
-class TxFormerConfig(PreTrainedConfig):
+class TxFormerConfig(PreTrainedConfig, *ATTENTION_SETTINGS):
     r"""
     Configuration of a [`TxFormerModel`]: a transformer over event sequences (bank transactions) with a pluggable
     attention kind. `TxFormerConfig()` with no arguments is a valid small config.
@@ -58,27 +75,13 @@ class TxFormerConfig(PreTrainedConfig):
             a pair's own evidence is one lookup, as a bigram count is for a linear model. Starts at zero; 0 = off.
         event_context_size (`int`): each event's embedding is mixed with those of the `event_context_size` events
             before it (a causal convolution), so "code a followed by code b" is visible to every layer; 0 = off.
-        attention_type (`str`): `"full"` (exact attention, `attn_implementation` picks SDPA, eager, flex or flash),
-            `"performer"` (FAVOR+) or `"infinity"` (∞-former).
+        attention_type (`str`): a kind of `ATTENTION_KINDS`: `"full"` (exact attention, `attn_implementation`
+            picks SDPA, eager, flex or flash), `"performer"` (FAVOR+), `"infinity"` (∞-former), `"local"` (sliding
+            window), ...
 
-    Performer (`attention_type="performer"`):
-        performer_num_random_features (`int`): random features m.
-        performer_kernel (`str`): `"softmax"` (positive random features) or `"relu"` (generalised ReLU).
-        performer_orthogonal_scaling (`int`): 0 = rows scaled by χ_d norms (unbiased), 1 = every row has norm √d.
-        performer_redraw_interval (`int`): redraw the projection every so many optimizer steps in training; 0 never.
-        performer_seed (`int`): base seed of the projection draws (a draw is a function of seed and step).
-
-    ∞-former (`attention_type="infinity"`):
-        segment_length (`int`): events per segment (short-term attention span and memory update).
-        ltm_num_basis (`int`): Gaussian RBF basis functions N (a multiple of the number of widths).
-        ltm_basis_widths (`list[float]`): basis widths (standard deviations on [0, 1]).
-        ltm_num_samples (`int`): samples M taken from the old signal at each update.
-        ltm_contraction (`float`): τ, the part of [0, 1] the old signal is contracted into.
-        ltm_ridge_penalty (`float`): λ of the ridge regression onto the basis.
-        ltm_sticky_memories (`bool`), ltm_sticky_bins (`int`): sample the old signal where it was attended to.
-        ltm_kl_weight (`float`): weight of the KL regulariser on the attention densities (0 = off).
-        ltm_gating (`bool`): gate the memory input with a width-3 convolution.
-        ltm_detach_memory (`bool`): detach the memory carried between segments (bounded memory in training).
+    Attention kinds: each kind adds its own fields, documented in its settings class (`PerformerSettings` in
+    `attention_performer.py`, `InfinitySettings` in `attention_infinity.py`, ...). A config holds the fields of every
+    kind; those of the kinds it does not use are checked but have no effect.
 
     Contrastive pretraining ([`TxFormerForContrastivePretraining`], CoLES):
         embedding_size (`int`, *optional*): size of the L2-normalised embedding; defaults to `hidden_size`.
@@ -135,24 +138,6 @@ class TxFormerConfig(PreTrainedConfig):
     event_pair_buckets: int = 8192
     attention_type: str = "full"
 
-    performer_num_random_features: int = 128
-    performer_kernel: str = "softmax"
-    performer_orthogonal_scaling: int = 0
-    performer_redraw_interval: int = 1000
-    performer_seed: int = 0
-
-    segment_length: int = 256
-    ltm_num_basis: int = 128
-    ltm_basis_widths: list[float] | None = None
-    ltm_num_samples: int = 256
-    ltm_contraction: float = 0.75
-    ltm_ridge_penalty: float = 1.0
-    ltm_sticky_memories: bool = False
-    ltm_sticky_bins: int = 128
-    ltm_kl_weight: float = 0.0
-    ltm_gating: bool = True
-    ltm_detach_memory: bool = True
-
     embedding_size: int | None = None
     contrastive_loss: str = "margin"
     contrastive_margin: float = 0.5
@@ -171,8 +156,6 @@ class TxFormerConfig(PreTrainedConfig):
             self.numeric_fields = ["amount"]
         if self.time_periods_days is None:
             self.time_periods_days = [1.0, 7.0]
-        if self.ltm_basis_widths is None:
-            self.ltm_basis_widths = [0.01, 0.05]
         if self.masked_prediction_fields is None:
             self.masked_prediction_fields = list(self.categorical_fields[:2])
         if self.amount_bucket_boundaries is None:
@@ -200,19 +183,15 @@ class TxFormerConfig(PreTrainedConfig):
             _READING_SAVED_CONFIG.reset(token)
 
     def validate_architecture(self):
-        """Part of `@strict`-powered validation: checks sizes and choices."""
-        if self.attention_type not in ATTENTION_TYPES:
-            raise ValueError(f"Unknown attention_type {self.attention_type!r}; valid kinds: {list(ATTENTION_TYPES)}.")
+        """Part of `@strict`-powered validation: checks sizes and choices, and the fields of every attention kind."""
+        if self.attention_type not in ATTENTION_KINDS:
+            raise ValueError(f"Unknown attention_type {self.attention_type!r}; valid kinds: {list(ATTENTION_KINDS)}.")
         if self.pooling not in POOLING_TYPES:
             raise ValueError(f"Unknown pooling {self.pooling!r}; valid choices: {list(POOLING_TYPES)}.")
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             raise ValueError(
                 f"Unknown position_embedding_type {self.position_embedding_type!r}; valid choices: "
                 f"{list(POSITION_EMBEDDING_TYPES)}."
-            )
-        if self.performer_kernel not in PERFORMER_KERNELS:
-            raise ValueError(
-                f"Unknown performer_kernel {self.performer_kernel!r}; valid kernels: {list(PERFORMER_KERNELS)}."
             )
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
@@ -231,26 +210,9 @@ class TxFormerConfig(PreTrainedConfig):
             )
         if any(size < 2 for size in self.categorical_vocab_sizes):
             raise ValueError("Every categorical vocabulary needs at least the padding (0) and unknown (1) indices.")
-        if self.ltm_num_basis % len(self.ltm_basis_widths) != 0:
-            raise ValueError(
-                f"ltm_num_basis ({self.ltm_num_basis}) must be a multiple of the number of ltm_basis_widths "
-                f"({len(self.ltm_basis_widths)})."
-            )
-        if not 0.0 < self.ltm_contraction < 1.0:
-            raise ValueError(f"ltm_contraction must lie in (0, 1), got {self.ltm_contraction}.")
-        for name in ("segment_length", "performer_num_random_features", "ltm_num_samples", "ltm_sticky_bins"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
-        if self.performer_orthogonal_scaling not in (0, 1):
-            raise ValueError(f"performer_orthogonal_scaling must be 0 or 1, got {self.performer_orthogonal_scaling}.")
-        if self.performer_redraw_interval < 0:
-            raise ValueError(
-                f"performer_redraw_interval must be >= 0 (0 = never), got {self.performer_redraw_interval}."
-            )
-        if any(width <= 0 for width in self.ltm_basis_widths) or self.ltm_ridge_penalty <= 0:
-            raise ValueError("ltm_basis_widths and ltm_ridge_penalty must be positive.")
-        if self.ltm_num_basis < 2 * len(self.ltm_basis_widths):
-            raise ValueError(f"ltm_num_basis ({self.ltm_num_basis}) needs at least two centres per width.")
+        for kind in ATTENTION_KINDS.values():
+            if kind.validate_settings is not None:
+                kind.validate_settings(self)
 
     def validate_pretraining(self):
         """Part of `@strict`-powered validation: checks the settings of the pretraining heads."""
@@ -280,4 +242,4 @@ class TxFormerConfig(PreTrainedConfig):
             raise ValueError("amount_bucket_boundaries needs a numeric field (the amount); give [] to predict none.")
 
 
-__all__ = ["TxFormerConfig"]
+__all__ = ["ATTENTION_KINDS", "TxFormerConfig"]

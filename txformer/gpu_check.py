@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .configuration_txformer import ATTENTION_TYPES
+from .configuration_txformer import ATTENTION_KINDS
 from .file_names import PROFILE_SUMMARY_FILE, RESULTS_FILE
 from .machine import describe_machine, installed_version
 
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "machine":
         return 0 if check_machine() else 1
     if args.command == "kinds":
-        print(" ".join(ATTENTION_TYPES))
+        print(" ".join(ATTENTION_KINDS))
     elif args.command == "check":
         return 1 if check_plan(args.plan) else 0
     else:

@@ -1,6 +1,7 @@
 """Sharing trained output folders on the Hugging Face Hub: the file set, the model card, one-commit uploads, and a
 callback that makes the Trainer's own pushes complete and pickle-free."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from transformers.utils import CONFIG_NAME, FEATURE_EXTRACTOR_NAME, SAFE_WEIGHTS
 
 from . import __version__
 from .cli import configure_logging
-from .configuration_txformer import TxFormerConfig
+from .configuration_txformer import ATTENTION_KINDS, TxFormerConfig
 from .data import VOCABULARY_FILE, EventVocabulary
 from .file_names import PROFILE_SUMMARY_FILE, RESULTS_FILE, TRAINING_RUN_FILE
 from .io_utils import atomic_write
@@ -60,16 +61,6 @@ PIPELINE_TAG = "tabular-classification"
 TASK_NAME = "Customer gender from bank-transaction history"
 REPO_PLACEHOLDER = "<namespace>/<repository>"
 DEFAULT_COMMIT_MESSAGE = "Upload txformer model: weights, code, processor, metrics and card"
-ATTENTION_TAGS = {"full": "full-attention", "performer": "performer", "infinity": "infinity-former"}
-ATTENTION_SUMMARIES = {
-    "full": "exact softmax attention over every kept event (memory grows with the square of the history length); "
-    'the backend is chosen when loading: `attn_implementation="sdpa"`, `"eager"`, `"flex_attention"` or '
-    '`"flash_attention_2"`.',
-    "performer": "FAVOR+ (Performer) random-feature approximation of softmax attention, linear in the history length.",
-    "infinity": "∞-former: exact attention inside segments of `segment_length` events plus a continuous long-term "
-    "memory, so whole histories of any length are read in bounded memory.",
-}
-ATTENTION_SETTING_PREFIXES = {"full": (), "performer": ("performer_",), "infinity": ("segment_length", "ltm_")}
 EVAL_METRICS = (
     ("eval_auroc", "roc_auc", "AUROC"),
     ("eval_accuracy", "accuracy", "Accuracy (threshold 0.5)"),
@@ -295,7 +286,8 @@ def render_model_card(
         for key, metric_type, metric_name in EVAL_METRICS
         if results.get(key) is not None
     ]
-    tags = ["txformer", "transactions", "event-sequences", ATTENTION_TAGS[config.attention_type]]
+    kind = ATTENTION_KINDS[config.attention_type]
+    tags = ["txformer", "transactions", "event-sequences", kind.hub_tag]
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag=PIPELINE_TAG,
@@ -305,8 +297,7 @@ def render_model_card(
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
     )
-    config_values = config.to_dict()
-    prefixes = ATTENTION_SETTING_PREFIXES[config.attention_type]
+    settings = dataclasses.fields(kind.settings) if kind.settings is not None else ()
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path),
@@ -314,10 +305,8 @@ def render_model_card(
         repo_reference=repo_id or REPO_PLACEHOLDER,
         config=config,
         attention_type=config.attention_type,
-        attention_summary=ATTENTION_SUMMARIES[config.attention_type],
-        attention_settings=[
-            (key, value) for key, value in config_values.items() if prefixes and key.startswith(prefixes)
-        ],
+        attention_summary=kind.summary,
+        attention_settings=[(setting.name, getattr(config, setting.name)) for setting in settings],
         num_weights=f"{_num_weight_values(output_dir):,}",
         categorical_fields=list(zip(config.categorical_fields, config.categorical_vocab_sizes, strict=True)),
         code_files=_code_files(output_dir, []),

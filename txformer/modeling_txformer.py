@@ -2,6 +2,7 @@
 
 import math
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,17 +14,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .attention_full import Float32BuffersMixin, TxFormerSelfAttention, build_attention_mask
-from .attention_infinity import InfinityMemoryState, TxFormerInfinityAttention
-from .attention_performer import TxFormerPerformerAttention
-from .configuration_txformer import TxFormerConfig
+from .attention_full import Float32BuffersMixin, Streaming, TxFormerSelfAttention, build_attention_mask
+from .configuration_txformer import ATTENTION_KINDS, TxFormerConfig
 
-
-ATTENTION_CLASSES: dict[str, type[TxFormerSelfAttention]] = {
-    "full": TxFormerSelfAttention,
-    "performer": TxFormerPerformerAttention,
-    "infinity": TxFormerInfinityAttention,
-}
 
 MINUTES_PER_DAY = 1440.0
 
@@ -35,10 +28,11 @@ def signed_log1p(values: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TxFormerState(ModelOutput):
-    """What an ∞-former model carries from one call (or segment) to the next to read a history in parts (streaming).
+    """What a model of a streaming kind (`AttentionKind.streaming`: the ∞-former) carries from one call (or segment)
+    to the next to read a history in parts.
 
     Args:
-        layer_states: the long-term memory of each layer.
+        layer_states: the state of each layer (the ∞-former: its long-term memory).
         pooled_sum: sum of the final hidden states of the events read so far, `[batch, hidden]`.
         num_events: events read so far, `[batch]`.
         last_hidden_state: final hidden state of the last event read so far, `[batch, hidden]`.
@@ -47,7 +41,7 @@ class TxFormerState(ModelOutput):
         event_context: embeddings of the last `event_context_size` events read so far, `[batch, size, hidden]`.
     """
 
-    layer_states: tuple[InfinityMemoryState | None, ...] | None = None
+    layer_states: tuple[Any, ...] | None = None
     pooled_sum: torch.Tensor | None = None
     num_events: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
@@ -65,8 +59,9 @@ class TxFormerModelOutput(ModelOutput):
         pooler_output: pooled history representation, `[batch, hidden]`.
         hidden_states: output of the embeddings and of every layer, when asked for.
         attentions: attention weights of every layer, when asked for (eager full attention only).
-        past_state: the state to continue reading the histories from (∞-former only).
-        aux_loss: regularisation loss of the attention (∞-former KL term), unweighted.
+        past_state: the state to continue reading the histories from (streaming kinds only).
+        aux_loss: the attention's weighted regularisation loss (`auxiliary_loss` of the layers: the ∞-former's KL
+            term times `ltm_kl_weight`), which the heads add to their losses; None without one.
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -260,7 +255,7 @@ class TxFormerLayer(GradientCheckpointingLayer):
     def __init__(self, config: TxFormerConfig, layer_idx: int):
         super().__init__()
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = ATTENTION_CLASSES[config.attention_type](config, layer_idx)
+        self.self_attn = ATTENTION_KINDS[config.attention_type].attention_class(config, layer_idx)
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = TxFormerMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -269,14 +264,14 @@ class TxFormerLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | BlockMask | None,
-        key_padding_mask: torch.Tensor,
+        key_mask: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_state: InfinityMemoryState | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, InfinityMemoryState | None]:
+        past_state: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
         attn_output, attn_weights, state = self.self_attn(
             self.attention_norm(hidden_states),
             attention_mask=attention_mask,
-            key_padding_mask=key_padding_mask,
+            key_mask=key_mask,
             position_embeddings=position_embeddings,
             past_state=past_state,
         )
@@ -331,9 +326,7 @@ class TxFormerPreTrainedModel(PreTrainedModel):
             init.zeros_(module.pair_embedding.weight)
         elif isinstance(module, TxFormerPooler) and module.sum_weight is not None:
             init.zeros_(module.sum_weight)
-        elif isinstance(module, TxFormerPerformerAttention):
-            module.reset_projection()
-        elif isinstance(module, TxFormerInfinityAttention):
+        elif isinstance(module, TxFormerSelfAttention):
             module.reset_buffers()
 
     @property
@@ -374,11 +367,12 @@ class TxFormerPreTrainedModel(PreTrainedModel):
             }
         super().save_pretrained(save_directory, *args, **kwargs)
 
-    def redraw_performer_projections(self, step: int) -> None:
-        """Redraw the Performer projections that are due at optimizer step `step` (training only; no-op otherwise)."""
+    def begin_optimizer_step(self, step: int) -> None:
+        """Runs every attention layer's per-optimizer-step hook (the Performer's redraw) before the first forward pass
+        of optimizer step `step`; `AttentionStepCallback` does it under the `Trainer`."""
         for module in self.modules():
-            if isinstance(module, TxFormerPerformerAttention):
-                module.redraw_projection(step)
+            if isinstance(module, TxFormerSelfAttention):
+                module.begin_optimizer_step(step)
 
 
 class TxFormerModel(TxFormerPreTrainedModel):
@@ -425,9 +419,10 @@ class TxFormerModel(TxFormerPreTrainedModel):
         attention_mask (`torch.LongTensor` of shape `(batch, length)`, *optional*):
             1 for real events, 0 for padding (right padding). Defaults to all events real.
         past_state ([`TxFormerState`], *optional*):
-            ∞-former only: the state returned by a previous call, to continue reading the same histories.
+            Streaming kinds only (the ∞-former): the state returned by a previous call, to continue reading the same
+            histories.
         output_last_hidden_state (`bool`, defaults to `True`):
-            ∞-former only: `False` skips the per-event outputs (`last_hidden_state` is then None, unless
+            Streaming kinds only: `False` skips the per-event outputs (`last_hidden_state` is then None, unless
             `output_hidden_states`), so that memory does not grow with the history length. The classifier passes it.
         """
         self._check_inputs(input_ids, numeric_values, event_time, attention_mask)
@@ -437,8 +432,10 @@ class TxFormerModel(TxFormerPreTrainedModel):
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
-        if self.config.attention_type == "infinity":
-            return self._forward_segments(
+        streaming = ATTENTION_KINDS[self.config.attention_type].streaming
+        if streaming is not None:
+            return self._forward_in_segments(
+                streaming,
                 input_ids,
                 numeric_values,
                 event_time,
@@ -449,25 +446,27 @@ class TxFormerModel(TxFormerPreTrainedModel):
                 return_event_states=output_last_hidden_state or output_hidden_states,
             )
         if past_state is not None:
+            streaming_kinds = [name for name, kind in ATTENTION_KINDS.items() if kind.streaming is not None]
             raise ValueError(
-                f"past_state is only used by attention_type='infinity', not {self.config.attention_type!r}."
+                f"past_state is only used by the streaming attention kinds {streaming_kinds}, not "
+                f"{self.config.attention_type!r}."
             )
 
-        key_padding_mask = attention_mask.bool()
+        event_mask = attention_mask.bool()
         encoded = self._encode(
             input_ids,
             numeric_values,
             event_time,
-            key_padding_mask,
+            event_mask,
             TxFormerState(),
             output_attentions,
             output_hidden_states,
         )
         hidden_states = encoded.last_hidden_state
-        num_events = key_padding_mask.sum(dim=1)
+        num_events = event_mask.sum(dim=1)
         last_index = (num_events - 1).clamp(min=0)
         last_hidden = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
-        pooled = self.pooler(masked_sum(hidden_states, key_padding_mask), num_events, last_hidden)
+        pooled = self.pooler(masked_sum(hidden_states, event_mask), num_events, last_hidden)
         return TxFormerModelOutput(
             last_hidden_state=hidden_states,
             pooler_output=pooled,
@@ -480,7 +479,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
         input_ids: torch.Tensor,
         numeric_values: torch.Tensor,
         event_time: torch.Tensor,
-        key_padding_mask: torch.Tensor,
+        event_mask: torch.Tensor,
         state: TxFormerState,
         output_attentions: bool,
         output_hidden_states: bool,
@@ -495,11 +494,11 @@ class TxFormerModel(TxFormerPreTrainedModel):
         # Rows without a real event here keep the code of the event they read last.
         codes = input_ids[..., 0]
         last_event_code = codes[:, -1] if state.last_event_code is None else state.last_event_code
-        last_event_code = torch.where(key_padding_mask.any(dim=1), codes[:, -1], last_event_code)
+        last_event_code = torch.where(event_mask.any(dim=1), codes[:, -1], last_event_code)
         event_context = None
         if self.event_context is not None:
-            hidden_states, event_context = self.event_context(hidden_states, key_padding_mask, state.event_context)
-        attention_mask = build_attention_mask(self.config, hidden_states, key_padding_mask)
+            hidden_states, event_context = self.event_context(hidden_states, event_mask, state.event_context)
+        attention_mask = build_attention_mask(self.config, hidden_states, event_mask)
         position_embeddings = None if self.rotary_emb is None else self.rotary_emb(hidden_states.shape[1])
         layer_states = state.layer_states or (None,) * len(self.layers)
         all_hidden_states = () if output_hidden_states else None
@@ -509,11 +508,12 @@ class TxFormerModel(TxFormerPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states, attn_weights, new_state = layer(
-                hidden_states, attention_mask, key_padding_mask, position_embeddings, past_state=layer_state
+                hidden_states, attention_mask, event_mask, position_embeddings, past_state=layer_state
             )
             new_states.append(new_state)
-            if getattr(new_state, "regularization_loss", None) is not None:
-                aux_losses.append(new_state.regularization_loss)
+            aux_loss = layer.self_attn.auxiliary_loss(new_state)
+            if aux_loss is not None:
+                aux_losses.append(aux_loss)
             if output_attentions:
                 all_attentions += (attn_weights,)
         # As in transformers' models: the last entry of `hidden_states` is the normed output.
@@ -530,8 +530,9 @@ class TxFormerModel(TxFormerPreTrainedModel):
             aux_loss=torch.stack(aux_losses).sum() if aux_losses else None,
         )
 
-    def _forward_segments(
+    def _forward_in_segments(
         self,
+        streaming: Streaming,
         input_ids: torch.Tensor,
         numeric_values: torch.Tensor,
         event_time: torch.Tensor,
@@ -541,14 +542,17 @@ class TxFormerModel(TxFormerPreTrainedModel):
         output_hidden_states: bool,
         return_event_states: bool,
     ) -> TxFormerModelOutput:
-        """∞-former: read each history segment by segment, carrying the long-term memory.
+        """A streaming kind (the ∞-former): read each history segment by segment, carrying the layers' state (the
+        long-term memory).
 
         Histories are aligned to their end (the right padding is moved to the left), so the last segment of every row
-        holds its `segment_length` most recent events and earlier segments carry the rest into the memory. Each
-        segment is gathered from the inputs when it is read, and when `ltm_detach_memory` is set, earlier segments run
-        without gradient: with `return_event_states=False`, memory does not grow with the history length.
+        holds its `segment_length` most recent events and earlier segments carry the rest into the state. Each
+        segment is gathered from the inputs when it is read, and when the kind detaches the state between segments
+        (`ltm_detach_memory`), earlier segments run without gradient: with `return_event_states=False`, memory does
+        not grow with the history length.
         """
-        segment_length = self.config.segment_length
+        segment_length = streaming.segment_length(self.config)
+        detach_state = streaming.detach_state(self.config)
         batch_size, length = event_time.shape
         num_segments = max(1, math.ceil(length / segment_length))
         num_real = attention_mask.sum(dim=1)
@@ -595,7 +599,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
             carried_states, carried_context, carried_time, carried_code = select_rows(
                 (layer_states, event_context, previous_event_time, last_event_code), rows
             )
-            keeps_graph = not self.config.ltm_detach_memory or segment_index == num_segments - 1
+            keeps_graph = not detach_state or segment_index == num_segments - 1
             with torch.set_grad_enabled(torch.is_grad_enabled() and keeps_graph):
                 encoded = self._encode(
                     *select_rows(inputs, rows),
@@ -614,7 +618,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
             layer_states = scatter_rows(layer_states, rows, encoded.past_state.layer_states, batch_size)
             event_context = scatter_rows(event_context, rows, encoded.past_state.event_context, batch_size)
             last_event_code = scatter_rows(last_event_code, rows, encoded.past_state.last_event_code, batch_size)
-            if self.config.ltm_detach_memory:
+            if detach_state:
                 layer_states = tuple(layer_state.detach() for layer_state in layer_states)
                 event_context = None if event_context is None else event_context.detach()
             previous_event_time = segment_time[:, -1]
@@ -775,8 +779,8 @@ class TxFormerForSequenceClassification(TxFormerPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.classification_loss(logits, labels, kwargs.get("num_items_in_batch"))
-            if outputs.aux_loss is not None and self.config.ltm_kl_weight > 0:
-                loss = loss + self.config.ltm_kl_weight * outputs.aux_loss
+            if outputs.aux_loss is not None:
+                loss = loss + outputs.aux_loss
         return TxFormerSequenceClassifierOutput(
             loss=loss,
             logits=logits,
@@ -942,8 +946,8 @@ class TxFormerForContrastivePretraining(TxFormerPreTrainedModel):
                 )
             else:
                 loss = info_nce_loss(embeddings, slice_labels, self.config.contrastive_temperature)
-            if outputs.aux_loss is not None and self.config.ltm_kl_weight > 0:
-                loss = loss + self.config.ltm_kl_weight * outputs.aux_loss
+            if outputs.aux_loss is not None:
+                loss = loss + outputs.aux_loss
         return TxFormerContrastiveOutput(
             loss=loss,
             embeddings=embeddings,
@@ -1033,8 +1037,8 @@ class TxFormerForMaskedEventModeling(TxFormerPreTrainedModel):
                 / num_masked
                 for logit, target in zip(logits, targets, strict=True)
             )
-            if outputs.aux_loss is not None and self.config.ltm_kl_weight > 0:
-                loss = loss + self.config.ltm_kl_weight * outputs.aux_loss
+            if outputs.aux_loss is not None:
+                loss = loss + outputs.aux_loss
         return TxFormerMaskedEventModelingOutput(
             loss=loss,
             field_logits=field_logits,

@@ -21,7 +21,7 @@ import torch
 from transformers import Pipeline
 from transformers.modeling_utils import safe_open, safe_save_file  # the safetensors functions transformers uses
 
-from .attention_infinity import InfinityMemoryState
+from .configuration_txformer import ATTENTION_KINDS
 from .modeling_txformer import TxFormerState
 from .processing_txformer import probability_of_positive_class, time_origin
 
@@ -153,8 +153,8 @@ def read_csv_rows(path: str | os.PathLike) -> tuple[list[dict[str, str]], list[i
 class OnlineStates:
     """Per-customer states of online scoring, saved as one safetensors file.
 
-    Two kinds, chosen by [`OnlineScorer`]: `"memory"` (∞-former reading whole histories: the model's
-    [`TxFormerState`] after the last whole segment, plus the fewer than `segment_length` events read since) and
+    Two kinds, chosen by [`OnlineScorer`]: `"memory"` (a streaming attention kind, the ∞-former, reading whole
+    histories: the model's [`TxFormerState`] after the last whole segment, plus the fewer events read since) and
     `"window"` (any attention kind with a `max_length`: the last `max_length` events). Each state also records the
     time of the customer's last event, so that older events are refused rather than appended out of order.
     """
@@ -230,7 +230,8 @@ class OnlineScorer:
     r"""
     Scores customers' *new* transactions from saved per-customer states, without rereading their histories.
 
-    - `attention_type="infinity"` with whole histories (`max_length=None`): a state holds the ∞-former's memory
+    - a streaming kind (`AttentionKind.streaming`: `attention_type="infinity"`) with whole histories
+      (`max_length=None`): a state holds the ∞-former's memory
       after the last whole segment (long-term memory of every layer, pooling sums, event context, last event) and
       the fewer than `segment_length` events read since. New events are appended to those; whole segments are read
       into the memory, the rest is read on top of it to score. The cost of an update depends on the new events and
@@ -239,7 +240,7 @@ class OnlineScorer:
       read the same events in differently aligned segments (docs/inference.md measures the difference).
     - any attention kind with a window (`max_length=N`): a state holds the last N events, and an update rescores
       them with the new ones: exactly what rescoring the whole history with `max_length=N` gives, at a cost set by N.
-    - full or Performer attention with whole histories: refused (no state bounds the cost of an update).
+    - the other kinds with whole histories: refused (no state bounds the cost of an update).
 
     States are tied to the model's weights (a fingerprint is saved with them).
     """
@@ -249,9 +250,10 @@ class OnlineScorer:
         self.processor = processor
         self.max_length = processor.max_length if max_length == -1 else max_length
         attention_type = model.config.attention_type
+        self.streaming = ATTENTION_KINDS[attention_type].streaming
         if self.max_length is not None:
             self.mode = "window"
-        elif attention_type == "infinity":
+        elif self.streaming is not None:
             self.mode = "memory"
         else:
             raise ValueError(
@@ -355,7 +357,7 @@ class OnlineScorer:
         return dict(zip([history["customer_id"] for history in batch], _probabilities(logits), strict=True))
 
     def _update_memory(self, batch: list[dict[str, Any]], states: OnlineStates) -> dict[int, float]:
-        segment_length = self.model.config.segment_length
+        segment_length = self.streaming.segment_length(self.model.config)
         probabilities = {}
         starting = [history for history in batch if history["customer_id"] not in states.customers]
         if starting:
@@ -418,7 +420,7 @@ class OnlineScorer:
             count = count_to_read(len(events["events.event_time"]))
             histories.append(self._as_history(customer_id, {name: tensor[:count] for name, tensor in events.items()}))
         customer_states = [states.customers[customer_id] for customer_id in customer_ids]
-        past_state = stack_state(customer_states, self.model.device)
+        past_state = stack_state(customer_states, self.streaming.state_class, self.model.device)
         inputs = self.processor.pad(
             histories,
             max_length=None,
@@ -434,7 +436,7 @@ def _probabilities(logits: torch.Tensor) -> list[float]:
 
 
 def split_state(state: TxFormerState) -> list[dict[str, torch.Tensor]]:
-    """A batched ∞-former state as one dict of named CPU tensors per row: every per-row tensor of the state
+    """A batched streaming state as one dict of named CPU tensors per row: every per-row tensor of the state
     (`state.<field>`) and of each layer's memory (`layer.<index>.<field>`); `stack_state` reverses it."""
     tensors = {}
     for state_field in dataclasses.fields(state):
@@ -455,8 +457,10 @@ def split_state(state: TxFormerState) -> list[dict[str, torch.Tensor]]:
     return [{name: tensor[row].clone() for name, tensor in tensors.items()} for row in range(batch_size)]
 
 
-def stack_state(rows: Sequence[Mapping[str, torch.Tensor]], device: torch.device) -> TxFormerState:
-    """The batched ∞-former state of rows split by `split_state`."""
+def stack_state(
+    rows: Sequence[Mapping[str, torch.Tensor]], layer_state_class: type, device: torch.device
+) -> TxFormerState:
+    """The batched streaming state of rows split by `split_state`, each layer's state a `layer_state_class`."""
     stacked = {
         name: torch.stack([row[name] for row in rows]).to(device)
         for name in rows[0]
@@ -469,7 +473,7 @@ def stack_state(rows: Sequence[Mapping[str, torch.Tensor]], device: torch.device
             layers.setdefault(int(index), {})[field_name] = tensor
     return TxFormerState(
         **{name.removeprefix("state."): tensor for name, tensor in stacked.items() if name.startswith("state.")},
-        layer_states=tuple(InfinityMemoryState(**layers[index]) for index in sorted(layers)),
+        layer_states=tuple(layer_state_class(**layers[index]) for index in sorted(layers)),
     )
 
 

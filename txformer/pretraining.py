@@ -19,7 +19,7 @@ from transformers import (
     set_seed,
 )
 
-from .callbacks import PerformerRedrawCallback
+from .callbacks import AttentionStepCallback
 from .cli import configure_logging
 from .data import EventVocabulary, TransactionCollator, prepare_encoded_customers
 from .file_names import RESULTS_FILE, TRAINING_RUN_FILE
@@ -266,7 +266,7 @@ def pretrain(
         eval_dataset=data["eval"],
         data_collator=collator,
         processing_class=processor,
-        callbacks=[PerformerRedrawCallback(), PushCodeFilesCallback()],
+        callbacks=[AttentionStepCallback(), PushCodeFilesCallback()],
     )
     add_profiling_callback(trainer)
     train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)

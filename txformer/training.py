@@ -32,8 +32,9 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy, seed_work
 from transformers.training_args import ParallelMode
 
 from . import TxFormerConfig, TxFormerForSequenceClassification
-from .callbacks import PerformerRedrawCallback
+from .callbacks import AttentionStepCallback
 from .cli import configure_logging, parse_config_overrides
+from .configuration_txformer import ATTENTION_KINDS
 from .data import (
     SYNTHETIC_FAMILIES,
     VOCABULARY_FILE,
@@ -77,7 +78,7 @@ MAX_VALIDATION_SHARE = 0.25
 class ModelArguments:
     """Which model to train: a fresh config of the given attention kind, or a trained folder to continue from."""
 
-    attention_type: str = field(default="full", metadata={"help": "full, performer or infinity."})
+    attention_type: str = field(default="full", metadata={"help": f"Attention kind, one of {list(ATTENTION_KINDS)}."})
     attn_implementation: str = field(
         default="sdpa",
         metadata={
@@ -662,7 +663,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             num_batches, training_args.world_size, training_args.gradient_accumulation_steps, drop_last=drop_last
         ),
     )
-    callbacks = [PerformerRedrawCallback(), PushCodeFilesCallback()]
+    callbacks = [AttentionStepCallback(), PushCodeFilesCallback()]
     if training_args.evaluates and training_args.early_stopping_patience > 0:
         callbacks.append(
             BudgetEarlyStoppingCallback(
