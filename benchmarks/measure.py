@@ -3,6 +3,7 @@
 throughput of the machine (the roofline a GEMM-bound kernel is compared with)."""
 
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -13,20 +14,27 @@ from torch.utils import benchmark
 from txformer.machine import BYTES_PER_MIB, memory_probe_for
 
 
+# What a measurement's time is: `wall`, the elapsed time; `process`, the CPU time of this process (all its threads),
+# which other jobs on a shared machine barely change (a step's cost in CPU-seconds; CPU only).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
+
+
 @dataclass
 class Measurement:
-    """Median wall time (s) of one run, the per-run time of every timed block, and the median peak memory (MiB) of
-    the blocks above the level before each (NaN where the platform cannot tell)."""
+    """Median time (s, on the measurement's clock) of one run, the per-run time of every timed block, and the median
+    peak memory (MiB) of the blocks above the level before each (NaN where the platform cannot tell)."""
 
     seconds: float
     all_seconds: list[float]
     peak_memory_mib: float
 
 
-def timer(stmt: str, setup: str = "pass", **names: object) -> benchmark.Timer:
-    """A `torch.utils.benchmark.Timer` of `stmt` over `names`, with torch's current number of CPU threads (the
-    Timer's default is one)."""
-    return benchmark.Timer(stmt=stmt, setup=setup, globals=names, num_threads=torch.get_num_threads())
+def timer(
+    stmt: str, setup: str = "pass", clock: Callable[[], float] = time.perf_counter, **names: object
+) -> benchmark.Timer:
+    """A `torch.utils.benchmark.Timer` of `stmt` over `names` on `clock` (one of `CLOCKS`), with torch's current
+    number of CPU threads (the Timer's default is one)."""
+    return benchmark.Timer(stmt=stmt, setup=setup, globals=names, num_threads=torch.get_num_threads(), timer=clock)
 
 
 def synchronize(device: torch.device) -> None:
@@ -40,17 +48,18 @@ def measure_callable(
     device: torch.device,
     min_run_time: float = 1.0,
     prepare: Callable[[], object] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Measurement:
     """Time and peak memory of `step()` with `Timer.blocked_autorange`: a warm-up run sizes the blocks (one run each
     once a run is long enough that the clock's overhead does not count), then blocks run until `min_run_time`
-    seconds; the time is the median per run. Before every block, outside the clock, `prepare()` runs (e.g. clearing
+    seconds of `clock` (one of `CLOCKS`); the time is the median per run. Before every block, outside the clock, `prepare()` runs (e.g. clearing
     gradients) and the memory window opens; each block's peak is read after it, so what `step` allocates and frees
     counts, and the median over the blocks is kept."""
     probe = memory_probe_for(device, release_freed_memory=True)
     peaks = []
     try:
         step_timer = timer(
-            "step()", "prepare(); probe.reset()", step=step, prepare=prepare or (lambda: None), probe=probe
+            "step()", "prepare(); probe.reset()", clock, step=step, prepare=prepare or (lambda: None), probe=probe
         )
         result = step_timer.blocked_autorange(
             callback=lambda number, seconds: peaks.append(probe.peak_rise_mib()), min_run_time=min_run_time

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .measure import measure_callable
+from .measure import CLOCKS, measure_callable
 from .models import METHODS, synthetic_batch
 from .suite import DTYPES, BenchmarkConfig, MethodRunner, load_average
 
 
 LEVEL_NAMES = {"train": "training step", "forward": "scoring (forward, no gradient)"}
+RATE_UNITS = {"wall": "events/s", "process": "events/CPU-s"}
 
 
 @dataclass
@@ -42,6 +43,13 @@ class ThroughputConfig:
         metadata={"help": "Seconds of timed runs per point and round after a warm-up run (Timer.blocked_autorange)."},
     )
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0: torch's default."})
+    clock: str = field(
+        default="wall",
+        metadata={
+            "help": "wall: events per second of elapsed time; process: events per CPU-second of this process (all "
+            "its threads), which other jobs on a shared machine barely change (CPU only)."
+        },
+    )
     dtype: str = field(default="float32", metadata={"help": f"Compute dtype, of {list(DTYPES)}."})
     device: str = field(default="auto", metadata={"help": "torch device; auto: cuda if available, else cpu."})
     config_overrides: str = field(
@@ -54,6 +62,8 @@ class ThroughputConfig:
             parse_point(point)
         if any(level not in LEVEL_NAMES for level in self.levels):
             raise ValueError(f"Unknown levels {self.levels}; valid: {list(LEVEL_NAMES)}.")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"Unknown clock {self.clock!r}; valid: {list(CLOCKS)}.")
 
 
 def parse_point(point: str) -> tuple[str, int, int]:
@@ -121,11 +131,15 @@ def run_throughput(
             for point, runner, batch, num_events in runs:
                 runner.model.train(level != "forward")
                 measurement = measure_callable(
-                    runner.step_function(level, batch), device, config.min_run_time, prepare=runner.clear_gradients
+                    runner.step_function(level, batch),
+                    device,
+                    config.min_run_time,
+                    prepare=runner.clear_gradients,
+                    clock=CLOCKS[config.clock],
                 )
                 rate = num_events / measurement.seconds
                 rates[(level, point)].append(rate)
-                log(f"round {round_index + 1} {level:>8} {point:>20}: {rate:12,.0f} events/s")
+                log(f"round {round_index + 1} {level:>8} {point:>20}: {rate:12,.0f} {RATE_UNITS[config.clock]}")
     rows = []
     for level in config.levels:
         reference = statistics.median(rates[(level, config.points[0])])
@@ -150,12 +164,13 @@ def format_throughput(rows: list[ThroughputRow], config: ThroughputConfig, loads
     """A Markdown table of the rows, with the machine's thread count and load averages."""
     threads = torch.get_num_threads()
     lines = [
-        f"{config.rounds} rounds of at least {config.min_run_time:g} s per point (median time per run of "
-        f"`Timer.blocked_autorange`), {threads} torch threads, dtype {config.dtype}"
+        f"{config.rounds} rounds of at least {config.min_run_time:g} s ({config.clock} clock) per point (median "
+        f"time per run of `Timer.blocked_autorange`), {threads} torch threads, dtype {config.dtype}"
         f"{', ragged histories' if config.ragged else ''}; load average (1, 5, 15 min) "
         f"{loads['start']} at the start, {loads['end']} at the end.",
         "",
-        "| level | point | events per step | events/s (median round) | range over rounds | vs first |",
+        f"| level | point | events per step | {RATE_UNITS[config.clock]} (median round) | range over rounds | "
+        "vs first |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:

@@ -349,6 +349,7 @@ def test_throughput_measures_every_point_side_by_side():
         min_run_time=0.01,
         ragged=True,
         config_overrides=TINY_MODEL,
+        clock="process",
     )
     rows, loads = run_throughput(config, log=lambda line: None)
     assert [(row.level, row.point) for row in rows] == [
@@ -359,7 +360,7 @@ def test_throughput_measures_every_point_side_by_side():
     assert all(row.min_events_per_s <= row.events_per_s <= row.max_events_per_s for row in rows)
     assert rows[0].vs_first == 1.0
     table = format_throughput(rows, config, loads)
-    assert "| training step | infinity:2x16 | 18 |" in table
+    assert "| training step | infinity:2x16 | 18 |" in table and "events/CPU-s (median round)" in table
 
 
 def script_namespace(name: str) -> dict:
@@ -390,6 +391,11 @@ def test_scripts_parse_every_field_as_a_flag_with_hf_argument_parser(capsys):
 def test_throughput_rejects_malformed_points(point):
     with pytest.raises(ValueError, match="METHOD:HISTORIESxLENGTH|Unknown method"):
         ThroughputConfig(points=[point])
+
+
+def test_throughput_rejects_an_unknown_clock():
+    with pytest.raises(ValueError, match="Unknown clock 'cpu'"):
+        ThroughputConfig(clock="cpu")
 
 
 def test_attention_op_benchmark_ratios_against_sdpa_and_crossover_lengths():
