@@ -12,6 +12,7 @@ from txformer.attention_infinity import (
     InfinityMemoryState,
     TxFormerInfinityAttention,
     basis_centers_and_widths,
+    continuous_attention_read,
     continuous_attention_weights,
     density_bin_mass,
     evaluate_basis,
@@ -20,6 +21,7 @@ from txformer.attention_infinity import (
     reference_padding,
     ridge_fit,
     sample_from_histogram,
+    solve_normal_equations,
 )
 
 
@@ -435,3 +437,32 @@ def test_rows_starting_later_are_left_out_of_early_segments_exactly():
     for first, second in zip(skipped.past_state.layer_states, every_row.past_state.layer_states, strict=True):
         torch.testing.assert_close(first.coefficients, second.coefficients)
         torch.testing.assert_close(first.has_memory, second.has_memory)
+
+
+def test_the_memory_read_is_the_weighted_sum_of_the_values():
+    """The read (weights kept width-major, value rows reordered) equals the centre-major weights times the values."""
+    centers, widths = basis_centers_and_widths(8, [0.01, 0.05])
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.rand(2, 3, 5, generator=generator, dtype=torch.float64)
+    variance = torch.rand(2, 3, 5, generator=generator, dtype=torch.float64) * 0.05 + 1e-4
+    value = torch.randn(2, 3, 8, 4, generator=generator, dtype=torch.float64)
+    expected = continuous_attention_weights(mean, variance, centers, widths) @ value
+    torch.testing.assert_close(continuous_attention_read(mean, variance, centers, widths, value), expected)
+
+
+def test_normal_equations_over_present_or_missing_samples_are_the_regression_on_the_present_ones():
+    """Whichever half a row's normal matrix is summed over (its present samples, or its missing ones subtracted from
+    the full normal matrix), the solution is the float64 regression on the present samples, whatever the missing
+    positions hold."""
+    _, _, _, fit = segment_fit(num_basis=16, length=24)
+    generator = torch.Generator().manual_seed(0)
+    num_present = torch.tensor([1, 5, 11, 12, 13, 20, 23, 24])
+    # Suffixes, as the model lays out a history's first segment, and one scattered mask.
+    mask = torch.arange(24)[None, :] >= 24 - num_present[:, None]
+    mask[-1] = torch.rand(24, generator=generator) > 0.5
+    samples = torch.randn(len(mask), 24, 3, generator=generator, dtype=torch.float64)
+    solved = solve_normal_equations(samples.masked_fill(~mask[..., None], 1e6), mask, fit)
+    for row, row_mask in enumerate(mask):
+        present = fit.design[:, row_mask]
+        expected = torch.linalg.solve(fit.prior + present @ present.T, present @ samples[row, row_mask])
+        torch.testing.assert_close(solved[row], expected, rtol=1e-9, atol=1e-12)

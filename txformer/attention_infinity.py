@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 MIN_DENSITY_VARIANCE = 1e-4
 KL_PRIOR_STD = 0.05
+# Work of one chunk of the memory read, in elements of its `[rows, L, N]` weights (4 MiB in float32): written,
+# exponentiated and multiplied while in cache, rather than a batch's worth many times larger (docs/infinity_former.md).
+READ_CHUNK_NUM_ELEMENTS = 2**20
 
 
 def basis_centers_and_widths(
@@ -51,18 +54,54 @@ def continuous_attention_weights(
     mean: torch.Tensor, variance: torch.Tensor, centers: torch.Tensor, widths: torch.Tensor
 ) -> torch.Tensor:
     """r_j = E_{t ~ N(mean, variance)}[ψ_j(t)] = N(mean; c_j, variance + s_j²) in closed form, for the basis on the
-    grid `centers [C]` × `widths [S]`: `[...]` -> `[..., C * S]` (centre-major).
+    grid `centers [C]` × `widths [S]`: `[...]` -> `[..., C * S]` (centre-major)."""
+    return width_major_weights(mean, variance, centers, widths).transpose(-2, -1).flatten(-2)
+
+
+def width_major_weights(
+    mean: torch.Tensor, variance: torch.Tensor, centers: torch.Tensor, widths: torch.Tensor
+) -> torch.Tensor:
+    """The weights of `continuous_attention_weights` laid out `[..., S, C]` (width-major).
 
     The variance terms are computed once per width and the distances once per centre, so that only one fused
-    multiply-add and the exponential run over all N basis functions.
+    multiply-add and the exponential run over all N basis functions, with the C centres innermost (with the S widths
+    innermost, the broadcast runs loops of S elements, and its backward sums over them, several times slower).
     """
     precision = 1.0 / (variance[..., None] + widths**2)
     log_normalizer = 0.5 * torch.log(precision / (2 * math.pi))
     distance = mean[..., None] - centers
     exponent = torch.addcmul(
-        log_normalizer[..., None, :], (distance * distance)[..., :, None], precision[..., None, :], value=-0.5
+        log_normalizer[..., :, None], (distance * distance)[..., None, :], precision[..., :, None], value=-0.5
     )
-    return exponent.exp_().flatten(-2)
+    return exponent.exp_()
+
+
+def continuous_attention_read(
+    mean: torch.Tensor, variance: torch.Tensor, centers: torch.Tensor, widths: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
+    """Σ_j r_j value_j for the weights r of `continuous_attention_weights`: `mean`, `variance` `[..., L]` and
+    `value [..., C * S, d]` (the same leading dimensions; rows centre-major, as the basis) -> `[..., L, d]`.
+
+    The weights stay width-major and the value rows are put in that order instead (N rows rather than L x N weights).
+    They are computed for a chunk of rows at a time (`READ_CHUNK_NUM_ELEMENTS`), so that each chunk's weights are
+    written, exponentiated and multiplied while in cache."""
+    num_centers, num_widths = centers.shape[0], widths.shape[0]
+    length, num_basis = mean.shape[-1], value.shape[-2]
+    width_major_value = (
+        value.unflatten(-2, (num_centers, num_widths)).transpose(-3, -2).reshape(-1, num_basis, value.shape[-1])
+    )
+    mean, variance = mean.reshape(-1, length), variance.reshape(-1, length)
+    chunk = max(1, READ_CHUNK_NUM_ELEMENTS // (length * num_basis))
+    contexts = [
+        torch.matmul(
+            width_major_weights(mean[start : start + chunk], variance[start : start + chunk], centers, widths).flatten(
+                -2
+            ),
+            width_major_value[start : start + chunk],
+        )
+        for start in range(0, mean.shape[0], chunk)
+    ]
+    return torch.cat(contexts).view(*value.shape[:-2], length, value.shape[-1])
 
 
 def evaluate_basis(positions: torch.Tensor, centers: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
@@ -87,11 +126,13 @@ class RidgeFit:
         design: `F [N, P]`, the basis at the sample positions.
         prior: `F_pad F_padᵀ + λ I [N, N]`: the zero-target padding points and the penalty, the part of the normal
             equations that does not depend on which samples are present.
+        normal: `prior + F Fᵀ [N, N]`, the normal matrix when every sample is present.
     """
 
     solution: torch.Tensor
     design: torch.Tensor
     prior: torch.Tensor
+    normal: torch.Tensor
 
 
 def ridge_fit(
@@ -108,9 +149,9 @@ def ridge_fit(
     prior = padding_design @ padding_design.T + ridge_penalty * torch.eye(
         design.shape[0], dtype=torch.float64, device="cpu"
     )
-    normal_matrix = torch.linalg.cholesky(prior + design @ design.T)
-    solution = torch.cholesky_solve(design, normal_matrix).T
-    return RidgeFit(solution=solution, design=design, prior=prior)
+    normal = prior + design @ design.T
+    solution = torch.cholesky_solve(design, torch.linalg.cholesky(normal)).T
+    return RidgeFit(solution=solution, design=design, prior=prior, normal=normal)
 
 
 def fit_coefficients(samples: torch.Tensor, sample_mask: torch.Tensor, fit: RidgeFit) -> torch.Tensor:
@@ -147,11 +188,21 @@ def solve_partial_rows(
 
 def solve_normal_equations(samples: torch.Tensor, sample_mask: torch.Tensor, fit: RidgeFit) -> torch.Tensor:
     """Coefficients `[rows, N, e]` fitted to the present `samples [rows, P, e]` alone (`sample_mask [rows, P]`), from
-    the fit's normal equations `(prior + F_present F_presentᵀ) B = F_present X`, in float64 (Cholesky)."""
-    present_design = fit.design * sample_mask[:, None, :].to(fit.design.dtype)
-    normal_matrix = fit.prior + present_design @ fit.design.T
-    right_hand_side = present_design @ samples.to(fit.design.dtype)
-    return torch.cholesky_solve(right_hand_side, torch.linalg.cholesky(normal_matrix))
+    the fit's normal equations `(prior + F_present F_presentᵀ) B = F_present X_present`, in float64 (Cholesky).
+
+    Each row's normal matrix is summed over at most half of the positions: its present samples, added to the prior,
+    or, when more than half are present, its missing ones, subtracted from the full normal matrix `fit.normal`.
+    """
+    num_summed = sample_mask.shape[1] // 2
+    from_missing = sample_mask.sum(dim=1) > num_summed
+    summed = sample_mask != from_missing[:, None]
+    # The positions each row sums over first (at most `num_summed` of them), the others after, as zero columns.
+    positions = torch.argsort(summed.to(torch.uint8), dim=1, descending=True, stable=True)[:, :num_summed]
+    columns = fit.design.T[positions] * summed.gather(1, positions)[..., None].to(fit.design.dtype)
+    gram = columns.transpose(1, 2) @ columns
+    normal_matrix = torch.where(from_missing[:, None, None], fit.normal - gram, fit.prior + gram)
+    present_samples = samples.masked_fill(~sample_mask[..., None], 0.0).to(fit.design.dtype)
+    return torch.cholesky_solve(fit.design @ present_samples, torch.linalg.cholesky(normal_matrix))
 
 
 def any_row(flags: torch.Tensor) -> bool:
@@ -293,7 +344,14 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
         "memory_transition",
         "sample_basis",
     )
-    float64_buffers = ("segment_design", "segment_prior", "memory_design", "memory_prior")
+    float64_buffers = (
+        "segment_design",
+        "segment_prior",
+        "segment_normal",
+        "memory_design",
+        "memory_prior",
+        "memory_normal",
+    )
 
     def __init__(self, config: "TxFormerConfig", layer_idx: int):
         super().__init__(config, layer_idx)
@@ -322,9 +380,11 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             ("segment_solution", (self.segment_length, num_basis)),
             ("segment_design", (num_basis, self.segment_length)),
             ("segment_prior", (num_basis, num_basis)),
+            ("segment_normal", (num_basis, num_basis)),
             ("memory_solution", (memory_points, num_basis)),
             ("memory_design", (num_basis, memory_points)),
             ("memory_prior", (num_basis, num_basis)),
+            ("memory_normal", (num_basis, num_basis)),
             ("memory_transition", (num_basis, num_basis)),
             ("sample_basis", (self.num_samples, num_basis)),
         ):
@@ -355,9 +415,11 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             "segment_solution": segment.solution,
             "segment_design": segment.design,
             "segment_prior": segment.prior,
+            "segment_normal": segment.normal,
             "memory_solution": memory.solution,
             "memory_design": memory.design,
             "memory_prior": memory.prior,
+            "memory_normal": memory.normal,
             "memory_transition": memory.solution[:num_samples].T @ sample_basis,
             "sample_basis": sample_basis,
         }
@@ -399,7 +461,9 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
 
         state = self.update_memory(hidden_states, key_mask, past_state)
         long_term, mean, variance = self.read_memory(query, state)
-        long_term = torch.where(state.has_memory[:, None, None], self.ltm_o_proj(long_term), 0.0)
+        long_term = self.ltm_o_proj(long_term)
+        if any_row(~state.has_memory):
+            long_term = torch.where(state.has_memory[:, None, None], long_term, 0.0)
 
         read_any = key_mask.any(dim=1)
         if self.sticky_memories:
@@ -442,8 +506,10 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             gate = self.gate(memory_input.transpose(1, 2)).transpose(1, 2)
             memory_input = memory_input * torch.sigmoid(gate)
         # Short segments (the last one of a call) sit at the end of the positions, as in a full segment.
-        memory_input = nn.functional.pad(memory_input, (0, 0, self.segment_length - length, 0))
-        mask = nn.functional.pad(key_mask, (self.segment_length - length, 0), value=False)
+        mask = key_mask
+        if length < self.segment_length:
+            memory_input = nn.functional.pad(memory_input, (0, 0, self.segment_length - length, 0))
+            mask = nn.functional.pad(key_mask, (self.segment_length - length, 0), value=False)
 
         with torch.autocast(device_type=hidden_states.device.type, enabled=False):
             memory_input = memory_input.float()
@@ -485,6 +551,7 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             solution=getattr(self, f"{name}_solution"),
             design=getattr(self, f"{name}_design"),
             prior=getattr(self, f"{name}_prior"),
+            normal=getattr(self, f"{name}_normal"),
         )
 
     def sample_old_signal(self, state: InfinityMemoryState) -> torch.Tensor:
@@ -520,8 +587,7 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             ).unbind(2)
             mean = torch.sigmoid(mean_logit)
             variance = nn.functional.softplus(variance_logit).clamp(min=MIN_DENSITY_VARIANCE)
-            weights = continuous_attention_weights(mean, variance, self.basis_centers, self.basis_widths)
-            context = torch.matmul(weights, value.float())
+            context = continuous_attention_read(mean, variance, self.basis_centers, self.basis_widths, value.float())
         context = context.transpose(1, 2).reshape(batch_size, length, -1).to(query.dtype)
         return context, mean, variance
 

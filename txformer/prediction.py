@@ -198,7 +198,7 @@ def length_sorted_batches(
         yield rows, {key: value.to(device) for key, value in batch.items() if key != "labels"}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_probabilities(
     model: torch.nn.Module, dataset, collator: TransactionCollator, batch_size: int, device: torch.device
 ) -> np.ndarray:
