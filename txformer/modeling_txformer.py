@@ -589,9 +589,13 @@ class TxFormerModel(TxFormerPreTrainedModel):
         layer_states, event_context, last_event_code = state.layer_states, state.event_context, state.last_event_code
 
         segment_outputs, segment_hidden_states, aux_loss = [], [], None
-        for segment_index in range(num_segments):
-            slots = torch.arange(segment_index * segment_length, (segment_index + 1) * segment_length)
-            slots = slots.to(event_time.device)
+        # The slots left of every row's first event are padding in all rows: the reading starts at the first real
+        # one, so a batch of short histories does not pay for whole segments of padding (not in a graph, whose shapes
+        # cannot depend on the data).
+        first_slot = 0 if torch.compiler.is_compiling() else min(int(shift.min()), num_segments * segment_length - 1)
+        for segment_index in range(first_slot // segment_length, num_segments):
+            start = max(segment_index * segment_length, first_slot)
+            slots = torch.arange(start, (segment_index + 1) * segment_length, device=event_time.device)
             segment_mask = slots[None, :] >= shift[:, None]
             index = (slots[None, :] - shift[:, None]).clamp(min=0, max=length - 1)
             segment_time = torch.where(
@@ -645,9 +649,9 @@ class TxFormerModel(TxFormerPreTrainedModel):
         pooled = self.pooler(pooled_sum, events_read, last_hidden).to(self.norm.weight.dtype)
         last_hidden_state, all_hidden_states = None, None
         if return_event_states:
-            # Back to the caller's right-padded layout.
-            right_index = torch.arange(length, device=event_time.device)[None, :] + shift[:, None]
-            right_index = right_index.clamp(max=num_segments * segment_length - 1)
+            # Back to the caller's right-padded layout (the outputs start at `first_slot`).
+            right_index = torch.arange(length, device=event_time.device)[None, :] + shift[:, None] - first_slot
+            right_index = right_index.clamp(max=num_segments * segment_length - first_slot - 1)
 
             def unalign(tensor: torch.Tensor) -> torch.Tensor:
                 restored = tensor.gather(1, right_index[..., None].expand(-1, -1, tensor.shape[-1]))
