@@ -202,7 +202,7 @@ def prepare_pretraining_data(
     if model_args.model_name_or_path is not None:
         vocabulary = EventVocabulary.from_pretrained(model_args.model_name_or_path)
     else:
-        vocabulary = EventVocabulary.fit(customers)
+        vocabulary = EventVocabulary.fit(customers, categorical_fields=data_args.categorical_fields)
     customers = vocabulary.encode(customers)
     if model_args.objective == "contrastive":
         customers = keep_long_histories(customers, data_args.slice_min_length)

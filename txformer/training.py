@@ -71,6 +71,9 @@ DEFAULT_SAVE_STEPS = 0.05
 VALIDATION_DATASET = "validation"
 # The validation split takes at most this share of the training customers, whatever its minimum size.
 MAX_VALIDATION_SHARE = 0.25
+# The categorical fields a model reads by default: not the terminal id, whose thousands of codes let a model learn its
+# training customers by heart (docs/recipe.md), as in pytorch-lifestream's setting for this task.
+MODEL_CATEGORICAL_FIELDS = ("mcc_code", "tr_type")
 
 
 @dataclass
@@ -112,6 +115,13 @@ class DataArguments:
     data_cache_dir: str = field(default=str(DEFAULT_CACHE), metadata={"help": "Where generated data is cached."})
     max_length: int | None = field(
         default=256, metadata={"help": "Most recent events kept per history; 0 = whole histories (∞-former)."}
+    )
+    categorical_fields: list[str] = field(
+        default_factory=lambda: list(MODEL_CATEGORICAL_FIELDS),
+        metadata={
+            "help": "Categorical event fields the model reads (the first one also forms the event pairs), e.g. "
+            "mcc_code tr_type term_id. A folder given by --model_name_or_path keeps its own."
+        },
     )
     eval_fraction: float = field(default=0.1, metadata={"help": "Held-out share of labelled customers (stratified)."})
     split_seed: int = field(default=42, metadata={"help": "Seed of the held-out and validation splits."})
@@ -369,7 +379,7 @@ def prepare_datasets(
         num_validation = validation_size(len(train), data_args.validation_fraction, data_args.min_validation_customers)
         train, validation = stratified_split(train, test_size=num_validation, seed=data_args.split_seed)
     if vocabulary is None:
-        vocabulary = EventVocabulary.fit(train)
+        vocabulary = EventVocabulary.fit(train, categorical_fields=data_args.categorical_fields)
     return {
         "train": vocabulary.encode(train),
         "validation": None if validation is None else vocabulary.encode(validation),

@@ -213,7 +213,9 @@ def run_one(spec: RunSpec, config: CompareConfig, extra_args: list[str], log: Ca
     return run_command(command, spec.name, {"spec": asdict(spec)}, config, log)
 
 
-def run_command(command: list[str], name: str, header: dict, config: CompareConfig, log: Callable[[str], None]) -> bool:
+def run_command(
+    command: list[str], name: str, header: dict, config: CompareConfig, log: Callable[[str], None]
+) -> bool:
     """Runs (or continues) the command of the run in folder `name` of `config.output_dir` in a subprocess, its output
     logged to `train.log` there, stopped at `config.time_limit_minutes`; records each call's wall time in
     `compare_run.json` (which starts with `header`). Returns whether the run finished."""
