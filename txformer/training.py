@@ -72,7 +72,7 @@ VALIDATION_DATASET = "validation"
 # The validation split takes at most this share of the training customers, whatever its minimum size.
 MAX_VALIDATION_SHARE = 0.25
 # The categorical fields a model reads by default: not the terminal id, whose thousands of codes let a model learn its
-# training customers by heart (docs/recipe.md), as in pytorch-lifestream's setting for this task.
+# training customers by heart (docs/recipe.md).
 MODEL_CATEGORICAL_FIELDS = ("mcc_code", "tr_type")
 
 
