@@ -34,6 +34,7 @@ WHOLE_HISTORY = 0
 BASELINE = "lightgbm"
 BASELINE_RESULTS_FILE = "baseline_results.json"
 BENCHMARK_DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmark.md"
+LABEL_STUDY_DOC = BENCHMARK_DOC.with_name("label_study.md")
 # The installed console scripts (setup.py), so that the comparison runs from a wheel as from a source tree.
 TRAIN_ENTRY_POINT = "txformer-train"
 BASELINE_ENTRY_POINT = "txformer-baseline"
@@ -595,6 +596,14 @@ def format_report(
         relative = [os.path.relpath(path, report_path.parent) for path in figure_paths.get(family, [])]
         lines += [f"![{Path(path).stem}]({path})" for path in relative]
         lines.append("")
+    lines += [
+        "## Scarce labels",
+        "",
+        "Pretraining on every customer plus fine-tuning on 10% of the labels, against supervised training on those 10% "
+        "and with every label: `scripts/label_study.py`, report in "
+        f"[label_study.md]({os.path.relpath(LABEL_STUDY_DOC, report_path.parent)}).",
+        "",
+    ]
     if unfinished:
         lines += ["## Not run yet", ""]
         lines += [f"- {spec.family}: {spec.attention_type}, {spec.context}, seed {spec.seed}" for spec in unfinished]
