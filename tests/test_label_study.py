@@ -67,19 +67,20 @@ def test_runs_in_order_with_the_share_and_the_pretrained_folder(tmp_path, monkey
 def test_report_compares_each_arm_with_every_label(tmp_path):
     config = LabelStudyConfig(family="order:100", seeds=[1, 2], output_dir=str(tmp_path / "study"),
                               compare_output_dir=str(tmp_path / "compare"))  # fmt: skip
-    aurocs = {ALL_LABELS: [0.80, 0.82], SHARE_SUPERVISED: [0.70, 0.72], SHARE_FINETUNED: [0.79, 0.80]}
+    # The fine-tuned arm has only seed 1 yet: it is compared with every label on seed 1 alone.
+    aurocs = {ALL_LABELS: [0.80, 0.82], SHARE_SUPERVISED: [0.70, 0.72], SHARE_FINETUNED: [0.79]}
     for arm, values in aurocs.items():
-        for seed, auroc in zip(config.seeds, values, strict=True):
+        for seed, auroc in zip(config.seeds, values, strict=False):
             run_dir = config.arm_dir(arm) / config.spec(seed).name
             run_dir.mkdir(parents=True)
             metrics = {"eval_auroc": auroc, "eval_accuracy": 0.7, "oracle_auroc_last_max_length": 0.85,
                        "train_samples": 90, "validation_samples": 10}  # fmt: skip
             (run_dir / "all_results.json").write_text(json.dumps(metrics))
     report = format_report(config, "python scripts/label_study.py")
-    assert "| 0.8100 ± 0.0141 | – | 0.8500 |" in report
-    assert "| 0.7100 ± 0.0141 | -0.1000 |" in report
-    assert "| 0.7950 ± 0.0071 | -0.0150 |" in report
-    assert "0.0150 below every label (within 0.02)" in report
+    assert "| 1, 2 | 0.8100 ± 0.0141 | – | 0.8500 |" in report
+    assert "| 1, 2 | 0.7100 ± 0.0141 | -0.1000 |" in report
+    assert "| 1 | 0.7900 | -0.0100 |" in report
+    assert "0.0100 below every label (within 0.02)" in report
     assert "Without pretraining: 0.1000 below every label" in report
 
 
