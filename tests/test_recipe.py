@@ -217,7 +217,9 @@ def test_a_pretrained_folder_gives_its_vocabulary_and_encoder(synthetic_data, tm
     data_args = DataArguments(synthetic_num_customers=400, data_cache_dir=str(synthetic_data))
     data = prepare_datasets(data_args, arguments(tmp_path, eval_strategy="no"))
     vocabulary = data["vocabulary"]
-    config = tiny_config(categorical_vocab_sizes=list(vocabulary.vocab_sizes))
+    config = tiny_config(
+        categorical_fields=list(vocabulary.categorical_fields), categorical_vocab_sizes=list(vocabulary.vocab_sizes)
+    )
     encoder = TxFormerModel(config).eval()
     folder = tmp_path / "pretrained"
     encoder.save_pretrained(folder)
@@ -384,3 +386,15 @@ def test_held_out_predictions_are_written_in_customer_order_with_their_metrics(t
     collator = TransactionCollator(list(vocabulary.categorical_fields), list(vocabulary.numeric_fields), max_length=32)
     rescored = predict_probabilities(load_model(str(output_dir)), held_out, collator, 64, torch.device("cpu"))
     np.testing.assert_allclose(probabilities, rescored, rtol=1e-5)
+
+
+def test_the_model_reads_the_terminal_only_when_asked(synthetic_data, tmp_path):
+    def fields(*categorical_fields: str) -> list[str]:
+        flags = {"categorical_fields": list(categorical_fields)} if categorical_fields else {}
+        data_args = DataArguments(synthetic_num_customers=400, data_cache_dir=str(synthetic_data), **flags)
+        return prepare_datasets(data_args, arguments(tmp_path, eval_strategy="no"))["vocabulary"].categorical_fields
+
+    assert fields() == ["mcc_code", "tr_type"]
+    assert fields("mcc_code", "tr_type", "term_id") == ["mcc_code", "tr_type", "term_id"]
+    with pytest.raises(ValueError, match="terminal"):
+        fields("mcc_code", "terminal")

@@ -208,7 +208,12 @@ def prepare_pretraining_data(
     if model_args.model_name_or_path is not None:
         vocabulary = EventVocabulary.from_pretrained(model_args.model_name_or_path)
     with training_args.main_process_first(local=False, desc="preparing the data"):
-        prepared = prepare_encoded_customers(transactions, vocabulary, cache_dir=data_args.data_cache_dir)
+        prepared = prepare_encoded_customers(
+            transactions,
+            vocabulary,
+            categorical_fields=data_args.categorical_fields,
+            cache_dir=data_args.data_cache_dir,
+        )
     customers = prepared.customers
     if model_args.objective == "contrastive":
         customers = keep_long_histories(customers, data_args.slice_min_length)

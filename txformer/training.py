@@ -72,6 +72,9 @@ DEFAULT_SAVE_STEPS = 0.05
 VALIDATION_DATASET = "validation"
 # The validation split takes at most this share of the training customers, whatever its minimum size.
 MAX_VALIDATION_SHARE = 0.25
+# The categorical fields a model reads by default: not the terminal id, whose thousands of codes let a model learn its
+# training customers by heart (docs/recipe.md).
+MODEL_CATEGORICAL_FIELDS = ("mcc_code", "tr_type")
 
 
 @dataclass
@@ -126,6 +129,13 @@ class DataArguments:
     )
     max_length: int | None = field(
         default=256, metadata={"help": "Most recent events kept per history; 0 = whole histories (∞-former)."}
+    )
+    categorical_fields: list[str] = field(
+        default_factory=lambda: list(MODEL_CATEGORICAL_FIELDS),
+        metadata={
+            "help": "Categorical event fields the model reads (the first one also forms the event pairs), e.g. "
+            "mcc_code tr_type term_id. A folder given by --model_name_or_path keeps its own."
+        },
     )
     eval_fraction: float = field(default=0.1, metadata={"help": "Held-out share of labelled customers (stratified)."})
     split_seed: int = field(default=42, metadata={"help": "Seed of the held-out and validation splits."})
@@ -428,6 +438,7 @@ def prepare_datasets(
             max_train_customers=data_args.max_train_customers,
             validation_size=validation,
             vocabulary=vocabulary,
+            categorical_fields=data_args.categorical_fields,
             cache_dir=data_args.data_cache_dir,
         )
     return {

@@ -178,6 +178,7 @@ def prepare_training_data(
     max_train_customers: int | None = None,
     validation_size: Callable[[int], int] | None = None,
     vocabulary: EventVocabulary | None = None,
+    categorical_fields: Sequence[str] = DEFAULT_CATEGORICAL_FIELDS,
     min_count: int = DEFAULT_MIN_COUNT,
     max_size: int | None = DEFAULT_MAX_SIZE,
     label_column: str = "gender",
@@ -190,7 +191,8 @@ def prepare_training_data(
 
     The held-out part comes from `split_for_evaluation`. With `validation_size` (number of validation customers for a
     number of training customers), a validation part is split off the training part (stratified, `split_seed`). The
-    vocabulary is `vocabulary` when given, else fitted on the training part (`min_count`, `max_size`). Under
+    vocabulary is `vocabulary` when given, else fitted on the training part (`categorical_fields`, `min_count`,
+    `max_size`). Under
     `accelerate launch`, call it inside `TrainingArguments.main_process_first(local=False)`: the main process prepares
     while the others wait, then they find the cache and memory-map it."""
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
@@ -199,7 +201,7 @@ def prepare_training_data(
     )
     parts = _training_parts(customers_directory, eval_fraction, split_seed, max_train_customers, validation_size)
     sorted_parts = {name: np.sort(ids) for name, ids in parts.items()}
-    fit_settings = _fit_settings(min_count, max_size)
+    fit_settings = _fit_settings(categorical_fields, min_count, max_size)
     settings = {
         "customers": customers_directory.name,
         "parts": {name: hashlib.sha256(ids.tobytes()).hexdigest() for name, ids in sorted_parts.items()},
@@ -232,6 +234,7 @@ def prepare_encoded_customers(
     transactions: str | os.PathLike | Sequence[str | os.PathLike],
     vocabulary: EventVocabulary | None = None,
     customer_ids: Iterable[int] | None = None,
+    categorical_fields: Sequence[str] = DEFAULT_CATEGORICAL_FIELDS,
     min_count: int = DEFAULT_MIN_COUNT,
     max_size: int | None = DEFAULT_MAX_SIZE,
     cache_dir: str | os.PathLike | None = None,
@@ -239,7 +242,8 @@ def prepare_encoded_customers(
     part_bytes: int = DEFAULT_PART_BYTES,
 ) -> EncodedCustomers:
     """Every customer of the files, in ascending id order, encoded with a trained model's `vocabulary` (what prediction
-    scores) or, without one, with a vocabulary fitted on them all (`min_count`, `max_size`; what pretraining reads),
+    scores) or, without one, with a vocabulary fitted on them all (`categorical_fields`, `min_count`, `max_size`; what pretraining
+    reads),
     memory-mapped from a cache prepared on the first call. `customer_ids` keeps only those customers (the cache holds
     them all); requested ids without transactions are reported, and none with transactions is an error."""
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
@@ -248,7 +252,7 @@ def prepare_encoded_customers(
         files, None, False, False, "gender", cache_dir, num_shards, part_bytes
     )
     stored_ids = np.sort(_customer_index(customers_directory).column("customer_id").to_numpy())
-    fit_settings = _fit_settings(min_count, max_size)
+    fit_settings = _fit_settings(categorical_fields, min_count, max_size)
     settings = {
         "customers": customers_directory.name,
         "vocabulary": fit_settings if vocabulary is None else vocabulary.to_dict(),
@@ -268,10 +272,10 @@ def prepare_encoded_customers(
     return EncodedCustomers(customers, EventVocabulary.from_pretrained(directory), directory)
 
 
-def _fit_settings(min_count: int, max_size: int | None) -> dict:
+def _fit_settings(categorical_fields: Sequence[str], min_count: int, max_size: int | None) -> dict:
     """What a fitted vocabulary depends on, besides the customers: its fields and thresholds."""
     return {
-        "categorical_fields": list(DEFAULT_CATEGORICAL_FIELDS),
+        "categorical_fields": list(categorical_fields),
         "numeric_fields": list(DEFAULT_NUMERIC_FIELDS),
         "min_count": min_count,
         "max_size": max_size,

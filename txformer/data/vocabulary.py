@@ -163,7 +163,7 @@ class EventVocabulary:
         """Fits on the customers of `dataset` (the training split only): per field, the codes seen at least
         `min_count` times, at most `max_size` of them, most frequent first; both may be a per-field mapping."""
         categorical_fields, numeric_fields = list(categorical_fields), list(numeric_fields)
-        _check_columns(dataset, categorical_fields + numeric_fields)
+        _check_columns(dataset.column_names, categorical_fields + numeric_fields)
         table = customer_table(dataset.select_columns(categorical_fields))
         return cls.fit_tables([table], categorical_fields, numeric_fields, min_count, max_size)
 
@@ -182,6 +182,7 @@ class EventVocabulary:
         value_types: dict[str, str] = {}
         counts: dict[str, list[pa.Table]] = {name: [] for name in categorical_fields}
         for table in tables:
+            _check_columns(table.column_names, categorical_fields)
             for name in categorical_fields:
                 value_types.setdefault(name, _value_type(table.schema.field(name).type.value_type, name))
                 counts[name].append(_count_codes(table.column(name), value_types[name]))
@@ -204,7 +205,7 @@ class EventVocabulary:
     def encode(self, dataset: datasets.Dataset, num_proc: int | None = None) -> datasets.Dataset:
         """Each categorical list column replaced by its list<int32> of indices (same name); other columns kept;
         `num_events` added. Vectorised per batch of customers."""
-        _check_columns(dataset, [*self.categorical_fields, *self.numeric_fields, "event_time"])
+        _check_columns(dataset.column_names, [*self.categorical_fields, *self.numeric_fields, "event_time"])
         encoded = dataset.with_format("arrow").map(
             self.encode_table, batched=True, batch_size=1000, num_proc=num_proc, desc="encoding events"
         )
@@ -285,7 +286,7 @@ class EventVocabulary:
         )
 
 
-def _check_columns(dataset: datasets.Dataset, names: Iterable[str]) -> None:
-    missing = [name for name in names if name not in dataset.column_names]
+def _check_columns(column_names: list[str], names: Iterable[str]) -> None:
+    missing = [name for name in names if name not in column_names]
     if missing:
-        raise ValueError(f"The dataset has no column(s) {missing}; it has {dataset.column_names}.")
+        raise ValueError(f"The dataset has no column(s) {missing}; it has {column_names}.")
