@@ -237,7 +237,7 @@ class _FavorAttentionFunction(torch.autograd.Function):
         batch_size, num_heads, key_length, _ = key.shape
         query_length, value_dim = query.shape[2], value.shape[-1]
         num_features = scaled_projection.shape[0]
-        with torch.autocast(device_type=query.device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(device_type=query.device.type, enabled=False):
             exponent_projection = _exponent_projection(scaled_projection, kernel, compute_dtype)
             block_buffer = _block_buffer(key, chunk_length, num_features, compute_dtype)
             state = key.new_zeros(batch_size, num_heads, value_dim + 1, num_features, dtype=compute_dtype)
