@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the attention ops, forward + backward: FAVOR+ (ours), performer-pytorch (if installed), SDPA, naive.
 
-    python scripts/benchmark_attention.py                                  # 256 ... 32768: 2 minutes on 2 cores
+    python scripts/benchmark_attention.py                                  # 256 ... 32768 (docs/performer.md)
     python scripts/benchmark_attention.py --lengths 1024 8192 --repeats 3  # a quick check
 
 Prints the table and writes `attention_benchmark.csv` and `attention_benchmark.md` to `--output_dir`.
