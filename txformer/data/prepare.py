@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from .. import __version__
-from ..io_utils import atomic_write, atomic_write_json
+from ..io_utils import atomic_write, atomic_write_json, check_writable_folder
 from .reader import (
     TRANSACTION_COLUMNS,
     TransactionDataError,
@@ -52,9 +53,11 @@ from .reader import (
     attach_labels,
     duplicate_rows,
     group_sorted_by_customer,
+    is_decoding_error,
     read_labels,
     read_transactions,
     sort_by_customer_and_time,
+    undecodable_file_error,
 )
 from .split import split_for_evaluation, stratified_split
 from .vocabulary import (
@@ -479,15 +482,20 @@ def _read_parts(path: Path, spill: Path, part_bytes: int, progress: tqdm) -> Ite
     restated for the input file."""
     parts = (_parquet_parts if _file_format(path) == "parquet" else _csv_parts)(path, spill, part_bytes, progress)
     found = False
-    for part, first_line in parts:
-        try:
-            transactions = read_transactions(part)
-        except TransactionDataError as error:
-            raise TransactionDataError(_in_source(str(error), part, path, first_line)) from None
-        finally:
-            part.unlink()
-        found = True
-        yield transactions
+    try:
+        for part, first_line in parts:
+            try:
+                transactions = read_transactions(part)
+            except TransactionDataError as error:
+                raise TransactionDataError(_in_source(str(error), part, path, first_line)) from None
+            finally:
+                part.unlink()
+            found = True
+            yield transactions
+    except (OSError, EOFError, zlib.error) as error:
+        if is_decoding_error(error):
+            raise undecodable_file_error(path, error) from None
+        raise
     if not found:
         if _file_format(path) == "csv":
             read_transactions(path)  # raises the reader's own error for a file without data rows
@@ -544,7 +552,10 @@ def _last_line_end(data: bytes) -> int:
 def _parquet_parts(path: Path, spill: Path, part_bytes: int, progress: tqdm) -> Iterator[tuple[Path, int]]:
     """The rows of a Parquet file in batches written as CSV part files, so that they pass the same checks as CSV
     rows; row r (from 1) counts as line r + 1, below a header line."""
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except pa.ArrowInvalid as error:
+        raise TransactionDataError(f"{path}: not a readable Parquet file ({error})") from None
     columns = [name for name in TRANSACTION_COLUMNS if name in parquet.schema_arrow.names]
     num_rows, size = max(parquet.metadata.num_rows, 1), path.stat().st_size
     first_line = 2
@@ -788,6 +799,7 @@ def main(argv: list[str] | None = None) -> Path:
     from ..cli import configure_logging  # here, not on top: the CLI module imports this package
 
     configure_logging()
+    check_writable_folder(args.data_cache_dir, "--data_cache_dir")
     common = {"cache_dir": args.data_cache_dir, "num_shards": args.num_shards, "part_bytes": args.part_bytes}
     if args.labels is None:
         customers = prepare_customers(args.transactions, **common)

@@ -275,15 +275,24 @@ class EventVocabulary:
         processor's `preprocessor_config.json`."""
         path = Path(folder) / VOCABULARY_FILE
         if path.is_file():
-            return cls.from_dict(json.loads(path.read_text()), source=str(path))
+            return cls.from_dict(_read_json(path), source=str(path))
         processor_path = Path(folder) / PROCESSOR_FILE
         if processor_path.is_file():
-            return cls.from_dict(
-                json.loads(processor_path.read_text())["event_vocabulary"], source=str(processor_path)
-            )
+            processor = _read_json(processor_path)
+            if "event_vocabulary" not in processor:
+                raise ValueError(f"{processor_path}: no event_vocabulary; it is not a txformer processor.")
+            return cls.from_dict(processor["event_vocabulary"], source=str(processor_path))
         raise FileNotFoundError(
             f"{path} not found: {folder} holds no saved EventVocabulary ({VOCABULARY_FILE} or {PROCESSOR_FILE})."
         )
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON file's content; a file that is not JSON is an error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}).") from None
 
 
 def _check_columns(column_names: list[str], names: Iterable[str]) -> None:
