@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from test_bad_input import HEADER, TRAINING_ROWS, save_model_folder, write_csv
 
 from txformer import baseline, embedding, prediction, pretraining, training
@@ -209,13 +210,6 @@ def parquet_file(path: Path, **columns) -> Path:
     return path
 
 
-@pytest.mark.parametrize("command", ["train", "predict", "baseline", "embed", "pretrain"])
-def test_a_parquet_file_given_to_a_csv_command_is_named_as_such(files, command, monkeypatch, capsys):
-    path = parquet_file(files["root"] / f"{command}.parquet")
-    status, stderr = run_command(command, command_line(command, files, path), monkeypatch, capsys)
-    assert_one_error_line(status, stderr, f"{path}: a Parquet file; this command reads CSV files")
-
-
 def test_a_parquet_file_of_the_wrong_types_names_its_row(files, monkeypatch, capsys):
     path = parquet_file(files["root"] / "wrong.parquet", mcc_code=[1.5, 2.0, 3.0])
     status, stderr = run_command("prepare_data", command_line("prepare_data", files, path), monkeypatch, capsys)
@@ -265,6 +259,8 @@ BAD_FLAGS = [
     ("predict", ["--device", "tpu9"], "--device 'tpu9' is not a device name"),
     ("embed", ["--device", "cuda:7"], "--device cuda:7: this machine has no such device"),
 ]
+if not torch.cuda.is_available():
+    BAD_FLAGS.append(("train", ["--attn_implementation", "flex_attention"], "flex_attention trains on CUDA only"))
 
 
 @pytest.mark.parametrize(("command", "flags", "message"), BAD_FLAGS, ids=lambda value: str(value)[:40])

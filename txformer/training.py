@@ -718,6 +718,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             "--max_tokens_per_batch draws batches from the whole dataset and --streaming reads it as a stream: pass "
             "one (with --streaming, --group_by_length groups histories of similar length within the stream's buffer)."
         )
+    if model_args.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise ValueError(
+            "--attn_implementation flex_attention trains on CUDA only (torch has no CPU backward for it): pass sdpa "
+            "or eager here; a model trained elsewhere with flex attention still scores on the CPU."
+        )
     pretrained_vocabulary = check_model_arguments(model_args)
     resume_from_checkpoint = check_output_dir(training_args)
     set_seed(training_args.seed)
