@@ -156,7 +156,7 @@ BROKEN_FILES = {
     "header_only": (lambda path: write_csv(path, []), "the file has a header but no transactions"),
     "semicolons": (
         lambda path: path.write_text("\n".join(line.replace(",", ";") for line in [HEADER, *TRAINING_ROWS])),
-        "line 1: missing column(s)",
+        "(separated by semicolons? files must be comma-separated)",
     ),
     "missing_column": (
         lambda path: write_csv(path, [row.rsplit(",", 1)[0] for row in TRAINING_ROWS], header=HEADER[:-8]),

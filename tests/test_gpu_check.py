@@ -63,7 +63,7 @@ def test_bad_arguments_stop_before_any_step():
     [
         ([*TRAIN, "--no_such_flag", "1"], "--no_such_flag"),
         ([*TRAIN, "--max_length", "long"], "SystemExit"),
-        ([*TRAIN, "--attention_type", "linear"], "SystemExit"),
+        ([*TRAIN, "--attention_type", "linear"], "SystemExit"),  # argparse: not among the choices
         ([*TRAIN, "--config_overrides", "hidden_size=30,num_attention_heads=4"], "ValueError"),
         (["python", "scripts/no_such_script.py"], "no such script"),
         (["python", "-m", "accelerate.commands.launch", "--config_file", "configs/none.yaml", "scripts/train.py"],

@@ -44,6 +44,8 @@ TRANSACTION_COLUMN_TYPES = {
 DATETIME_FIELDS = ("day", "hour", "minute", "second")
 EVENT_COLUMNS = ("event_time", "mcc_code", "tr_type", "term_id", "amount")
 INT64_MAX_TEXT = str(np.iinfo(np.int64).max)
+# Separators of other CSV dialects, named in the error for a header that is one column.
+OTHER_SEPARATORS = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}
 # The first bytes of a Parquet file.
 PARQUET_MAGIC = b"PAR1"
 # pyarrow's message for text that is not UTF-8.
@@ -133,8 +135,14 @@ def _read_header(path: Path, required: Iterable[str]) -> dict[str, str]:
         raise TransactionDataError(f"{path} line 1: duplicated column names {duplicated}.")
     missing = [name for name in required if name not in header]
     if missing:
+        separators = [name for separator, name in OTHER_SEPARATORS.items() if separator in first_line]
+        hint = (
+            f" (separated by {separators[0]}? files must be comma-separated)"
+            if separators and len(header) == 1
+            else ""
+        )
         raise TransactionDataError(
-            f"{path} line 1: missing column(s) {missing}; expected {list(required)}, found {header}."
+            f"{path} line 1: missing column(s) {missing}; expected {list(required)}, found {header}{hint}."
         )
     return dict(zip(header, written, strict=True))
 
