@@ -145,6 +145,13 @@ def format_reversible(result: ReversibleResult, config: ReversibleBenchmarkConfi
         f"{result.device}, {torch.get_num_threads()} torch threads; load average (1, 5, 15 min) {loads['start']} at the "
         f"start, {loads['end']} at the end. Peak memory: rise above the level before the step (weights and "
         "optimizer state excluded, gradients included); tensors: profiler peak of forward + backward.",
+    ]
+    if result.device == "cpu":
+        lines.append(
+            "On the CPU the resident set also holds freed memory that glibc keeps for reuse; with "
+            "MALLOC_MMAP_THRESHOLD_=131072 in the environment it follows the live tensors (docs/reversible_layers.md)."
+        )
+    lines += [
         "",
         "| kind | layers | layer type | time (s) | peak memory (MiB) | peak tensor memory (MiB) |",
         "|---|---|---|---|---|---|",
