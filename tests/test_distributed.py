@@ -24,11 +24,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_batch, tiny_config
 from safetensors.torch import load_file
 
-from txformer.configuration_txformer import ATTENTION_KINDS
+from txformer import TxFormerForSequenceClassification
+from txformer.configuration_txformer import ATTENTION_KINDS, POOLING_TYPES
 from txformer.file_names import EVAL_PREDICTIONS_FILE
 from txformer.metrics import read_evaluated_predictions
+from txformer.modeling_txformer import TxFormerForContrastivePretraining, TxFormerForMaskedEventModeling
+from txformer.pretraining import has_parameters_without_gradient
+from txformer.training import TxFormerTrainingArguments
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -242,8 +247,42 @@ def test_two_ranks_exist_and_the_profile_summary_gathers_both(runs, run):
         assert [record["step"] for record in records] == list(range(1, MAX_STEPS + 1))
         assert all(record["samples"] == PER_DEVICE_BATCH and record["rank"] == rank for record in records)
     assert summary["samples_total"] == MAX_STEPS * WORLD_SIZE * PER_DEVICE_BATCH
-    assert summary["tokens_total"] == sum(rank["tokens_total"] for rank in summary["per_rank"])
+    # The real events of both ranks, as the Trainer counts them (gathered), and as one process counts them.
+    single = json.loads((runs["one"] / run / "profile_summary.json").read_text())
+    assert [rank["tokens_total"] for rank in summary["per_rank"]] == [single["tokens_total"]] * WORLD_SIZE
+    assert summary["tokens_total"] == single["tokens_total"] > summary["samples_total"]
     assert not (output_dir / "profile_steps.jsonl").exists()
+
+
+def test_ddp_does_not_search_for_unused_parameters(runs):
+    """Every parameter gets a gradient, so DDP is told so and does not warn, on each rank, that its search found
+    nothing."""
+    logs = "".join(path.read_text() for path in runs["two"].glob("launch.machine*.log"))
+    assert "find_unused_parameters=True was specified" not in logs
+
+
+@pytest.mark.parametrize("pooling", POOLING_TYPES)
+@pytest.mark.parametrize("attention_type", ATTENTION_KINDS)
+def test_ddp_searches_for_unused_parameters_exactly_where_a_loss_leaves_some(attention_type, pooling):
+    """The default `ddp_find_unused_parameters` of training (off) and of each pretraining objective agrees with the
+    gradients: on where some parameter gets none (DDP would otherwise fail), off where all get one."""
+    config = tiny_config(attention_type, pooling=pooling)
+    batch = random_batch(config, [3, 9])  # the ∞-former reads the longer history in several segments
+    heads = {
+        "classification": (TxFormerForSequenceClassification, {"labels": torch.tensor([0, 1])}),
+        "contrastive": (TxFormerForContrastivePretraining, {"slice_labels": torch.tensor([0, 0])}),
+        "masked": (TxFormerForMaskedEventModeling, {"masked_events": batch["attention_mask"].bool()}),
+    }
+    for objective, (model_class, targets) in heads.items():
+        torch.manual_seed(0)
+        model = model_class(config)
+        model(**batch, **targets).loss.backward()
+        without_gradient = [name for name, parameter in model.named_parameters() if parameter.grad is None]
+        if objective == "classification":
+            searches = TxFormerTrainingArguments(output_dir="unused", report_to="none").ddp_find_unused_parameters
+        else:
+            searches = has_parameters_without_gradient(objective, config)
+        assert searches == bool(without_gradient), (objective, without_gradient)
 
 
 @pytest.mark.parametrize("run", RUNS)

@@ -47,6 +47,7 @@ def test_dry_run_checks_every_step_trains_every_kind_and_writes_nothing(tmp_path
         (command,) = [line for line in checked if f"--attention_type {kind} " in line and "--bf16 true" in line]
         assert "--max_length 16384" in command and "--max_steps 200" in command
     assert "--config_file configs/fsdp2.yaml --num_processes 1" in result.stdout
+    assert sum(int(line.split()[2].rstrip("s")) for line in planned) <= 600, "the steps' timeouts exceed 10 minutes"
     assert not output_dir.exists() and not work_dir.exists()
 
 

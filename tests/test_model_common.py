@@ -3,6 +3,7 @@ trips, `num_labels`, init without arguments, save/load between the base and the 
 state_dict=...)`, meta-device init, hidden states and attentions, determinism under a seed, bfloat16 loading and bf16
 autocast on 16k-event histories."""
 
+import dataclasses
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import AutoConfig, AutoModel, set_seed
 
 from txformer import TxFormerConfig, TxFormerForSequenceClassification, TxFormerModel
+from txformer.configuration_txformer import ATTENTION_KINDS
 from txformer.modeling_txformer import AUTO_CLASSES
 
 
@@ -186,39 +188,52 @@ def test_hidden_states_output(attention_type):
     assert model(**batch).hidden_states is None
 
 
-def test_attention_weights_of_eager_full_attention_are_distributions_over_real_events():
-    config = tiny_config("full", num_hidden_layers=3)
-    model = build(TxFormerForSequenceClassification, config, attn_implementation="eager")
-    batch = random_batch(config, [10, 6])
-    attentions = model(**batch, output_attentions=True).attentions
-    assert len(attentions) == config.num_hidden_layers
-    for weights in attentions:
-        assert weights.shape == (2, config.num_attention_heads, 10, 10)
-        torch.testing.assert_close(weights.sum(-1), torch.ones(2, config.num_attention_heads, 10))
-        assert torch.all(weights[1, :, :, 6:] == 0)
+# Every kind under each backend it computes with that runs without compiling on the CPU (SDPA, the default, for a
+# kind that uses none).
+KINDS_AND_EAGER_BACKENDS = [
+    (name, backend)
+    for name, kind in ATTENTION_KINDS.items()
+    for backend in [backend for backend in ("eager", "sdpa") if backend in kind.attn_implementations] or ["sdpa"]
+]
 
 
-def test_attention_weights_of_the_infinity_former_are_per_segment():
-    config = tiny_config("infinity", num_hidden_layers=3)
-    model = build(TxFormerForSequenceClassification, config, attn_implementation="eager")
-    batch = random_batch(config, [10, 6])
-    attentions = model(**batch, output_attentions=True).attentions
-    assert len(attentions) == config.num_hidden_layers
-    num_segments = -(-10 // config.segment_length)
-    for per_segment in attentions:
-        assert len(per_segment) == num_segments
-        for weights in per_segment:
-            length = config.segment_length
-            assert weights.shape == (2, config.num_attention_heads, length, length)
-            torch.testing.assert_close(weights.sum(-1), torch.ones(2, config.num_attention_heads, length))
-
-
-@pytest.mark.parametrize(("attention_type", "attn_implementation"), [("full", "sdpa"), ("performer", "eager")])
-def test_kinds_without_attention_weights_return_none(attention_type, attn_implementation):
-    config = tiny_config(attention_type)
+@pytest.mark.parametrize(("attention_type", "attn_implementation"), KINDS_AND_EAGER_BACKENDS)
+def test_attentions_are_weights_per_layer_or_none_with_a_warning(attention_type, attn_implementation, caplog):
+    """transformers' contract: per layer, weights `[batch, heads, length, length]` that are distributions over the real
+    events, where the kind has them under the backend (`AttentionKind.attention_weights`); otherwise `attentions` is
+    None and a warning says so. Asked for in the call or in the config alike."""
+    has_weights = attn_implementation in ATTENTION_KINDS[attention_type].attention_weights
+    config = tiny_config(attention_type, num_hidden_layers=3)
     model = build(TxFormerForSequenceClassification, config, attn_implementation=attn_implementation)
-    attentions = model(**random_batch(config, [5, 3]), output_attentions=True).attentions
-    assert len(attentions) == config.num_hidden_layers and all(weights is None for weights in attentions)
+    in_the_config = build(
+        TxFormerForSequenceClassification,
+        tiny_config(attention_type, num_hidden_layers=3, output_attentions=True),
+        attn_implementation=attn_implementation,
+    )
+    batch = random_batch(config, [10, 6])
+    transformers.utils.logging.warning_once.cache_clear()
+    with caplog.at_level("WARNING"):
+        for outputs in (model(**batch, output_attentions=True), in_the_config(**batch)):
+            if not has_weights:
+                assert outputs.attentions is None
+                continue
+            assert len(outputs.attentions) == config.num_hidden_layers
+            for weights in outputs.attentions:
+                assert weights.shape == (2, config.num_attention_heads, 10, 10)
+                torch.testing.assert_close(weights.sum(-1), torch.ones(2, config.num_attention_heads, 10))
+                assert torch.all(weights[1, :, :, 6:] == 0)
+    warnings = [record.getMessage() for record in caplog.records if "attention weights" in record.getMessage()]
+    if has_weights:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and repr(attention_type) in warnings[0]
+    assert model(**batch).attentions is None
+
+
+def test_a_streaming_kind_cannot_declare_attention_weights():
+    infinity = ATTENTION_KINDS["infinity"]
+    with pytest.raises(ValueError, match="streaming"):
+        dataclasses.replace(infinity, attention_weights=("eager",))
 
 
 def test_determinism_under_a_seed(attention_type):
@@ -281,7 +296,7 @@ def one_thread():
 
 def test_bf16_autocast_on_16k_events_is_finite_and_close_to_float32(attention_type, one_thread):
     """One 16,384-event history under bf16 autocast: finite logits and pooled output, close to float32. The kinds
-    built for long histories also train on it (a full-attention backward at this length costs ~20 s on CPU)."""
+    built for long histories also train on it (a full-attention backward at this length is slow on CPU)."""
     config = tiny_config(attention_type, num_hidden_layers=1, segment_length=256, ltm_num_basis=16, ltm_num_samples=32)
     model = build(TxFormerForSequenceClassification, config)
     batch = random_batch(config, [LONG_HISTORY])

@@ -111,6 +111,9 @@ class AttentionKind:
         validate_settings: raises a `ValueError` for invalid values of those fields; the config calls it.
         attn_implementations: the `attn_implementation` backends its layer computes exact attention with (empty: it
             uses none, and `attn_implementation` has no effect on it).
+        attention_weights: the backends under which its layer returns attention weights `[batch, heads, length,
+            length]` (`output_attentions=True`); under any other, and for a kind without such weights (empty), the
+            model warns and returns `attentions=None`. A streaming kind has none (its layers see one segment).
         time_exponent: how its time grows with the history length (2: quadratic, 1: linear), for benchmark budgets.
         streaming: how the model reads a history in parts when the layers carry a state (None: in one pass).
     """
@@ -123,8 +126,16 @@ class AttentionKind:
     settings: type | None = None
     validate_settings: Callable[[Any], None] | None = None
     attn_implementations: tuple[str, ...] = ()
+    attention_weights: tuple[str, ...] = ()
     time_exponent: int = 1
     streaming: Streaming | None = None
+
+    def __post_init__(self):
+        if self.streaming is not None and self.attention_weights:
+            raise ValueError(
+                f"Attention kind {self.name!r} reads histories in segments (streaming), so it cannot return attention "
+                "weights over the whole history: attention_weights must be empty."
+            )
 
 
 class Float32BuffersMixin(nn.Module):
@@ -250,5 +261,6 @@ FULL_ATTENTION = AttentionKind(
     '`"flash_attention_2"`.',
     hub_tag="full-attention",
     attn_implementations=EXACT_ATTENTION_BACKENDS,
+    attention_weights=("eager",),
     time_exponent=2,
 )

@@ -14,7 +14,6 @@ history segment by segment, carrying it (`Streaming`).
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import torch
@@ -118,20 +117,48 @@ def fit_coefficients(samples: torch.Tensor, sample_mask: torch.Tensor, fit: Ridg
     """Basis coefficients `[batch, N, e]` of `samples [batch, P, e]` where `sample_mask [batch, P]` is True.
 
     Rows with every sample present use the precomputed solution. Rows with some samples missing (padding) are solved
-    on their own from the fit's float64 normal equations, leaving the missing positions out of the fit instead of
-    fitting zeros there: the same float64 system the solution was derived from. Rows with no sample get zeros.
+    on their own from the fit's float64 normal equations (`solve_partial_rows`), leaving the missing positions out of
+    the fit instead of fitting zeros there. Rows with no sample get zeros.
     """
     samples = samples.masked_fill(~sample_mask[..., None], 0.0)
     coefficients = torch.matmul(fit.solution.T.to(samples.dtype), samples)
     partial = sample_mask.any(dim=1) & ~sample_mask.all(dim=1)
-    if partial.any():
-        rows = partial.nonzero().squeeze(1)
-        present_design = fit.design * sample_mask[rows, None, :].to(fit.design.dtype)
-        normal_matrix = fit.prior + present_design @ fit.design.T
-        right_hand_side = present_design @ samples[rows].to(fit.design.dtype)
-        solved = torch.cholesky_solve(right_hand_side, torch.linalg.cholesky(normal_matrix))
-        coefficients = coefficients.index_put((rows,), solved.to(coefficients.dtype))
-    return coefficients
+    return solve_partial_rows(coefficients, samples, sample_mask, partial, fit)
+
+
+def solve_partial_rows(
+    coefficients: torch.Tensor, samples: torch.Tensor, sample_mask: torch.Tensor, partial: torch.Tensor, fit: RidgeFit
+) -> torch.Tensor:
+    """`coefficients [batch, N, e]` with the rows where `partial [batch]` is True replaced by the solution of the fit's
+    float64 normal equations over their present samples (`samples [batch, P, e]`, zero where `sample_mask` is False):
+    the same float64 system the precomputed solution was derived from.
+
+    Only the partial rows are solved, gathered by `nonzero` (which `torch.export` captures with a data-dependent row
+    count). Under `torch.compile`, which cannot trace that count without a graph break, every row is solved and the
+    partial ones are kept: the same numbers, at the cost of a solve per row.
+    """
+    if torch.compiler.is_dynamo_compiling():
+        solved = solve_normal_equations(samples, sample_mask, fit)
+        return torch.where(partial[:, None, None], solved.to(coefficients.dtype), coefficients)
+    rows = partial.nonzero().squeeze(1)
+    solved = solve_normal_equations(samples[rows], sample_mask[rows], fit)
+    return coefficients.index_put((rows,), solved.to(coefficients.dtype))
+
+
+def solve_normal_equations(samples: torch.Tensor, sample_mask: torch.Tensor, fit: RidgeFit) -> torch.Tensor:
+    """Coefficients `[rows, N, e]` fitted to the present `samples [rows, P, e]` alone (`sample_mask [rows, P]`), from
+    the fit's normal equations `(prior + F_present F_presentᵀ) B = F_present X`, in float64 (Cholesky)."""
+    present_design = fit.design * sample_mask[:, None, :].to(fit.design.dtype)
+    normal_matrix = fit.prior + present_design @ fit.design.T
+    right_hand_side = present_design @ samples.to(fit.design.dtype)
+    return torch.cholesky_solve(right_hand_side, torch.linalg.cholesky(normal_matrix))
+
+
+def any_row(flags: torch.Tensor) -> bool:
+    """Whether work that only the rows flagged in `flags [batch]` need must run: in eager, only if a row is flagged;
+    inside a graph (`torch.compile`, `torch.export`), where control flow cannot depend on values, always. The caller
+    keeps the result for the flagged rows only (`torch.where`), so both give the same numbers."""
+    return torch.compiler.is_compiling() or bool(flags.any())
 
 
 def density_bin_mass(mean: torch.Tensor, variance: torch.Tensor, num_bins: int) -> torch.Tensor:
@@ -192,6 +219,12 @@ class InfinityMemoryState:
         return InfinityMemoryState(
             **{name: None if value is None else value.detach() for name, value in values.items()}
         )
+
+
+# A pytree node, so that the state can be an output (and input) of a `torch.export` program.
+torch.export.register_dataclass(
+    InfinityMemoryState, serialized_type_name=f"{InfinityMemoryState.__module__}.{InfinityMemoryState.__qualname__}"
+)
 
 
 @dataclass(kw_only=True)
@@ -416,10 +449,10 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             memory_input = memory_input.float()
             has_memory = past_state.has_memory
             coefficients = past_state.coefficients
-            if not has_memory.all():
+            if any_row(~has_memory):
                 first = fit_coefficients(memory_input, mask & ~has_memory[:, None], self.fit("segment"))
                 coefficients = torch.where(has_memory[:, None, None], coefficients, first)
-            if has_memory.any():
+            if any_row(has_memory):
                 continued = self.continue_memory(past_state, memory_input, mask)
                 coefficients = torch.where(has_memory[:, None, None], continued, coefficients)
             read_any = mask.any(dim=1)
@@ -434,18 +467,16 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
         Rows whose segment is partial are solved from the float64 normal equations, as `fit_coefficients` does."""
         old_solution, new_solution = self.memory_solution.split([self.num_samples, self.segment_length])
         partial = state.has_memory & mask.any(dim=1) & ~mask.all(dim=1)
-        old_samples = self.sample_old_signal(state) if self.sticky_memories or partial.any() else None
+        old_samples = self.sample_old_signal(state) if self.sticky_memories or any_row(partial) else None
         if self.sticky_memories:
             coefficients = torch.matmul(old_solution.T, old_samples)
         else:
             coefficients = torch.matmul(self.memory_transition, state.coefficients)
         coefficients = coefficients + torch.matmul(new_solution.T, memory_input)
-        if partial.any():
-            rows = partial.nonzero().squeeze(1)
-            samples = torch.cat([old_samples[rows], memory_input[rows]], dim=1)
-            sample_mask = torch.cat([torch.ones_like(mask[rows, :1]).expand(-1, self.num_samples), mask[rows]], dim=1)
-            solved = fit_coefficients(samples, sample_mask, self.fit("memory"))
-            coefficients = coefficients.index_put((rows,), solved)
+        if any_row(partial):
+            samples = torch.cat([old_samples, memory_input], dim=1)
+            sample_mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, self.num_samples), mask], dim=1)
+            coefficients = solve_partial_rows(coefficients, samples, sample_mask, partial, self.fit("memory"))
         return coefficients
 
     def fit(self, name: str) -> RidgeFit:
@@ -512,8 +543,9 @@ INFINITY_ATTENTION = AttentionKind(
     validate_settings=validate_infinity_settings,
     attn_implementations=EXACT_ATTENTION_BACKENDS,
     streaming=Streaming(
-        segment_length=attrgetter("segment_length"),
-        detach_state=attrgetter("ltm_detach_memory"),
+        # Functions rather than `operator.attrgetter`, which `torch.compile` cannot trace.
+        segment_length=lambda config: config.segment_length,
+        detach_state=lambda config: config.ltm_detach_memory,
         state_class=InfinityMemoryState,
     ),
 )

@@ -12,6 +12,7 @@ from .attention_full import FULL_ATTENTION, AttentionKind
 from .attention_infinity import INFINITY_ATTENTION
 from .attention_local import LOCAL_ATTENTION
 from .attention_performer import PERFORMER_ATTENTION
+from .attention_reformer import REFORMER_ATTENTION
 
 
 # The attention kinds by `attention_type`. A kind is one module, `attention_<kind>.py`, that defines its layer, its
@@ -24,6 +25,7 @@ ATTENTION_KINDS: dict[str, AttentionKind] = {
         PERFORMER_ATTENTION,
         INFINITY_ATTENTION,
         LOCAL_ATTENTION,
+        REFORMER_ATTENTION,
     )
 }
 # Every kind's config fields are fields of `TxFormerConfig`, so a config keeps the settings of every kind.

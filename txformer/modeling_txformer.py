@@ -12,12 +12,14 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
 from .attention_full import Float32BuffersMixin, Streaming, TxFormerSelfAttention, build_attention_mask
 from .configuration_txformer import ATTENTION_KINDS, TxFormerConfig
 
+
+logger = logging.get_logger(__name__)
 
 MINUTES_PER_DAY = 1440.0
 
@@ -59,7 +61,8 @@ class TxFormerModelOutput(ModelOutput):
         last_hidden_state: final hidden state of every event, `[batch, length, hidden]`.
         pooler_output: pooled history representation, `[batch, hidden]`.
         hidden_states: output of the embeddings and of every layer, when asked for.
-        attentions: attention weights of every layer, when asked for (eager full attention only).
+        attentions: attention weights `[batch, heads, length, length]` of every layer, when asked for and the kind
+            has them (`AttentionKind.attention_weights`: full attention under eager); None otherwise.
         past_state: the state to continue reading the histories from (streaming kinds only).
         aux_loss: the attention's weighted regularisation loss (`auxiliary_loss` of the layers: the ∞-former's KL
             term times `ltm_kl_weight`), which the heads add to their losses; None without one.
@@ -729,7 +732,17 @@ class TxFormerModel(TxFormerPreTrainedModel):
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
-        streaming = ATTENTION_KINDS[self.config.attention_type].streaming
+        kind = ATTENTION_KINDS[self.config.attention_type]
+        if output_attentions and self.config._attn_implementation not in kind.attention_weights:
+            backends = kind.attention_weights
+            logger.warning_once(
+                f"attention_type={kind.name!r} has attention weights only under attn_implementation in "
+                f"{list(backends)}, not {self.config._attn_implementation!r}: `attentions` is None."
+                if backends
+                else f"attention_type={kind.name!r} has no attention weights: `attentions` is None."
+            )
+            output_attentions = False
+        streaming = kind.streaming
         if streaming is not None:
             return self._forward_in_segments(
                 streaming,
@@ -738,7 +751,6 @@ class TxFormerModel(TxFormerPreTrainedModel):
                 event_time,
                 attention_mask,
                 past_state,
-                output_attentions,
                 output_hidden_states,
                 return_event_states=output_last_hidden_state or output_hidden_states,
             )
@@ -869,7 +881,6 @@ class TxFormerModel(TxFormerPreTrainedModel):
         event_time: torch.Tensor,
         attention_mask: torch.Tensor,
         past_state: TxFormerState | None,
-        output_attentions: bool,
         output_hidden_states: bool,
         return_event_states: bool,
     ) -> TxFormerModelOutput:
@@ -908,7 +919,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
             last_hidden = event_time.new_zeros(batch_size, hidden_size)
         layer_states, event_context, last_event_code = state.layer_states, state.event_context, state.last_event_code
 
-        segment_outputs, segment_hidden_states, segment_attentions, aux_loss = [], [], [], None
+        segment_outputs, segment_hidden_states, aux_loss = [], [], None
         for segment_index in range(num_segments):
             slots = torch.arange(segment_index * segment_length, (segment_index + 1) * segment_length)
             slots = slots.to(event_time.device)
@@ -918,9 +929,10 @@ class TxFormerModel(TxFormerPreTrainedModel):
                 segment_mask, gather_events(event_time, index, segment_mask), previous_event_time[:, None]
             )
             # Rows whose history starts in a later segment hold only padding here and keep their state, so they are
-            # left out (except when attention weights are asked for: every row returns them).
+            # left out; not in a graph (`torch.compile`, `torch.export`), whose shapes cannot depend on the data.
             started = segment_mask[:, -1]
-            rows = None if output_attentions or started.all() or not started.any() else started.nonzero().squeeze(1)
+            skips_rows = not torch.compiler.is_compiling() and not started.all() and started.any()
+            rows = started.nonzero().squeeze(1) if skips_rows else None
             inputs = (
                 gather_events(input_ids, index, segment_mask),
                 gather_events(numeric_values, index, segment_mask),
@@ -940,8 +952,8 @@ class TxFormerModel(TxFormerPreTrainedModel):
                         last_event_time=carried_time,
                         last_event_code=carried_code,
                     ),
-                    output_attentions,
-                    output_hidden_states,
+                    output_attentions=False,
+                    output_hidden_states=output_hidden_states,
                 )
             # The auxiliary loss of the last segment averages over every segment read (the layers carry its sums).
             aux_loss = encoded.aux_loss
@@ -958,12 +970,11 @@ class TxFormerModel(TxFormerPreTrainedModel):
             if return_event_states:
                 segment_outputs.append(hidden_states)
                 segment_hidden_states.append(scatter_rows(None, rows, encoded.hidden_states, batch_size))
-            segment_attentions.append(encoded.attentions)
         events_read = events_read + num_real
 
         # The running sums are float32 (like `event_time`); the head takes the model's dtype.
         pooled = self.pooler(pooled_sum, events_read, last_hidden).to(self.norm.weight.dtype)
-        last_hidden_state, all_hidden_states, all_attentions = None, None, None
+        last_hidden_state, all_hidden_states = None, None
         if return_event_states:
             # Back to the caller's right-padded layout.
             right_index = torch.arange(length, device=event_time.device)[None, :] + shift[:, None]
@@ -978,13 +989,10 @@ class TxFormerModel(TxFormerPreTrainedModel):
                 all_hidden_states = tuple(
                     unalign(torch.cat(per_layer, dim=1)) for per_layer in zip(*segment_hidden_states, strict=True)
                 )
-        if output_attentions:
-            all_attentions = tuple(zip(*segment_attentions, strict=True))
         return TxFormerModelOutput(
             last_hidden_state=last_hidden_state,
             pooler_output=pooled,
             hidden_states=all_hidden_states,
-            attentions=all_attentions,
             past_state=TxFormerState(
                 layer_states=layer_states,
                 pooled_sum=pooled_sum,
