@@ -33,7 +33,7 @@ class ReversibleBenchmarkConfig:
         default=1.3, metadata={"help": "Goal: peak memory of the deep reversible / the shallow ordinary model."}
     )
     min_run_time: float = field(
-        default=0.0,
+        default=1.0,
         metadata={
             "help": "Seconds of timed runs per point after a warm-up run (Timer.blocked_autorange; the median)."
         },
@@ -101,6 +101,7 @@ def run_reversible_benchmark(
             for num_layers in config.layers:
                 overrides = f"num_hidden_layers={num_layers},reversible_layers={str(reversible).lower()}"
                 suite_config = BenchmarkConfig(
+                    min_run_time=config.min_run_time,
                     device=config.device,
                     config_overrides=",".join(filter(None, [config.config_overrides, overrides])),
                     seed=config.seed,

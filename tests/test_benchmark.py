@@ -453,7 +453,7 @@ def test_attention_op_benchmark_ratios_against_sdpa_and_crossover_lengths():
 
 def test_reversible_benchmark_measures_every_kind_side_by_side():
     config = ReversibleBenchmarkConfig(
-        length=8, batch_size=1, layers=[1, 2], tensor_memory=False, config_overrides=TINY_MODEL
+        length=8, batch_size=1, layers=[1, 2], min_run_time=0.0, tensor_memory=False, config_overrides=TINY_MODEL
     )
     result = run_reversible_benchmark(config, log=lambda line: None)
     assert [(row.kind, row.reversible, row.num_layers) for row in result.rows] == [
