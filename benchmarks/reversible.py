@@ -33,7 +33,7 @@ class ReversibleBenchmarkConfig:
         default=1.3, metadata={"help": "Goal: peak memory of the deep reversible / the shallow ordinary model."}
     )
     min_run_time: float = field(
-        default=0.0,
+        default=1.0,
         metadata={
             "help": "Seconds of timed runs per point after a warm-up run (Timer.blocked_autorange; the median)."
         },
@@ -101,6 +101,7 @@ def run_reversible_benchmark(
             for num_layers in config.layers:
                 overrides = f"num_hidden_layers={num_layers},reversible_layers={str(reversible).lower()}"
                 suite_config = BenchmarkConfig(
+                    min_run_time=config.min_run_time,
                     device=config.device,
                     config_overrides=",".join(filter(None, [config.config_overrides, overrides])),
                     seed=config.seed,
@@ -145,6 +146,13 @@ def format_reversible(result: ReversibleResult, config: ReversibleBenchmarkConfi
         f"{result.device}, {torch.get_num_threads()} torch threads; load average (1, 5, 15 min) {loads['start']} at the "
         f"start, {loads['end']} at the end. Peak memory: rise above the level before the step (weights and "
         "optimizer state excluded, gradients included); tensors: profiler peak of forward + backward.",
+    ]
+    if result.device == "cpu":
+        lines.append(
+            "On the CPU the resident set also holds freed memory that glibc keeps for reuse; with "
+            "MALLOC_MMAP_THRESHOLD_=131072 in the environment it follows the live tensors (docs/reversible_layers.md)."
+        )
+    lines += [
         "",
         "| kind | layers | layer type | time (s) | peak memory (MiB) | peak tensor memory (MiB) |",
         "|---|---|---|---|---|---|",

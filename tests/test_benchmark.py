@@ -27,6 +27,7 @@ from benchmarks.compare import (
 from benchmarks.measure import Measurement, measure_callable, measure_matmul_flops, tensor_peak_mib
 from benchmarks.models import METHODS, PEER_LAYERS, benchmark_config, build_model
 from benchmarks.report import write_results
+from benchmarks.reversible import ReversibleBenchmarkConfig, format_reversible, run_reversible_benchmark
 from benchmarks.suite import (
     CHECK_LEVEL,
     LEVELS,
@@ -39,6 +40,7 @@ from benchmarks.suite import (
 from benchmarks.throughput import ThroughputConfig, format_throughput, run_throughput
 from txformer.attention_performer import favor_attention
 from txformer.attention_reformer import lsh_attention
+from txformer.configuration_txformer import ATTENTION_KINDS
 from txformer.metrics import bootstrap_auroc_interval, write_evaluated_predictions
 
 
@@ -447,3 +449,34 @@ def test_attention_op_benchmark_ratios_against_sdpa_and_crossover_lengths():
     assert [row.time_vs_sdpa for row in rows if row.method == local] == [1.2, 0.5, 0.25, None]
     assert op_benchmark.crossover_length(rows, local) == 2048
     assert op_benchmark.crossover_length(rows) == 4096  # FAVOR+ is slower than SDPA at 2048
+
+
+def test_reversible_benchmark_measures_every_kind_side_by_side():
+    config = ReversibleBenchmarkConfig(
+        length=8, batch_size=1, layers=[1, 2], min_run_time=0.0, tensor_memory=False, config_overrides=TINY_MODEL
+    )
+    result = run_reversible_benchmark(config, log=lambda line: None)
+    assert [(row.kind, row.reversible, row.num_layers) for row in result.rows] == [
+        (kind, reversible, num_layers)
+        for kind in ATTENTION_KINDS
+        for reversible in (False, True)
+        for num_layers in (1, 2)
+    ]
+    assert all(row.time_s > 0 and math.isnan(row.tensor_peak_mib) for row in result.rows)
+    report = format_reversible(result, config)
+    for kind in ATTENTION_KINDS:
+        assert f"| {kind} | 2 | reversible |" in report and f"\n| {kind} | " in report.split("Ratios")[1]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"layers": [8, 1]}, "two increasing"),
+        ({"layers": [1, 2, 4]}, "two increasing"),
+        ({"kinds": ["nope"]}, "Unknown attention kinds"),
+        ({"config_overrides": "num_hidden_layers=4"}, "--layers does"),
+    ],
+)
+def test_reversible_benchmark_rejects_bad_settings(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ReversibleBenchmarkConfig(**overrides)

@@ -253,6 +253,29 @@ class TxFormerMLP(nn.Module):
         return self.fc_out(self.act_fn(self.fc_in(hidden_states)))
 
 
+@dataclass(frozen=True)
+class RandomState:
+    """The states of torch's default random generators on the CPU and on an accelerator (None on the CPU): what
+    dropout and any random draw of an attention kind consume."""
+
+    cpu: torch.Tensor
+    accelerator: torch.Tensor | None
+
+    @classmethod
+    def capture(cls, device: torch.device) -> "RandomState":
+        """The generators' states now (`device`: the accelerator's, if it is one)."""
+        accelerator = None
+        if device.type != "cpu":
+            accelerator = torch.get_device_module(device.type).get_rng_state(device)
+        return cls(torch.get_rng_state(), accelerator)
+
+    def restore(self, device: torch.device) -> None:
+        """Sets the generators back to these states."""
+        torch.set_rng_state(self.cpu)
+        if self.accelerator is not None:
+            torch.get_device_module(device.type).set_rng_state(self.accelerator, device)
+
+
 class TxFormerLayer(GradientCheckpointingLayer):
     """Pre-norm transformer layer: attention of the configured kind, then an MLP, each a residual branch. With
     `config.reversible_layers` the model couples the two branches instead (`reversible_forward`)."""
@@ -288,13 +311,19 @@ class TxFormerLayer(GradientCheckpointingLayer):
         key_mask: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_state: Any = None,
+        random_states: list[RandomState] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Any]:
         """The reversible coupling of the two streams: `Y1 = X1 + Attention(X2)`, `Y2 = X2 + MLP(Y1)`. Returns
-        `Y1`, `Y2`, the attention weights and the next state. [`ReversibleLayersFunction`] inverts it."""
+        `Y1`, `Y2`, the attention weights and the next state. [`ReversibleLayersFunction`] inverts it, and passes
+        `random_states` to get the random generators' state before each branch appended."""
+        if random_states is not None:
+            random_states.append(RandomState.capture(second.device))
         attn_output, attn_weights, state = self.attention_branch(
             second, attention_mask, key_mask, position_embeddings, past_state
         )
         first = first + attn_output
+        if random_states is not None:
+            random_states.append(RandomState.capture(first.device))
         second = second + self.mlp_branch(first)
         return first, second, attn_weights, state
 
@@ -331,27 +360,6 @@ def with_state_tensors(state: Any, tensors: tuple[torch.Tensor | None, ...]) -> 
     if state is None:
         return None
     return replace(state, **{field.name: tensor for field, tensor in zip(fields(state), tensors, strict=True)})
-
-
-@dataclass(frozen=True)
-class RandomState:
-    """The states of torch's default random generators on the CPU and on an accelerator (None on the CPU): what
-    dropout and any random draw of an attention kind consume."""
-
-    cpu: torch.Tensor
-    accelerator: torch.Tensor | None
-
-    @classmethod
-    def capture(cls, device: torch.device) -> "RandomState":
-        accelerator = None
-        if device.type != "cpu":
-            accelerator = torch.get_device_module(device.type).get_rng_state(device)
-        return cls(torch.get_rng_state(), accelerator)
-
-    def restore(self, device: torch.device) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.accelerator is not None:
-            torch.get_device_module(device.type).set_rng_state(self.accelerator, device)
 
 
 def split_by_layer(tensors: tuple[Any, ...], states: tuple[Any, ...]) -> list[tuple[Any, ...]]:
@@ -485,14 +493,15 @@ class ReversibleLayersFunction(torch.autograd.Function):
         for layer, past_state, layer_tensors in zip(
             run.layers, run.past_states, split_by_layer(past_tensors, run.past_states), strict=True
         ):
-            attention_random = RandomState.capture(device)
-            attn_output, _, next_state = layer.attention_branch(
-                second, past_state=with_state_tensors(past_state, layer_tensors), **run.layer_inputs
+            random_states = []
+            first, second, _, next_state = layer.reversible_forward(
+                first,
+                second,
+                **run.layer_inputs,
+                past_state=with_state_tensors(past_state, layer_tensors),
+                random_states=random_states,
             )
-            first = first + attn_output
-            mlp_random = RandomState.capture(device)
-            second = second + layer.mlp_branch(first)
-            run.random_states.append((attention_random, mlp_random))
+            run.random_states.append(tuple(random_states))
             next_states.append(next_state)
         run.next_states = tuple(next_states)
         ctx.run = run
