@@ -41,6 +41,7 @@ setup(
             "matplotlib>=3.8",
             "pandas>=2.1",
             "performer-pytorch==1.1.4",
+            "reformer-pytorch==1.4.4",
         ],
     },
     entry_points={

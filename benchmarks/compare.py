@@ -45,6 +45,7 @@ RUN_LOG_FILE = "train.log"
 WHOLE_HISTORY = 0
 BASELINE = "lightgbm"
 BENCHMARK_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmark.md"
+LABEL_STUDY_DOC = BENCHMARK_DOC.with_name("label_study.md")
 # The installed console scripts (setup.py), so that the comparison runs from a wheel as from a source tree.
 TRAIN_ENTRY_POINT = "txformer-train"
 BASELINE_ENTRY_POINT = "txformer-baseline"
@@ -215,17 +216,25 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def run_one(spec: RunSpec, config: CompareConfig, extra_args: list[str], log: Callable[[str], None]) -> bool:
-    """Runs (or continues) one training in a subprocess, its output logged to `train.log` in its folder; records
-    each call's wall time in `compare_run.json`. Returns whether the run finished."""
-    run_dir = Path(config.output_dir) / spec.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Runs (or continues) one training of the grid; returns whether it finished."""
     command = train_command(spec, config, extra_args)
+    return run_command(command, spec.name, {"spec": asdict(spec)}, config, log)
+
+
+def run_command(
+    command: list[str], name: str, header: dict, config: CompareConfig, log: Callable[[str], None]
+) -> bool:
+    """Runs (or continues) the command of the run in folder `name` of `config.output_dir` in a subprocess, its output
+    logged to `train.log` there, stopped at `config.time_limit_minutes`; records each call's wall time in
+    `compare_run.json` (which starts with `header`). Returns whether the run finished."""
+    run_dir = Path(config.output_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
     record_path = run_dir / RUN_RECORD_FILE
-    record = json.loads(record_path.read_text()) if record_path.exists() else {"spec": asdict(spec), "calls": []}
+    record = json.loads(record_path.read_text()) if record_path.exists() else {**header, "calls": []}
     environment = dict(os.environ)
     if config.num_threads > 0:
         environment["OMP_NUM_THREADS"] = str(config.num_threads)
-    log(f"[{spec.name}] {shlex.join(command)}")
+    log(f"[{name}] {shlex.join(command)}")
     start = time.perf_counter()
     with open(run_dir / RUN_LOG_FILE, "a") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment)
@@ -254,10 +263,10 @@ def run_one(spec: RunSpec, config: CompareConfig, extra_args: list[str], log: Ca
     )
     atomic_write_json(record_path, record)
     if return_code not in (0, None):
-        log(f"[{spec.name}] failed (exit {return_code}) after {wall_s / 60:.1f} min: see {run_dir / RUN_LOG_FILE}")
+        log(f"[{name}] failed (exit {return_code}) after {wall_s / 60:.1f} min: see {run_dir / RUN_LOG_FILE}")
     else:
         state = "finished" if finished else "stopped at the time limit, resumes at the next call"
-        log(f"[{spec.name}] {state} after {wall_s / 60:.1f} min")
+        log(f"[{name}] {state} after {wall_s / 60:.1f} min")
     return finished
 
 
@@ -669,6 +678,14 @@ def format_report(
         relative = [os.path.relpath(path, report_path.parent) for path in figure_paths.get(family, [])]
         lines += [f"![{Path(path).stem}]({path})" for path in relative]
         lines.append("")
+    lines += [
+        "## Scarce labels",
+        "",
+        "Pretraining on every customer plus fine-tuning on 10% of the labels, against supervised training on those 10% "
+        "and with every label: `scripts/label_study.py`, report in "
+        f"[label_study.md]({os.path.relpath(LABEL_STUDY_DOC, report_path.parent)}).",
+        "",
+    ]
     if unfinished:
         lines += ["## Not run yet", ""]
         lines += [f"- {spec.family}: {spec.attention_type}, {spec.context}, seed {spec.seed}" for spec in unfinished]

@@ -1,15 +1,20 @@
 """The methods the benchmark compares, and how each is built: a TxFormer model (or one of its attention layers) of
 every registered attention kind (exact attention once per backend: the exact SDPA and the naive softmax peers), plus
-performer-pytorch's `FastAttention` inside the same model, so that only the attention differs."""
+the public implementations of a kind inside the same model, so that only the attention differs: performer-pytorch's
+`FastAttention` for the Performer; transformers' `LSHSelfAttention` and reformer-pytorch's `LSHAttention` for the
+Reformer."""
 
 import importlib.util
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForSequenceClassification
+from torch import nn
+from transformers import AutoModelForSequenceClassification, ReformerConfig
+from transformers.models.reformer.modeling_reformer import LSHSelfAttention
 
 from txformer.attention_full import TxFormerSelfAttention
 from txformer.attention_performer import TxFormerPerformerAttention
+from txformer.attention_reformer import TxFormerReformerAttention
 from txformer.configuration_txformer import ATTENTION_KINDS, TxFormerConfig
 from txformer.machine import installed_version
 from txformer.modeling_txformer import TxFormerForSequenceClassification
@@ -47,11 +52,15 @@ class Method:
 # Exact attention runs with each backend: SDPA (the exact reference) and eager (the naive softmax, whose score matrix
 # makes its memory quadratic).
 EXACT_BACKENDS = {"sdpa": "exact, SDPA", "eager": "naive softmax, eager"}
-# Public implementations of a kind, run inside our layer after it.
+# Public implementations of a kind, run inside our layer after it; ratios against a peer are against the first.
 PEER_METHODS = {
-    "performer": Method(
-        "performer_pytorch", "performer-pytorch FastAttention", "performer", requires="performer_pytorch"
-    )
+    "performer": (
+        Method("performer_pytorch", "performer-pytorch FastAttention", "performer", requires="performer_pytorch"),
+    ),
+    "reformer": (
+        Method("reformer_transformers", "transformers LSHSelfAttention", "reformer", requires="transformers"),
+        Method("reformer_pytorch", "reformer-pytorch LSHAttention", "reformer", requires="reformer_pytorch"),
+    ),
 }
 
 
@@ -75,15 +84,14 @@ def kind_methods() -> list[Method]:
             methods.append(
                 Method(kind.name, f"{kind.name} ({kind.label})", kind.name, time_exponent=kind.time_exponent)
             )
-        if kind.name in PEER_METHODS:
-            methods.append(PEER_METHODS[kind.name])
+        methods += PEER_METHODS.get(kind.name, ())
     return methods
 
 
 METHODS: dict[str, Method] = {method.name: method for method in kind_methods()}
-# The reference every other method is compared with at the same length, and ours against its public peer.
+# The reference every other method is compared with at the same length, and ours against its public peers.
 EXACT_REFERENCE = "full_sdpa"
-PEERS = {kind: peer.name for kind, peer in PEER_METHODS.items()}
+PEERS = {kind: tuple(peer.name for peer in peers) for kind, peers in PEER_METHODS.items()}
 
 
 def peer_versions() -> dict[str, str | None]:
@@ -122,15 +130,71 @@ def benchmark_config(method: Method, overrides: str = "") -> TxFormerConfig:
     return config
 
 
+class TransformersLSHAttention(TxFormerReformerAttention):
+    """Our Reformer layer with transformers' `LSHSelfAttention` (its shared-QK and value projections, without bias,
+    and its core: rotations drawn at every call, padding in an extra bucket, no rotary positions) before our output
+    projection. Histories must be a multiple of `lsh_chunk_length` long, or no longer than it."""
+
+    def __init__(self, config: TxFormerConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        reformer_config = ReformerConfig(
+            hidden_size=config.hidden_size,
+            num_attention_heads=self.num_heads,
+            attention_head_size=self.head_dim,
+            num_hashes=config.lsh_num_hashes,
+            num_buckets=config.lsh_num_buckets,
+            lsh_attn_chunk_length=config.lsh_chunk_length,
+            lsh_num_chunks_before=1,
+            lsh_num_chunks_after=0,
+            lsh_attention_probs_dropout_prob=config.attention_dropout_prob,
+            is_decoder=False,
+        )
+        self.lsh_self_attention = LSHSelfAttention(reformer_config, layer_idx)
+
+    def forward(self, hidden_states, attention_mask, key_mask, position_embeddings=None, past_state=None, **kwargs):
+        output = self.lsh_self_attention(hidden_states, attention_mask=key_mask).hidden_states
+        return self.o_proj(output), None, None
+
+
+class ReformerPytorchAttention(TxFormerReformerAttention):
+    """Our Reformer layer (same projections, rotary positions) with reformer-pytorch's `LSHAttention` as its core:
+    buckets of `lsh_chunk_length` events (so length / lsh_chunk_length buckets, its rule), rotations drawn at every
+    call, heads folded into the batch, histories padded to a multiple of twice the chunk length as its `Autopadder`
+    does."""
+
+    def __init__(self, config: TxFormerConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        from reformer_pytorch.reformer_pytorch import LSHAttention
+
+        self.lsh_attention = LSHAttention(
+            dropout=config.attention_dropout_prob, bucket_size=config.lsh_chunk_length, n_hashes=config.lsh_num_hashes
+        )
+
+    def attend(self, query, key, value, attention_mask, key_mask, **kwargs):
+        batch_size, num_heads, length, head_dim = query.shape
+        fill = -length % (2 * self.chunk_length)
+        shared, value = (nn.functional.pad(states, (0, 0, 0, fill)).flatten(0, 1) for states in (query, value))
+        mask = nn.functional.pad(key_mask, (0, fill), value=False).repeat_interleave(num_heads, dim=0)
+        output = self.lsh_attention(shared, value, input_mask=mask)[0]
+        return output.view(batch_size, num_heads, -1, head_dim)[:, :, :length].transpose(1, 2), None
+
+
+# The peers that replace our attention layer, by method name.
+PEER_LAYERS = {
+    "performer_pytorch": PerformerPytorchAttention,
+    "reformer_transformers": TransformersLSHAttention,
+    "reformer_pytorch": ReformerPytorchAttention,
+}
+
+
 def build_model(method: Method, config: TxFormerConfig, device: torch.device) -> TxFormerForSequenceClassification:
     """A freshly initialised classifier of the method on `device` (float32 weights; autocast sets the compute dtype)."""
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation=method.attn_implementation)
-    if method.name == "performer_pytorch":
+    if method.name in PEER_LAYERS:
         for layer in model.txformer.layers:
             ours = layer.self_attn
-            theirs = PerformerPytorchAttention(config, ours.layer_idx)
+            theirs = PEER_LAYERS[method.name](config, ours.layer_idx)
             theirs.load_state_dict(ours.state_dict(), strict=False)
-            theirs.fast_attention.projection_matrix.copy_(ours.projection_matrix)
             layer.self_attn = theirs
     return model.to(device)
 

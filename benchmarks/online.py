@@ -3,7 +3,7 @@
 length of the history already read, next to rescoring the whole history; and how far the ∞-former's online
 probabilities are from rescoring.
 
-    python benchmarks/online.py                                    # costs, random weights: a few minutes on 2 cores
+    python benchmarks/online.py                                    # costs, random weights (docs/inference.md)
     python benchmarks/online.py --model outputs/infinity           # + fidelity of a trained ∞-former folder
 
 Times are medians of `torch.utils.benchmark.Timer.blocked_autorange`; one process, `--num_threads` threads.

@@ -10,7 +10,7 @@ from pathlib import Path
 from txformer.machine import describe_machine
 
 from .models import EXACT_REFERENCE, METHODS, PEERS, peer_versions
-from .suite import CHECK_LEVEL, LEVEL_TITLES, LEVELS, BenchmarkConfig, BenchmarkResult, BenchmarkRow
+from .suite import CHECK_LEVEL, LEVEL_TITLES, LEVELS, BenchmarkConfig, BenchmarkResult, BenchmarkRow, safe_ratio
 
 
 CSV_FILE = "benchmark.csv"
@@ -44,7 +44,7 @@ def _label(method: str) -> str:
 
 def level_table(rows: list[BenchmarkRow]) -> list[str]:
     """Markdown table of one level's rows (by length, then method)."""
-    exact, peer_of = _label(EXACT_REFERENCE), {ours: _label(peer) for ours, peer in PEERS.items()}
+    exact, peer_of = _label(EXACT_REFERENCE), {ours: _label(peers[0]) for ours, peers in PEERS.items()}
     lines = [
         "| method | length | time (ms) | peak memory (MiB) | events/s | µs/event vs first length "
         f"| time vs {exact} | memory vs {exact} | time vs peer | memory vs peer |",
@@ -108,21 +108,31 @@ def check_verdict(rows: list[BenchmarkRow], goal: float) -> list[str]:
     return lines
 
 
+def peer_ratio(rows: list[BenchmarkRow], ours: str, peer: str) -> list[str]:
+    """Ours against one peer at the longest length where both were measured (none if there is no such length)."""
+    peer_rows = {row.length: row for row in rows if row.method == peer}
+    paired = [row for row in rows if row.method == ours and row.length in peer_rows]
+    if not paired:
+        return []
+    row = max(paired, key=lambda row: row.length)
+    theirs = peer_rows[row.length]
+    memory = safe_ratio(row.peak_memory_mib, theirs.peak_memory_mib)
+    return [
+        f"{_label(ours)} vs {_label(peer)} at L={row.length:,}: {row.time_s / theirs.time_s:.2f}× the time, "
+        f"{_cell(memory, '.2f', '×')} the memory"
+    ]
+
+
 def headline(rows: list[BenchmarkRow], levels: list[str]) -> list[str]:
-    """Per level, the ratios at the longest length where both sides were measured: ours against our peer, every
-    method against exact SDPA."""
+    """Per level, the ratios at the longest length where both sides were measured: ours against each of our peers,
+    every method against exact SDPA."""
     lines = []
     for level in levels:
         level_rows = [row for row in rows if row.level == level]
         parts = []
-        for ours, peer in PEERS.items():
-            paired = [row for row in level_rows if row.method == ours and row.time_vs_peer is not None]
-            if paired:
-                row = max(paired, key=lambda row: row.length)
-                parts.append(
-                    f"{_label(ours)} vs {_label(peer)} at L={row.length:,}: {row.time_vs_peer:.2f}× the time, "
-                    f"{_cell(row.memory_vs_peer, '.2f', '×')} the memory"
-                )
+        for ours, peers in PEERS.items():
+            for peer in peers:
+                parts += peer_ratio(level_rows, ours, peer)
         against_exact = [row for row in level_rows if row.time_vs_exact is not None]
         if against_exact:
             longest = max(row.length for row in against_exact)

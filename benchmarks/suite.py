@@ -317,7 +317,7 @@ def make_row(level: str, method: str, length: int, batch_size: int, measurement:
 
 
 def add_ratios(rows: list[BenchmarkRow]) -> None:
-    """Fills the ratio columns: against exact SDPA and against the method's peer at the same level and length
+    """Fills the ratio columns: against exact SDPA and against the method's first peer at the same level and length
     (time: method / reference, so < 1 is faster; memory: method / reference), and against the method's own first
     length (µs per event: 1 = linear time; memory)."""
     by_key = {(row.level, row.method, row.length): row for row in rows}
@@ -328,18 +328,18 @@ def add_ratios(rows: list[BenchmarkRow]) -> None:
         exact = by_key.get((row.level, EXACT_REFERENCE, row.length))
         if exact is not None and row.method != EXACT_REFERENCE:
             row.time_vs_exact = row.time_s / exact.time_s
-            row.memory_vs_exact = _ratio(row.peak_memory_mib, exact.peak_memory_mib)
-        peer = by_key.get((row.level, PEERS.get(row.method, ""), row.length))
+            row.memory_vs_exact = safe_ratio(row.peak_memory_mib, exact.peak_memory_mib)
+        peer = by_key.get((row.level, PEERS.get(row.method, ("",))[0], row.length))
         if peer is not None:
             row.time_vs_peer = row.time_s / peer.time_s
-            row.memory_vs_peer = _ratio(row.peak_memory_mib, peer.peak_memory_mib)
+            row.memory_vs_peer = safe_ratio(row.peak_memory_mib, peer.peak_memory_mib)
         reference = first[(row.level, row.method)]
         row.us_per_event_vs_first = row.us_per_event / reference.us_per_event
-        row.memory_vs_first = _ratio(row.peak_memory_mib, reference.peak_memory_mib)
-        row.tensor_memory_vs_first = _ratio(row.tensor_peak_mib, reference.tensor_peak_mib)
+        row.memory_vs_first = safe_ratio(row.peak_memory_mib, reference.peak_memory_mib)
+        row.tensor_memory_vs_first = safe_ratio(row.tensor_peak_mib, reference.tensor_peak_mib)
 
 
-def _ratio(value: float, reference: float) -> float | None:
+def safe_ratio(value: float, reference: float) -> float | None:
     """value / reference, None when either is unknown or the reference is not positive."""
     if math.isnan(value) or math.isnan(reference) or reference <= 0:
         return None

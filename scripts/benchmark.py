@@ -3,7 +3,7 @@
 performer-pytorch), at three levels (attention layer, model forward, training step), plus the ∞-former check of one
 89,000-event history against a 2,000-event one. Writes CSV, Markdown, JSON and PNG plots to `--output_dir`.
 
-    python scripts/benchmark.py                                   # CPU defaults: under 10 minutes on 2 cores
+    python scripts/benchmark.py                                   # CPU defaults (docs/benchmark.md)
     python scripts/benchmark.py --levels train --lengths 256 1024                   # a quick look, no check
     python scripts/benchmark.py --lengths 1024 4096 16384 65536 --batch_size 16 --dtype bfloat16 \\
         --max_seconds 30                                          # a GPU

@@ -2,7 +2,7 @@
 """Benchmark the attention ops, forward + backward: FAVOR+ (ours), performer-pytorch (if installed), the sliding
 window (ours), SDPA, naive.
 
-    python scripts/benchmark_attention.py                                       # 256 ... 32768: minutes on 2 cores
+    python scripts/benchmark_attention.py                                       # 256 ... 32768 (docs/performer.md)
     python scripts/benchmark_attention.py --lengths 1024 8192 --min_run_time 3  # two lengths, longer timing
 
 Prints the table and writes `attention_benchmark.csv` and `attention_benchmark.md` to `--output_dir`.

@@ -75,7 +75,7 @@ def time_pipeline(data_dir: str, results) -> None:
 
 # About 6.8 M rows each: the size of the real file.
 TIMING_CUSTOMERS = {"independent": 15_000, "order": 15_000, "long": 2_500}
-# Customers of the learnability check of the order and long families (the size of the held-out sets).
+# Customers of the learnability check of the order and long families.
 LEARNABILITY_CUSTOMERS = {"order": 8_000, "long": 2_500}
 LEARNABILITY_WINDOWS = {"all": None, "last 4,096": 4096, "last 1,024": 1024, "last 256": 256, "last 64": 64}
 

@@ -154,7 +154,7 @@ else
     timeout 20 nvidia-smi >"$LOGS/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >>"$LOGS/nvidia-smi.txt"
 fi
 
-if ! run_step machine 30 "$PYTHON" -m txformer.gpu_check machine; then
+if ! run_step machine 20 "$PYTHON" -m txformer.gpu_check machine; then
     write_summary
     echo "gpu_check.sh: no CUDA or a required package is missing ($LOGS/machine.log); nothing else was run." >&2
     exit 1
@@ -166,15 +166,15 @@ PARALLEL=()
 if "$PYTHON" -c "import xdist" 2>/dev/null; then
     PARALLEL=(--numprocesses=8 --dist=loadfile)
 fi
-run_step tests 100 env OMP_NUM_THREADS=1 "$PYTHON" -m pytest -q "${PARALLEL[@]}" \
+run_step tests 90 env OMP_NUM_THREADS=1 "$PYTHON" -m pytest -q "${PARALLEL[@]}" \
     "--junitxml=$OUTPUT_DIR/tests.junit.xml" --ignore=tests/test_cuda_attention.py tests
 
 # flash_attention_2 and flex attention (training) against SDPA; -rs names the tests skipped (no flash-attn package).
-run_step cuda_attention 45 env OMP_NUM_THREADS=1 "$PYTHON" -m pytest -q -rs \
+run_step cuda_attention 40 env OMP_NUM_THREADS=1 "$PYTHON" -m pytest -q -rs \
     "--junitxml=$OUTPUT_DIR/cuda_attention.junit.xml" tests/test_cuda_attention.py
 
 # Histories of about 4k to 16k events at the default --max-length (5th to 95th percentile: 0.56 to 1.8 × median).
-run_step data 40 "$PYTHON" -c "from txformer.data import SyntheticConfig, generate_synthetic_data; \
+run_step data 30 "$PYTHON" -c "from txformer.data import SyntheticConfig, generate_synthetic_data; \
 generate_synthetic_data('$DATA', num_customers=128, seed=0, \
 config=SyntheticConfig(median_length=$((MAX_LENGTH / 2)), length_log_std=0.35))"
 
@@ -183,14 +183,17 @@ TRAIN_FLAGS=(
     --per_device_train_batch_size 8 --per_device_eval_batch_size 8 --dataloader_num_workers 4
     --eval_strategy no --save_strategy no --logging_steps 50 --report_to none --disable_tqdm true
 )
-for kind in $KINDS; do
-    run_step "train_$kind" 60 "$PYTHON" scripts/train.py --attention_type "$kind" --max_length "$MAX_LENGTH" \
+# The training runs share one budget, so that the steps' timeouts add up to 570 s whatever the number of kinds.
+TRAIN_BUDGET_S=200
+read -r -a KIND_LIST <<<"$KINDS"
+for kind in "${KIND_LIST[@]}"; do
+    run_step "train_$kind" $((TRAIN_BUDGET_S / ${#KIND_LIST[@]})) "$PYTHON" scripts/train.py --attention_type "$kind" --max_length "$MAX_LENGTH" \
         --bf16 true --max_steps "$STEPS" "${TRAIN_FLAGS[@]}" --output_dir "$WORK_DIR/train_$kind"
     keep_results "$WORK_DIR/train_$kind" "train_$kind"
 done
 
 # bf16 comes from the config's mixed_precision; one process: FSDP2's wrapping and full-state-dict save on one GPU.
-run_step fsdp2 45 "$PYTHON" -m accelerate.commands.launch --config_file configs/fsdp2.yaml --num_processes 1 \
+run_step fsdp2 40 "$PYTHON" -m accelerate.commands.launch --config_file configs/fsdp2.yaml --num_processes 1 \
     scripts/train.py --attention_type full --max_length 4096 --max_steps 50 "${TRAIN_FLAGS[@]}" \
     --output_dir "$WORK_DIR/fsdp2"
 keep_results "$WORK_DIR/fsdp2" fsdp2
@@ -201,7 +204,7 @@ run_step benchmark_attention 30 "$PYTHON" scripts/benchmark_attention.py --devic
 
 # Every method of the benchmark's registry (each attention kind, exact SDPA and eager, installed peers); each stops
 # before a length predicted to exceed the time or memory budget.
-run_step benchmark 130 "$PYTHON" scripts/benchmark.py --device cuda --dtype bfloat16 \
+run_step benchmark 120 "$PYTHON" scripts/benchmark.py --device cuda --dtype bfloat16 \
     --lengths 1024 4096 16384 65536 --batch_size 4 --max_seconds 5 --check_max_seconds 20 \
     --output_dir "$OUTPUT_DIR/benchmark"
 

@@ -115,12 +115,11 @@ def test_training_on_a_single_class_stops_before_any_model_is_built(tmp_path, la
 # Prediction.
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A trained-folder layout (untrained tiny model): weights, config, vocabulary, preprocessing."""
-    folder = tmp_path_factory.mktemp("model")
+def save_model_folder(folder, older_layout: bool = False):
+    """A trained folder (untrained tiny model) fitted on `TRAINING_ROWS`: weights, config and the processor, or in
+    the older layout the vocabulary and `preprocessing.json`."""
     vocabulary = EventVocabulary.fit(
-        build_customer_dataset(write_csv(folder.parent / "training.csv", TRAINING_ROWS)), min_count=1
+        build_customer_dataset(write_csv(folder.parent / f"{folder.name}_training.csv", TRAINING_ROWS)), min_count=1
     )
     config = tiny_config(
         categorical_fields=vocabulary.categorical_fields,
@@ -129,9 +128,18 @@ def model_dir(tmp_path_factory):
     )
     torch.manual_seed(0)
     TxFormerForSequenceClassification(config).save_pretrained(folder)
-    vocabulary.save_pretrained(folder)
-    (folder / PREPROCESSING_FILE).write_text(json.dumps({"max_length": MAX_LENGTH, "label_prior": LABEL_PRIOR}))
+    if older_layout:
+        vocabulary.save_pretrained(folder)
+        (folder / PREPROCESSING_FILE).write_text(json.dumps({"max_length": MAX_LENGTH, "label_prior": LABEL_PRIOR}))
+    else:
+        vocabulary.to_processor(max_length=MAX_LENGTH, label_prior=LABEL_PRIOR).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A trained-folder layout of an older version: weights, config, vocabulary, preprocessing."""
+    return save_model_folder(tmp_path_factory.mktemp("model"), older_layout=True)
 
 
 def run_predict(model_dir, transactions, output_file, customer_ids=None) -> tuple[dict[int, float], dict]:

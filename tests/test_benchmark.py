@@ -25,8 +25,9 @@ from benchmarks.compare import (
     write_report,
 )
 from benchmarks.measure import Measurement, measure_callable, measure_matmul_flops, tensor_peak_mib
-from benchmarks.models import METHODS, benchmark_config, build_model
+from benchmarks.models import METHODS, PEER_LAYERS, benchmark_config, build_model
 from benchmarks.report import write_results
+from benchmarks.reversible import ReversibleBenchmarkConfig, format_reversible, run_reversible_benchmark
 from benchmarks.suite import (
     CHECK_LEVEL,
     LEVELS,
@@ -38,6 +39,8 @@ from benchmarks.suite import (
 )
 from benchmarks.throughput import ThroughputConfig, format_throughput, run_throughput
 from txformer.attention_performer import favor_attention
+from txformer.attention_reformer import lsh_attention
+from txformer.configuration_txformer import ATTENTION_KINDS
 from txformer.metrics import bootstrap_auroc_interval, write_evaluated_predictions
 
 
@@ -167,6 +170,46 @@ def test_performer_pytorch_peer_is_our_layer_with_their_core():
     output, _ = theirs.attend(query, key, value, None, mask)
     reference = favor_attention(query, key, value, theirs.projection_matrix, mask, compat_performer_pytorch=True)
     torch.testing.assert_close(output, reference.transpose(1, 2), rtol=1e-4, atol=1e-5)
+
+
+def peer_layer(name: str, overrides: str) -> torch.nn.Module:
+    """The first attention layer of a peer's model, checked to be the peer's layer with our layer's weights."""
+    config = benchmark_config(METHODS[name], f"{TINY_MODEL},{overrides}")
+    torch.manual_seed(0)
+    ours = build_model(METHODS[name.split("_")[0]], config, torch.device("cpu")).txformer.layers[0].self_attn
+    torch.manual_seed(0)
+    theirs = build_model(METHODS[name], config, torch.device("cpu")).txformer.layers[0].self_attn
+    assert type(theirs) is PEER_LAYERS[name]
+    assert torch.equal(theirs.o_proj.weight, ours.o_proj.weight) and torch.equal(theirs.rotations, ours.rotations)
+    return theirs
+
+
+def test_transformers_lsh_peer_is_their_projections_and_core_before_our_output_projection():
+    """Histories no longer than a chunk take transformers' unhashed path: our core on their projections."""
+    layer = peer_layer("reformer_transformers", "lsh_chunk_length=16").eval()
+    hidden_states = torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(0))
+    key_mask = torch.ones(2, 12, dtype=torch.bool)
+    output, _, _ = layer(hidden_states, None, key_mask)
+    lsh = layer.lsh_self_attention
+    shared, value = (layer.split_heads(projection(hidden_states)) for projection in (lsh.query_key, lsh.value))
+    expected = layer.o_proj(lsh_attention(shared, value, layer.rotations, 16, key_mask).flatten(2))
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not METHODS["reformer_pytorch"].available, reason="reformer-pytorch not installed")
+def test_reformer_pytorch_peer_pads_folds_heads_and_masks_padding():
+    """One round over two chunks that cover the padded history: every real event attends to every other one, with
+    reformer-pytorch's scores q · k / ‖k‖ / √d."""
+    layer = peer_layer("reformer_pytorch", "lsh_chunk_length=8,lsh_num_hashes=1").eval()
+    generator = torch.Generator().manual_seed(0)
+    query, value = (torch.randn(2, 2, 11, 8, generator=generator) for _ in range(2))
+    key_mask = torch.arange(11)[None, :] < torch.tensor([11, 6])[:, None]
+    output, _ = layer.attend(query, query, value, None, key_mask)
+    keys = torch.nn.functional.normalize(query, dim=-1)
+    scores = torch.matmul(query, keys.transpose(-1, -2)) / 8**0.5
+    allowed = key_mask[:, None, None, :] & ~torch.eye(11, dtype=torch.bool)
+    expected = torch.matmul(torch.softmax(scores.masked_fill(~allowed, -torch.inf), dim=-1), value).transpose(1, 2)
+    torch.testing.assert_close(output[key_mask], expected[key_mask], rtol=1e-5, atol=1e-6)
 
 
 def test_grid_commands_and_resume_from_last_complete_checkpoint(tmp_path):
@@ -412,3 +455,34 @@ def test_attention_op_benchmark_ratios_against_sdpa_and_crossover_lengths():
     assert [row.time_vs_sdpa for row in rows if row.method == local] == [1.2, 0.5, 0.25, None]
     assert op_benchmark.crossover_length(rows, local) == 2048
     assert op_benchmark.crossover_length(rows) == 4096  # FAVOR+ is slower than SDPA at 2048
+
+
+def test_reversible_benchmark_measures_every_kind_side_by_side():
+    config = ReversibleBenchmarkConfig(
+        length=8, batch_size=1, layers=[1, 2], min_run_time=0.0, tensor_memory=False, config_overrides=TINY_MODEL
+    )
+    result = run_reversible_benchmark(config, log=lambda line: None)
+    assert [(row.kind, row.reversible, row.num_layers) for row in result.rows] == [
+        (kind, reversible, num_layers)
+        for kind in ATTENTION_KINDS
+        for reversible in (False, True)
+        for num_layers in (1, 2)
+    ]
+    assert all(row.time_s > 0 and math.isnan(row.tensor_peak_mib) for row in result.rows)
+    report = format_reversible(result, config)
+    for kind in ATTENTION_KINDS:
+        assert f"| {kind} | 2 | reversible |" in report and f"\n| {kind} | " in report.split("Ratios")[1]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"layers": [8, 1]}, "two increasing"),
+        ({"layers": [1, 2, 4]}, "two increasing"),
+        ({"kinds": ["nope"]}, "Unknown attention kinds"),
+        ({"config_overrides": "num_hidden_layers=4"}, "--layers does"),
+    ],
+)
+def test_reversible_benchmark_rejects_bad_settings(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ReversibleBenchmarkConfig(**overrides)

@@ -24,7 +24,12 @@ from txformer.data import (
     generate_synthetic_data,
     oracle_auroc,
 )
-from txformer.data.synthetic_order import OrderPosterior, increasing_event_seconds, stationary_distribution
+from txformer.data.synthetic_order import (
+    OrderPosterior,
+    TransitionCountClassifier,
+    increasing_event_seconds,
+    stationary_distribution,
+)
 
 
 # Short histories and frequent quirks, so a tiny file shows every one of them.
@@ -402,3 +407,30 @@ def test_folders_without_a_family_are_the_independent_family(tiny, tmp_path):
     (tmp_path / "oracle.json").write_text(json.dumps(parameters | {"family": "markov"}))
     with pytest.raises(ValueError, match="unknown family 'markov'"):
         SyntheticOracle.load(tmp_path)
+
+
+def test_transition_count_classifier_recovers_the_chains(order_strong):
+    """Fitted on 300 customers of a strong order signal, the plug-in classifier's log-ratios follow the generator's
+    and its held-out AUROC nears the oracle's, where permuted labels give chance; a window scores the sum of its
+    known transitions' log-ratios."""
+    oracle = SyntheticOracle.load(order_strong.output_dir)
+    customers = build_customer_dataset(order_strong.transactions_path)
+    codes = [np.asarray(sequence) for sequence in customers["mcc_code"]]
+    labels = oracle.true_labels(customers["customer_id"])
+    log_transition = np.asarray(oracle.parameters["log_transition"])
+    oracle_held_out = oracle.auroc(customers["customer_id"][300:])
+    fits = {}
+    for name, fit_labels in (("true", labels[:300]), ("permuted", np.random.default_rng(0).permutation(labels[:300]))):
+        model = TransitionCountClassifier(smoothing=1.0).fit(codes[:300], fit_labels)
+        rows = np.searchsorted(oracle.parameters["mcc_codes"], model.known_codes)
+        true_ratio = (log_transition[1] - log_transition[0])[np.ix_(rows, rows)]
+        correlation = np.corrcoef(model.log_ratio.ravel(), true_ratio.ravel())[0, 1]
+        fits[name] = correlation, roc_auc_score(labels[300:], model.decision_function(codes[300:]))
+    assert fits["true"][0] > 0.2 > 0.1 > fits["permuted"][0]
+    assert oracle_held_out - 0.1 < fits["true"][1] <= oracle_held_out
+    assert abs(fits["permuted"][1] - 0.5) < 0.1
+    a, b = model.known_codes[:2]
+    unseen = model.known_codes.max() + 1
+    scores = model.decision_function([np.array([a, b, a]), np.array([a, unseen, b]), np.array([b])])
+    assert scores[0] == pytest.approx(model.log_ratio[0, 1] + model.log_ratio[1, 0])
+    assert scores[1:].tolist() == [0.0, 0.0]

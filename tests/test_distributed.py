@@ -5,8 +5,9 @@ process with the same global batch (losses, gradient norms, saved weights, evalu
 and profile both ranks.
 
 Run as a script (`accelerate launch ... tests/test_distributed.py DATA_DIR OUTPUT_ROOT`), this file is the launched
-program: it runs `scripts/train.py` with `train_arguments(...)` for every attention kind in one pair of processes,
-so that the two processes start (and import torch and transformers) once for the three runs.
+program: it runs `scripts/train.py` with `train_arguments(...)` for every run of `RUNS` (every attention kind, and one
+with reversible layers) in one pair of processes, so that the two processes start (and import torch and
+transformers) once for all runs.
 """
 
 import argparse
@@ -23,11 +24,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_batch, tiny_config
 from safetensors.torch import load_file
 
-from txformer.configuration_txformer import ATTENTION_KINDS
+from txformer import TxFormerForSequenceClassification
+from txformer.configuration_txformer import ATTENTION_KINDS, POOLING_TYPES
 from txformer.file_names import EVAL_PREDICTIONS_FILE
 from txformer.metrics import read_evaluated_predictions
+from txformer.modeling_txformer import TxFormerForContrastivePretraining, TxFormerForMaskedEventModeling
+from txformer.pretraining import has_parameters_without_gradient
+from txformer.training import TxFormerTrainingArguments
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,6 +53,14 @@ CONFIG_OVERRIDES = (
     "attention_dropout_prob=0,performer_num_random_features=16,performer_redraw_interval=1,segment_length=16,"
     "ltm_num_basis=8,ltm_num_samples=8"
 )
+# The runs by name: every attention kind, and reversible layers (`reversible_layers`, whose custom backward returns
+# the parameters' gradients that DDP all-reduces) with a kind whose layers carry a state, if one is registered: its
+# state is an input and an output of the custom backward.
+REVERSIBLE_KIND = next((name for name, kind in ATTENTION_KINDS.items() if kind.streaming), next(iter(ATTENTION_KINDS)))
+RUNS: dict[str, tuple[str, str]] = {
+    **{name: (name, CONFIG_OVERRIDES) for name in ATTENTION_KINDS},
+    f"{REVERSIBLE_KIND}_reversible": (REVERSIBLE_KIND, CONFIG_OVERRIDES + ",reversible_layers=true"),
+}
 # Both runs compute in float32; they differ only in summation order (batch split, all-reduce).
 RTOL, ATOL = 1e-5, 1e-6
 PAIR_EMBEDDING_ATOL = 1e-5
@@ -56,21 +70,22 @@ ENCODING_LINE = "txformer.data.prepare: Encoding "
 CACHE_HIT_LINE = "txformer.data.prepare: Using the prepared data in {}."
 
 
-def train_arguments(data_dir: Path, output_dir: Path, attention_type: str, per_device_batch: int) -> list[str]:
-    """`scripts/train.py` arguments of one run: the global batch is `per_device_batch` times the number of processes.
+def train_arguments(data_dir: Path, output_dir: Path, run: str, per_device_batch: int) -> list[str]:
+    """`scripts/train.py` arguments of the run `run` of `RUNS`: the global batch is `per_device_batch` times the number of processes.
 
     `MAX_STEPS` global batches fit in the first epoch, so both runs see the same samples in the same order; the
     evaluation split (9 customers of the test data) is not a multiple of `WORLD_SIZE * EVAL_BATCH`: uneven batches.
     The runs of one output root share a data cache (`CACHE_FOLDER`, next to their output folders); every process logs
     at INFO, so that the log shows which processes prepared the data.
     """
+    attention_type, config_overrides = RUNS[run]
     return [
         "--data_cache_dir", str(output_dir.parent / CACHE_FOLDER),
         "--log_level_replica", "info",
         "--transactions", str(data_dir / "transactions.csv"),
         "--labels", str(data_dir / "gender_train.csv"),
         "--attention_type", attention_type,
-        "--config_overrides", CONFIG_OVERRIDES,
+        "--config_overrides", config_overrides,
         "--max_length", "64",
         "--eval_fraction", "0.2",
         "--per_device_train_batch_size", str(per_device_batch),
@@ -92,12 +107,12 @@ def train_arguments(data_dir: Path, output_dir: Path, attention_type: str, per_d
 
 
 def run_kinds_in_launched_processes(data_dir: Path, output_root: Path) -> None:
-    """The launched program: `scripts/train.py` once per attention kind, `PER_DEVICE_BATCH` rows per process; each
+    """The launched program: `scripts/train.py` once per run of `RUNS`, `PER_DEVICE_BATCH` rows per process; each
     process first records where torchrun placed it (`placement.rank<r>.json`)."""
     placement = {key: int(os.environ[key]) for key in ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     (output_root / f"placement.rank{placement['RANK']}.json").write_text(json.dumps(placement))
-    for attention_type in ATTENTION_KINDS:
-        arguments = train_arguments(data_dir, output_root / attention_type, attention_type, PER_DEVICE_BATCH)
+    for run in RUNS:
+        arguments = train_arguments(data_dir, output_root / run, run, PER_DEVICE_BATCH)
         sys.argv = [str(TRAIN_SCRIPT), *arguments]
         runpy.run_path(str(TRAIN_SCRIPT), run_name="__main__")
 
@@ -172,9 +187,8 @@ def runs(request, tmp_path_factory) -> dict[str, Path]:
                 )
         from txformer.training import main
 
-        for attention_type in ATTENTION_KINDS:
-            output_dir = one_process / attention_type
-            main(train_arguments(data_dir, output_dir, attention_type, WORLD_SIZE * PER_DEVICE_BATCH))
+        for run in RUNS:
+            main(train_arguments(data_dir, one_process / run, run, WORLD_SIZE * PER_DEVICE_BATCH))
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
         returncodes = [launch.wait(timeout=max(deadline - time.monotonic(), 1)) for launch in launches]
     finally:
@@ -201,12 +215,12 @@ def test_processes_ran_on_the_machines_of_the_layout(runs):
 
 
 def test_the_launch_encoded_the_data_once_and_every_later_run_read_the_cache(runs):
-    """Three runs (one per kind) in two processes: the first run's main process prepares and encodes the data while
-    the other process waits; its loading, and both processes' loading in the two later runs, read the cache."""
+    """The runs of `RUNS` in two processes: the first run's main process prepares and encodes the data while the
+    other process waits; its loading, and both processes' loading in the later runs, read the cache."""
     (training_folder,) = (runs["two"] / CACHE_FOLDER / "prepared").glob("training-*")
     assert runs["log"].count(ENCODING_LINE) == 1, runs["log"][-6000:]
     cache_hits = runs["log"].count(CACHE_HIT_LINE.format(training_folder))
-    assert cache_hits == WORLD_SIZE * len(ATTENTION_KINDS) - 1, runs["log"][-6000:]
+    assert cache_hits == WORLD_SIZE * len(RUNS) - 1, runs["log"][-6000:]
 
 
 def training_logs(output_dir: Path) -> list[dict]:
@@ -219,9 +233,9 @@ def results(output_dir: Path) -> dict:
     return json.loads((output_dir / "all_results.json").read_text())
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_KINDS)
-def test_two_ranks_exist_and_the_profile_summary_gathers_both(runs, attention_type):
-    output_dir = runs["two"] / attention_type
+@pytest.mark.parametrize("run", RUNS)
+def test_two_ranks_exist_and_the_profile_summary_gathers_both(runs, run):
+    output_dir = runs["two"] / run
     summary = json.loads((output_dir / "profile_summary.json").read_text())
     assert summary["world_size"] == WORLD_SIZE and summary["training"]["world_size"] == WORLD_SIZE
     assert [rank["rank"] for rank in summary["per_rank"]] == list(range(WORLD_SIZE))
@@ -233,17 +247,51 @@ def test_two_ranks_exist_and_the_profile_summary_gathers_both(runs, attention_ty
         assert [record["step"] for record in records] == list(range(1, MAX_STEPS + 1))
         assert all(record["samples"] == PER_DEVICE_BATCH and record["rank"] == rank for record in records)
     assert summary["samples_total"] == MAX_STEPS * WORLD_SIZE * PER_DEVICE_BATCH
-    assert summary["tokens_total"] == sum(rank["tokens_total"] for rank in summary["per_rank"])
+    # The real events of both ranks, as the Trainer counts them (gathered), and as one process counts them.
+    single = json.loads((runs["one"] / run / "profile_summary.json").read_text())
+    assert [rank["tokens_total"] for rank in summary["per_rank"]] == [single["tokens_total"]] * WORLD_SIZE
+    assert summary["tokens_total"] == single["tokens_total"] > summary["samples_total"]
     assert not (output_dir / "profile_steps.jsonl").exists()
 
 
+def test_ddp_does_not_search_for_unused_parameters(runs):
+    """Every parameter gets a gradient, so DDP is told so and does not warn, on each rank, that its search found
+    nothing."""
+    logs = "".join(path.read_text() for path in runs["two"].glob("launch.machine*.log"))
+    assert "find_unused_parameters=True was specified" not in logs
+
+
+@pytest.mark.parametrize("pooling", POOLING_TYPES)
 @pytest.mark.parametrize("attention_type", ATTENTION_KINDS)
-def test_loss_trajectory_matches_one_process_with_the_same_global_batch(runs, attention_type):
+def test_ddp_searches_for_unused_parameters_exactly_where_a_loss_leaves_some(attention_type, pooling):
+    """The default `ddp_find_unused_parameters` of training (off) and of each pretraining objective agrees with the
+    gradients: on where some parameter gets none (DDP would otherwise fail), off where all get one."""
+    config = tiny_config(attention_type, pooling=pooling)
+    batch = random_batch(config, [3, 9])  # the ∞-former reads the longer history in several segments
+    heads = {
+        "classification": (TxFormerForSequenceClassification, {"labels": torch.tensor([0, 1])}),
+        "contrastive": (TxFormerForContrastivePretraining, {"slice_labels": torch.tensor([0, 0])}),
+        "masked": (TxFormerForMaskedEventModeling, {"masked_events": batch["attention_mask"].bool()}),
+    }
+    for objective, (model_class, targets) in heads.items():
+        torch.manual_seed(0)
+        model = model_class(config)
+        model(**batch, **targets).loss.backward()
+        without_gradient = [name for name, parameter in model.named_parameters() if parameter.grad is None]
+        if objective == "classification":
+            searches = TxFormerTrainingArguments(output_dir="unused", report_to="none").ddp_find_unused_parameters
+        else:
+            searches = has_parameters_without_gradient(objective, config)
+        assert searches == bool(without_gradient), (objective, without_gradient)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_loss_trajectory_matches_one_process_with_the_same_global_batch(runs, run):
     """Each global batch is split between the ranks with its own padding; the loss is a per-sample sum over the
     global batch (`num_items_in_batch`). Per-row state must make the split invisible: the ∞-former's memory, and
     the Performer projection that each rank redraws itself."""
-    assert results(runs["one"] / attention_type)["train_samples"] >= MAX_STEPS * WORLD_SIZE * PER_DEVICE_BATCH
-    single, distributed = training_logs(runs["one"] / attention_type), training_logs(runs["two"] / attention_type)
+    assert results(runs["one"] / run)["train_samples"] >= MAX_STEPS * WORLD_SIZE * PER_DEVICE_BATCH
+    single, distributed = training_logs(runs["one"] / run), training_logs(runs["two"] / run)
     assert [entry["step"] for entry in distributed] == list(range(1, MAX_STEPS + 1))
     assert [entry["step"] for entry in single] == list(range(1, MAX_STEPS + 1))
     for key in ("loss", "grad_norm"):
@@ -254,10 +302,10 @@ def test_loss_trajectory_matches_one_process_with_the_same_global_batch(runs, at
     assert len({entry["loss"] for entry in single}) == MAX_STEPS
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_KINDS)
-def test_saved_model_equals_the_one_process_model(runs, attention_type):
-    single = load_file(runs["one"] / attention_type / "model.safetensors")
-    distributed = load_file(runs["two"] / attention_type / "model.safetensors")
+@pytest.mark.parametrize("run", RUNS)
+def test_saved_model_equals_the_one_process_model(runs, run):
+    single = load_file(runs["one"] / run / "model.safetensors")
+    distributed = load_file(runs["two"] / run / "model.safetensors")
     assert single.keys() == distributed.keys()
     for name, value in single.items():
         # A pair-embedding row used by a single event moves by Adam's normalised step whatever the size of its
@@ -285,9 +333,9 @@ def test_performer_projection_is_the_deterministic_redraw_of_the_last_step(runs)
     assert all(torch.equal(distributed[name], single[name]) for name in buffers)
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_KINDS)
-def test_evaluation_covers_every_sample_once_with_uneven_last_batches(runs, attention_type):
-    single, distributed = results(runs["one"] / attention_type), results(runs["two"] / attention_type)
+@pytest.mark.parametrize("run", RUNS)
+def test_evaluation_covers_every_sample_once_with_uneven_last_batches(runs, run):
+    single, distributed = results(runs["one"] / run), results(runs["two"] / run)
     num_eval = distributed["eval_samples"]
     assert num_eval == single["eval_samples"] and num_eval % (WORLD_SIZE * EVAL_BATCH) != 0
     # Accuracy is a count over the gathered predictions: over `num_eval` of them it is a multiple of 1/num_eval.
@@ -300,9 +348,9 @@ def test_evaluation_covers_every_sample_once_with_uneven_last_batches(runs, atte
     assert single["eval_log_loss"] == pytest.approx(single["eval_loss"], rel=RTOL, abs=ATOL)
     # The held-out predictions, gathered from both processes, are written in the customers' order.
     single_ids, single_labels, single_probabilities = read_evaluated_predictions(
-        runs["one"] / attention_type / EVAL_PREDICTIONS_FILE
+        runs["one"] / run / EVAL_PREDICTIONS_FILE
     )
-    ids, labels, probabilities = read_evaluated_predictions(runs["two"] / attention_type / EVAL_PREDICTIONS_FILE)
+    ids, labels, probabilities = read_evaluated_predictions(runs["two"] / run / EVAL_PREDICTIONS_FILE)
     assert ids.tolist() == single_ids.tolist() and labels.tolist() == single_labels.tolist()
     np.testing.assert_allclose(probabilities, single_probabilities, rtol=RTOL, atol=ATOL)
 

@@ -155,6 +155,26 @@ def test_one_complete_line_per_optimizer_step_with_exact_real_event_counts(accum
         assert record["step_time_s"] > 0 and record["data_time_s"] >= 0 and record["peak_memory_mib"] > 0
 
 
+def test_real_events_are_the_trainers_own_non_padding_count(accumulation_run, tmp_path):
+    """The callback turns on the Trainer's count (attention_mask sums) and takes each step's share of it; a count that
+    includes padding is not recorded as real events."""
+    trainer, output_dir = accumulation_run
+    assert trainer.args.include_num_input_tokens_seen == "non_padding"
+    records = read_steps(output_dir / PROFILE_STEPS_FILE)
+    assert (
+        trainer.state.num_input_tokens_seen == sum(record["tokens"] for record in records) == sum(sequence_lengths())
+    )
+    Trainer(
+        model=MeanPoolClassifier(),
+        args=training_args(tmp_path, include_num_input_tokens_seen="all", max_steps=2),
+        train_dataset=LengthsDataset(sequence_lengths()),
+        data_collator=pad_collator,
+        callbacks=[ProfilingCallback()],
+    ).train()
+    assert [record["tokens"] for record in read_steps(tmp_path / PROFILE_STEPS_FILE)] == [None, None]
+    assert json.loads((tmp_path / PROFILE_SUMMARY_FILE).read_text())["tokens_total"] is None
+
+
 def test_summary_has_statistics_environment_and_overhead(accumulation_run):
     _, output_dir = accumulation_run
     summary = json.loads((output_dir / PROFILE_SUMMARY_FILE).read_text())
@@ -286,7 +306,7 @@ TWO_RANK_SCRIPT = textwrap.dedent(
 
     from txformer.profiling import ProfilingCallback
 
-    args = training_args(Path(sys.argv[1]), gradient_accumulation_steps=2, use_cpu=False, ddp_backend="gloo")
+    args = training_args(Path(sys.argv[1]), gradient_accumulation_steps=2, ddp_backend="gloo")
     Trainer(
         model=MeanPoolClassifier(),
         args=args,
@@ -318,8 +338,9 @@ def test_two_ranks_write_their_own_steps_and_one_gathered_summary(tmp_path):
     assert all([record["step"] for record in records] == [1, 2, 3, 4] for records in rank_records)
     summary = json.loads((tmp_path / PROFILE_SUMMARY_FILE).read_text())
     assert summary["world_size"] == 2 and [rank["rank"] for rank in summary["per_rank"]] == [0, 1]
-    rank_tokens = [sum(record["tokens"] for record in records) for records in rank_records]
-    assert [rank["tokens_total"] for rank in summary["per_rank"]] == rank_tokens
+    # Every rank records the real events of both ranks (the Trainer gathers its count), per step and in all.
+    assert [record["tokens"] for record in rank_records[0]] == [record["tokens"] for record in rank_records[1]]
+    assert [rank["tokens_total"] for rank in summary["per_rank"]] == [sum(sequence_lengths(2 * NUM_SEQUENCES))] * 2
     assert summary["tokens_total"] == sum(sequence_lengths(2 * NUM_SEQUENCES))
 
 
@@ -339,7 +360,7 @@ def test_summarize_steps_excludes_warmup_steps_from_statistics():
     assert summary["tokens_total"] == 140 and summary["peak_memory_mib"] == 500.0  # both keep the warm-up steps
 
 
-def test_summarize_steps_without_attention_mask_reports_no_tokens():
+def test_summarize_steps_without_real_event_counts_reports_no_tokens():
     summary = summarize_steps([1.0], [0.0], [4], [float("nan")], [1.0], excluded_warmup_steps=2)
     assert summary["num_steps_in_statistics"] == 1
     assert summary["tokens_per_s_median"] is None and summary["tokens_total"] is None
@@ -380,12 +401,13 @@ def fake_rank_summary(rank: int, step_time_median: float, tokens_per_s: float, p
     }
 
 
-def test_aggregate_rank_summaries_sums_throughput_and_takes_maxima():
+def test_aggregate_rank_summaries_sums_samples_and_takes_the_pace_of_the_slowest_rank():
+    """Each rank counts its own samples but the events of all ranks, over its own step time."""
     ranks = [fake_rank_summary(1, 1.2, 900.0, 2048.0), fake_rank_summary(0, 1.0, 1000.0, 1024.0)]
     aggregate = aggregate_rank_summaries(ranks)
     assert aggregate["world_size"] == 2
-    assert aggregate["tokens_per_s_median"] == 1900.0 and aggregate["samples_per_s_median"] == 19.0
-    assert aggregate["samples_total"] == 80 and aggregate["tokens_total"] == 8000
+    assert aggregate["tokens_per_s_median"] == 900.0 and aggregate["samples_per_s_median"] == 19.0
+    assert aggregate["samples_total"] == 80 and aggregate["tokens_total"] == 4000
     assert aggregate["peak_memory_mib"] == 2048.0
     assert aggregate["step_time_s"]["median"] == 1.2 and aggregate["step_time_s"]["p90"] == 2.4
     assert aggregate["callback_overhead_fraction"] == 0.002

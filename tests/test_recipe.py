@@ -47,11 +47,16 @@ TINY_MODEL = "hidden_size=16,num_hidden_layers=1,num_attention_heads=2,intermedi
 NUM_CUSTOMERS = 200
 
 
-def tiny_run_flags(output_dir: Path, cache_dir: Path, *flags: str) -> list[str]:
-    """`scripts/train.py` flags of a run of a few steps on 200 synthetic customers (126 training customers)."""
+def tiny_run_flags(
+    output_dir: Path, cache_dir: Path, *flags: str, model_name_or_path: Path | None = None
+) -> list[str]:
+    """`scripts/train.py` flags of a run of a few steps on 200 synthetic customers (126 training customers), of a
+    tiny new model or of the one in `model_name_or_path`."""
     return [
         f"--synthetic_num_customers={NUM_CUSTOMERS}",
-        f"--config_overrides={TINY_MODEL}",
+        f"--config_overrides={TINY_MODEL}"
+        if model_name_or_path is None
+        else f"--model_name_or_path={model_name_or_path}",
         "--max_length=32",
         "--per_device_train_batch_size=8",
         "--per_device_eval_batch_size=64",
@@ -217,14 +222,16 @@ def test_a_pretrained_folder_gives_its_vocabulary_and_encoder(synthetic_data, tm
     data_args = DataArguments(synthetic_num_customers=400, data_cache_dir=str(synthetic_data))
     data = prepare_datasets(data_args, arguments(tmp_path, eval_strategy="no"))
     vocabulary = data["vocabulary"]
-    config = tiny_config(categorical_vocab_sizes=list(vocabulary.vocab_sizes))
+    config = tiny_config(
+        categorical_fields=list(vocabulary.categorical_fields), categorical_vocab_sizes=list(vocabulary.vocab_sizes)
+    )
     encoder = TxFormerModel(config).eval()
     folder = tmp_path / "pretrained"
     encoder.save_pretrained(folder)
     vocabulary.save_pretrained(folder)
 
     output_dir = tmp_path / "fine_tuned"
-    main(tiny_run_flags(output_dir, tmp_path / "cache", f"--model_name_or_path={folder}", "--max_steps=2"))
+    main(tiny_run_flags(output_dir, tmp_path / "cache", "--max_steps=2", model_name_or_path=folder))
     # On a different data set (200 customers) the folder's vocabulary is used, not one fitted anew.
     assert EventVocabulary.from_pretrained(output_dir).to_dict() == vocabulary.to_dict()
     other_data = DataArguments(synthetic_num_customers=NUM_CUSTOMERS, data_cache_dir=str(tmp_path / "cache"))
@@ -384,3 +391,15 @@ def test_held_out_predictions_are_written_in_customer_order_with_their_metrics(t
     collator = TransactionCollator(list(vocabulary.categorical_fields), list(vocabulary.numeric_fields), max_length=32)
     rescored = predict_probabilities(load_model(str(output_dir)), held_out, collator, 64, torch.device("cpu"))
     np.testing.assert_allclose(probabilities, rescored, rtol=1e-5)
+
+
+def test_the_model_reads_the_terminal_only_when_asked(synthetic_data, tmp_path):
+    def fields(*categorical_fields: str) -> list[str]:
+        flags = {"categorical_fields": list(categorical_fields)} if categorical_fields else {}
+        data_args = DataArguments(synthetic_num_customers=400, data_cache_dir=str(synthetic_data), **flags)
+        return prepare_datasets(data_args, arguments(tmp_path, eval_strategy="no"))["vocabulary"].categorical_fields
+
+    assert fields() == ["mcc_code", "tr_type"]
+    assert fields("mcc_code", "tr_type", "term_id") == ["mcc_code", "tr_type", "term_id"]
+    with pytest.raises(ValueError, match="terminal"):
+        fields("mcc_code", "terminal")

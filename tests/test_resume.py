@@ -4,6 +4,7 @@ complete."""
 
 import importlib.util
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from txformer.io_utils import safetensors_defect
 from txformer.training import is_complete_checkpoint, main, resolve_checkpoint
 
 
@@ -144,15 +146,25 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path,
     assert profiled_steps == list(range(1, MAX_STEPS + 1))
 
 
+def write_checkpoint(folder: Path, state: str | None = "{}") -> Path:
+    """A checkpoint folder as the Trainer writes it: weights, optimizer and, last, `trainer_state.json` (unless None)."""
+    folder.mkdir()
+    save_file({"weight": torch.arange(64.0), "bias": torch.zeros(3)}, folder / "model.safetensors")
+    torch.save({"state": {0: {"exp_avg": torch.ones(8)}}}, folder / "optimizer.pt")
+    if state is not None:
+        (folder / "trainer_state.json").write_text(state)
+    return folder
+
+
+def truncate(path: Path, size: int) -> None:
+    os.truncate(path, size if size >= 0 else path.stat().st_size + size)
+
+
 def test_last_skips_checkpoints_left_half_written(tmp_path):
     """A kill while saving leaves a checkpoint folder without (or with a truncated) trainer_state.json, the file the
     Trainer writes last: `last` resumes from the newest complete one, and naming an incomplete one is an error."""
     for step, state in ((4, "{}"), (8, None), (12, '{"global_step": 1')):
-        folder = tmp_path / f"checkpoint-{step}"
-        folder.mkdir()
-        (folder / "model.safetensors").write_bytes(b"partial")
-        if state is not None:
-            (folder / "trainer_state.json").write_text(state)
+        write_checkpoint(tmp_path / f"checkpoint-{step}", state)
     (tmp_path / "checkpoint-99-old").mkdir()
     assert resolve_checkpoint("last", tmp_path) == str(tmp_path / "checkpoint-4")
     assert resolve_checkpoint("True", tmp_path) == str(tmp_path / "checkpoint-4")
@@ -161,6 +173,42 @@ def test_last_skips_checkpoints_left_half_written(tmp_path):
         resolve_checkpoint(str(tmp_path / "checkpoint-8"), tmp_path)
     with pytest.raises(ValueError, match="has no complete checkpoint"):
         resolve_checkpoint("last", tmp_path / "checkpoint-8")
+
+
+def test_last_falls_back_over_checkpoints_with_a_truncated_file_naming_it(tmp_path, caplog):
+    """A checkpoint whose trainer_state.json reads back but whose weights or optimizer file was cut short (a full
+    disk, an interrupted copy) would fail to load with a message that names no file: `last` skips it with a warning
+    naming the file, and naming it is an error that names the file."""
+    for step in (4, 8, 12):
+        write_checkpoint(tmp_path / f"checkpoint-{step}")
+    truncate(tmp_path / "checkpoint-12" / "model.safetensors", -10)
+    truncate(tmp_path / "checkpoint-8" / "optimizer.pt", 100)
+    with caplog.at_level(logging.WARNING, logger="txformer.training"):
+        assert resolve_checkpoint("last", tmp_path) == str(tmp_path / "checkpoint-4")
+    assert "checkpoint-12 (model.safetensors is incomplete: " in caplog.text
+    assert "checkpoint-8 (optimizer.pt is incomplete: no end of archive" in caplog.text
+    with pytest.raises(
+        ValueError, match=r"checkpoint-12 is not a complete checkpoint \(model.safetensors is incomplete"
+    ):
+        resolve_checkpoint(str(tmp_path / "checkpoint-12"), tmp_path)
+
+
+@pytest.mark.parametrize("cut", ["length", "header", "data", "extra_bytes", "empty"])
+def test_a_safetensors_file_is_whole_exactly_when_safetensors_loads_it(tmp_path, cut):
+    """`safetensors_defect` reads the header alone; it flags exactly the files that the loader refuses."""
+    path = tmp_path / "model.safetensors"
+    save_file({"weight": torch.arange(64.0)}, path)
+    assert safetensors_defect(path) is None
+    load_file(path)
+    header_end = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    if cut == "extra_bytes":
+        with open(path, "ab") as file:
+            file.write(b"\0" * 4)
+    else:
+        truncate(path, {"length": 4, "header": header_end - 5, "data": header_end + 10, "empty": 0}[cut])
+    assert safetensors_defect(path) is not None
+    with pytest.raises(Exception, match="(?i)header|incomplete|metadata|too small"):
+        load_file(path)
 
 
 def load_io_utils():

@@ -34,8 +34,8 @@ RELU_KERNEL_EPS = 1e-3
 PERFORMER_PYTORCH_SOFTMAX_EPS = 1e-4
 # Work of one chunk, in elements of the `[batch, heads, chunk, features]` feature block (4 MiB in float32): large
 # enough to amortise the per-chunk Python overhead, small enough to stay in cache, so that the time per token does not
-# grow with the length and the memory beyond inputs and outputs is a few blocks. Measured optimum on a 2-core CPU for
-# batch·heads from 4 to 128; beyond, chunks keep at least MIN_CHUNK_LENGTH rows, as GEMMs over fewer rows are slow.
+# grow with the length and the memory beyond inputs and outputs is a few blocks (docs/performer.md has the
+# measurements). Chunks keep at least MIN_CHUNK_LENGTH rows, as GEMMs over fewer rows are slow.
 CHUNK_NUM_ELEMENTS = 2**20
 MIN_CHUNK_LENGTH = 32
 KERNELS = ("softmax", "relu")
@@ -151,7 +151,7 @@ def _key_exponent(
 ) -> torch.Tensor:
     """log2(e) E = log2(e) (U − ‖x‖²/2) of a chunk of keys into `out`, −inf on padded keys (out of the max, zero
     features). The mask rides on the small `[batch, heads, chunk, 1]` norm term (+inf where padded): a broadcast
-    `masked_fill_` on the block is an order of magnitude slower."""
+    `masked_fill_` on the block is much slower (docs/performer.md)."""
     half_norms = rows.square().sum(dim=-1, keepdim=True).mul_(LOG2_E / (2 * math.sqrt(rows.shape[-1])))
     if key_mask is not None:
         half_norms.masked_fill_(~key_mask, math.inf)

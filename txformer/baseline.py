@@ -28,7 +28,7 @@ from .data import (
 )
 from .data.reader import SECONDS_PER_DAY, list_offsets_and_values
 from .file_names import BASELINE_PREDICTIONS_FILE, BASELINE_RESULTS_FILE
-from .io_utils import atomic_write_json
+from .io_utils import atomic_write_json, check_writable_folder
 from .metrics import classification_metrics, write_evaluated_predictions
 from .training import DataArguments, data_files
 
@@ -213,7 +213,7 @@ def amount_statistics(events: FlatEvents) -> tuple[np.ndarray, list[str]]:
     share of debits."""
     # Sorted by customer then amount, debits (negative) come before credits within each customer, so each group's
     # values stay sorted after masking: quantiles are index arithmetic.
-    # One sort of an integer key (customer row, rank of the amount): several times faster than `np.lexsort`.
+    # One sort of an integer key (customer row, rank of the amount) rather than `np.lexsort` (docs/baseline.md).
     amount_rank = np.empty(len(events.amount), dtype=np.int64)
     amount_rank[np.argsort(events.amount)] = np.arange(len(events.amount))
     order = np.argsort(events.row.astype(np.int64) * len(events.amount) + amount_rank)
@@ -343,7 +343,10 @@ def read_customer_embeddings(path: str | os.PathLike) -> CustomerFeatures:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such embeddings file.")
-    schema = pq.read_schema(path)
+    try:
+        schema = pq.read_schema(path)
+    except pa.ArrowInvalid as error:
+        raise ValueError(f"{path}: not a Parquet file ({error})") from None
     if "customer_id" not in schema.names or not pa.types.is_integer(schema.field("customer_id").type):
         raise ValueError(f"{path}: expected an integer `customer_id` column; the columns are {schema.names}.")
     embedding_names = [name for name in schema.names if name.startswith(EMBEDDING_PREFIX)]
@@ -435,8 +438,8 @@ class LightGBMArguments:
     num_threads: int = field(
         default=1,
         metadata={
-            "help": "LightGBM threads (0 = all cores). One by default: spinning threads on busy cores are many times "
-            "slower, and one thread trains on ten thousand customers in about a minute."
+            "help": "LightGBM threads (0 = all cores). One by default: LightGBM's threads spin while they wait, "
+            "which is slow on busy cores (docs/baseline.md)."
         },
     )
 
@@ -575,6 +578,7 @@ def run_baseline(data_args: DataArguments, baseline_args: BaselineArguments, lig
             f"--features {baseline_args.features} with --embeddings {baseline_args.embeddings}: embeddings go with "
             "--features embeddings or both, and only there."
         )
+    output_dir = check_writable_folder(baseline_args.output_dir, "--output_dir")
     embeddings = None if baseline_args.embeddings is None else read_customer_embeddings(baseline_args.embeddings)
     customers, synthetic_dir = load_labelled_customers(data_args)
     train, held_out = split_for_evaluation(

@@ -12,6 +12,7 @@ from .attention_full import FULL_ATTENTION, AttentionKind
 from .attention_infinity import INFINITY_ATTENTION
 from .attention_local import LOCAL_ATTENTION
 from .attention_performer import PERFORMER_ATTENTION
+from .attention_reformer import REFORMER_ATTENTION
 
 
 # The attention kinds by `attention_type`. A kind is one module, `attention_<kind>.py`, that defines its layer, its
@@ -24,6 +25,7 @@ ATTENTION_KINDS: dict[str, AttentionKind] = {
         PERFORMER_ATTENTION,
         INFINITY_ATTENTION,
         LOCAL_ATTENTION,
+        REFORMER_ATTENTION,
     )
 }
 # Every kind's config fields are fields of `TxFormerConfig`, so a config keeps the settings of every kind.
@@ -78,6 +80,13 @@ class TxFormerConfig(PreTrainedConfig, *ATTENTION_SETTINGS):
         attention_type (`str`): a kind of `ATTENTION_KINDS`: `"full"` (exact attention, `attn_implementation`
             picks SDPA, eager, flex or flash), `"performer"` (FAVOR+), `"infinity"` (∞-former), `"local"` (sliding
             window), ...
+        reversible_layers (`bool`): reversible layers (RevNet coupling, as in the Reformer): the embeddings are
+            duplicated into two streams `(X1, X2)`, each layer computes `Y1 = X1 + Attention(X2)` and
+            `Y2 = X2 + MLP(Y1)` with the weights of an ordinary layer, and the encoder output is `(Y1 + Y2) / 2`. In
+            training, the backward pass recovers each layer's inputs from its outputs instead of storing them, so
+            activation memory does not grow with the number of layers (docs/reversible_layers.md). The same weights
+            compute a different function from ordinary layers, so a model keeps the setting it was trained with.
+            Activation checkpointing is refused with it (the layers are recomputed already).
 
     Attention kinds: each kind adds its own fields, documented in its settings class (`PerformerSettings` in
     `attention_performer.py`, `InfinitySettings` in `attention_infinity.py`, ...). A config holds the fields of every
@@ -137,6 +146,7 @@ class TxFormerConfig(PreTrainedConfig, *ATTENTION_SETTINGS):
     event_context_size: int = 2
     event_pair_buckets: int = 8192
     attention_type: str = "full"
+    reversible_layers: bool = False
 
     embedding_size: int | None = None
     contrastive_loss: str = "margin"

@@ -9,13 +9,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, HfArgumentParser
+from transformers import AutoModel, AutoModelForPreTraining, HfArgumentParser
 
 from .cli import configure_logging
 from .data import EventVocabulary, TransactionCollator, prepare_encoded_customers, read_customer_ids
 from .data.prepare import DEFAULT_CACHE
-from .io_utils import atomic_write
-from .prediction import check_processor_matches, length_sorted_batches, load_processor
+from .io_utils import atomic_write, check_writable_file
+from .prediction import (
+    check_processor_matches,
+    check_scoring_options,
+    length_sorted_batches,
+    load_processor,
+    load_txformer_config,
+    scoring_device,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -44,7 +51,8 @@ class EmbeddingArguments:
         default="pooled",
         metadata={
             "help": "pooled: the encoder's pooled output (any folder); contrastive: the normalised embedding of a "
-            "contrastive pretraining folder."
+            "contrastive pretraining folder.",
+            "choices": list(EMBEDDING_KINDS),
         },
     )
     customer_ids: str | None = field(
@@ -64,14 +72,15 @@ class EmbeddingArguments:
     def __post_init__(self):
         if self.embedding not in EMBEDDING_KINDS:
             raise ValueError(f"Unknown embedding {self.embedding!r}; valid kinds: {list(EMBEDDING_KINDS)}.")
+        check_scoring_options(self)
 
 
 def load_embedding_model(args: EmbeddingArguments) -> torch.nn.Module:
     """The encoder (`pooled`) or the contrastive head (`contrastive`, refused for a folder without its weights)."""
     options = {"trust_remote_code": args.trust_remote_code, "use_safetensors": True}
+    architectures = load_txformer_config(args.model_dir, trust_remote_code=args.trust_remote_code).architectures
     if args.embedding == "pooled":
         return AutoModel.from_pretrained(args.model_dir, **options)
-    architectures = AutoConfig.from_pretrained(args.model_dir, trust_remote_code=args.trust_remote_code).architectures
     if CONTRASTIVE_ARCHITECTURE not in (architectures or []):
         raise ValueError(
             f"{args.model_dir} holds a {architectures} model, not {CONTRASTIVE_ARCHITECTURE}: its contrastive "
@@ -113,13 +122,14 @@ def embeddings_table(customer_ids: np.ndarray, embeddings: np.ndarray) -> pa.Tab
 
 def embed(args: EmbeddingArguments) -> Path:
     """Embeds every customer of `args.transactions` (or only `args.customer_ids`) and writes the Parquet file."""
+    wanted_ids = None if args.customer_ids is None else read_customer_ids(args.customer_ids)
+    check_writable_file(args.output_file, "--output_file")
+    model = load_embedding_model(args)
     processor = load_processor(args.model_dir)
     vocabulary = EventVocabulary.from_processor(processor)
-    model = load_embedding_model(args)
     check_processor_matches(processor, model.config, args.model_dir)
     max_length = processor.max_length if args.max_length is None else (args.max_length or None)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    wanted_ids = None if args.customer_ids is None else read_customer_ids(args.customer_ids)
+    device = scoring_device(args.device)
     customers = prepare_encoded_customers(
         args.transactions, vocabulary, customer_ids=wanted_ids, cache_dir=args.data_cache_dir
     ).customers

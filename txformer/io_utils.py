@@ -1,8 +1,11 @@
-"""Atomic file writes: a crash never leaves a half-written file that looks complete."""
+"""Atomic file writes, so that a crash never leaves a half-written file that looks complete, and the checks that
+tell a file cut short (by a kill, a full disk or an interrupted copy) before it is loaded."""
 
 import json
 import os
 import secrets
+import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -54,3 +57,86 @@ def _create_temporary(path: Path) -> tuple[int, Path]:
 def atomic_write_json(path: str | os.PathLike, payload: Any) -> Path:
     """Writes `payload` as indented JSON, atomically."""
     return atomic_write(path, lambda file: json.dump(payload, file, indent=2, sort_keys=True, default=str))
+
+
+# Files that record their own length: safetensors weights (a header of tensor offsets) and what `torch.save` writes
+# (a zip archive, which ends with its central directory).
+SAFETENSORS_PATTERN = "*.safetensors"
+TORCH_ARCHIVE_PATTERNS = ("*.pt", "*.pth")
+SAFETENSORS_LENGTH_BYTES = 8
+
+
+def safetensors_defect(path: str | os.PathLike) -> str | None:
+    """What is wrong with a safetensors file whose length disagrees with its header (None when it agrees): the
+    header cannot be read, or the tensors it describes end after or before the end of the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            header_length = int.from_bytes(file.read(SAFETENSORS_LENGTH_BYTES), "little")
+            data_start = SAFETENSORS_LENGTH_BYTES + header_length
+            if size < data_start:
+                return f"{size:,} bytes, shorter than its header"
+            header = json.loads(file.read(header_length))
+        data_end = max(
+            (int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"), default=0
+        )
+    except OSError as error:
+        return error.strerror or str(error)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "its header is not a safetensors header"
+    if size != data_start + data_end:
+        return f"{size:,} bytes where its header describes {data_start + data_end:,}"
+    return None
+
+
+def torch_archive_defect(path: str | os.PathLike) -> str | None:
+    """What is wrong with a file of `torch.save` (a zip archive) that lacks the end of the archive (None when it has
+    it)."""
+    try:
+        return None if zipfile.is_zipfile(path) else "no end of archive (a torch.save file cut short)"
+    except OSError as error:
+        return error.strerror or str(error)
+
+
+def incomplete_files(folder: str | os.PathLike, torch_archives: bool = True) -> dict[Path, str]:
+    """The safetensors files (and, with `torch_archives`, the `torch.save` files) directly in `folder` that are cut
+    short, each with what is wrong."""
+    folder = Path(folder)
+    defects = {path: safetensors_defect(path) for path in sorted(folder.glob(SAFETENSORS_PATTERN))}
+    for pattern in TORCH_ARCHIVE_PATTERNS if torch_archives else ():
+        defects.update({path: torch_archive_defect(path) for path in sorted(folder.glob(pattern))})
+    return {path: defect for path, defect in defects.items() if defect is not None}
+
+
+def check_weights_are_whole(folder: str | os.PathLike) -> None:
+    """Raises `ValueError` naming the first safetensors file of a model folder that is cut short, so that it is
+    reported by name rather than by the loader's own message (the other files of a checkpoint are not loaded)."""
+    for path, defect in incomplete_files(folder, torch_archives=False).items():
+        raise ValueError(f"{path}: the file is incomplete ({defect}); it was cut short while written or copied.")
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str) -> Path:
+    """Creates `folder` if needed and makes sure a file can be written into it, so that a run fails before its work
+    rather than when it writes its results; `what` names the flag in the error."""
+    folder = Path(folder)
+    blocking = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise NotADirectoryError(f"{what} {folder}: {blocking} is a file, not a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OSError(f"{what} {folder}: cannot write there ({error.strerror or error}).") from error
+    return folder
+
+
+def check_writable_file(path: str | os.PathLike, what: str) -> Path:
+    """Makes sure `path` can be written as a file (its folder is created if needed): not a folder, and in a folder
+    that can be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder; give the path of a file.")
+    check_writable_folder(path.parent, what)
+    return path

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.attention.flex_attention import BlockMask
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -252,8 +253,32 @@ class TxFormerMLP(nn.Module):
         return self.fc_out(self.act_fn(self.fc_in(hidden_states)))
 
 
+@dataclass(frozen=True)
+class RandomState:
+    """The states of torch's default random generators on the CPU and on an accelerator (None on the CPU): what
+    dropout and any random draw of an attention kind consume."""
+
+    cpu: torch.Tensor
+    accelerator: torch.Tensor | None
+
+    @classmethod
+    def capture(cls, device: torch.device) -> "RandomState":
+        """The generators' states now (`device`: the accelerator's, if it is one)."""
+        accelerator = None
+        if device.type != "cpu":
+            accelerator = torch.get_device_module(device.type).get_rng_state(device)
+        return cls(torch.get_rng_state(), accelerator)
+
+    def restore(self, device: torch.device) -> None:
+        """Sets the generators back to these states."""
+        torch.set_rng_state(self.cpu)
+        if self.accelerator is not None:
+            torch.get_device_module(device.type).set_rng_state(self.accelerator, device)
+
+
 class TxFormerLayer(GradientCheckpointingLayer):
-    """Pre-norm transformer layer: attention of the configured kind, then an MLP."""
+    """Pre-norm transformer layer: attention of the configured kind, then an MLP, each a residual branch. With
+    `config.reversible_layers` the model couples the two branches instead (`reversible_forward`)."""
 
     def __init__(self, config: TxFormerConfig, layer_idx: int):
         super().__init__()
@@ -271,6 +296,46 @@ class TxFormerLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_state: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        attn_output, attn_weights, state = self.attention_branch(
+            hidden_states, attention_mask, key_mask, position_embeddings, past_state
+        )
+        hidden_states = hidden_states + attn_output
+        hidden_states = hidden_states + self.mlp_branch(hidden_states)
+        return hidden_states, attn_weights, state
+
+    def reversible_forward(
+        self,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        attention_mask: torch.Tensor | BlockMask | None,
+        key_mask: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_state: Any = None,
+        random_states: list[RandomState] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Any]:
+        """The reversible coupling of the two streams: `Y1 = X1 + Attention(X2)`, `Y2 = X2 + MLP(Y1)`. Returns
+        `Y1`, `Y2`, the attention weights and the next state. [`ReversibleLayersFunction`] inverts it, and passes
+        `random_states` to get the random generators' state before each branch appended."""
+        if random_states is not None:
+            random_states.append(RandomState.capture(second.device))
+        attn_output, attn_weights, state = self.attention_branch(
+            second, attention_mask, key_mask, position_embeddings, past_state
+        )
+        first = first + attn_output
+        if random_states is not None:
+            random_states.append(RandomState.capture(first.device))
+        second = second + self.mlp_branch(first)
+        return first, second, attn_weights, state
+
+    def attention_branch(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | BlockMask | None,
+        key_mask: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_state: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """`Dropout(Attention(LayerNorm(x)))`, the attention weights and the attention's next state."""
         attn_output, attn_weights, state = self.self_attn(
             self.attention_norm(hidden_states),
             attention_mask=attention_mask,
@@ -278,9 +343,230 @@ class TxFormerLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             past_state=past_state,
         )
-        hidden_states = hidden_states + self.dropout(attn_output)
-        hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
-        return hidden_states, attn_weights, state
+        return self.dropout(attn_output), attn_weights, state
+
+    def mlp_branch(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`Dropout(MLP(LayerNorm(x)))`."""
+        return self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+
+
+def state_tensors(state: Any) -> tuple[torch.Tensor | None, ...]:
+    """The fields of a layer's state (a dataclass of tensors or None; None: a stateless kind), in order."""
+    return () if state is None else tuple(getattr(state, field.name) for field in fields(state))
+
+
+def with_state_tensors(state: Any, tensors: tuple[torch.Tensor | None, ...]) -> Any:
+    """`state` with its fields replaced by `tensors` (inverse of `state_tensors`)."""
+    if state is None:
+        return None
+    return replace(state, **{field.name: tensor for field, tensor in zip(fields(state), tensors, strict=True)})
+
+
+def split_by_layer(tensors: tuple[Any, ...], states: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Cuts the flat `tensors` of several layers' states into one tuple per layer, of the sizes of `states`."""
+    per_layer = []
+    for state in states:
+        size = len(state_tensors(state))
+        per_layer.append(tuple(tensors[:size]))
+        tensors = tensors[size:]
+    return per_layer
+
+
+class ReversibleLayers:
+    """What one pass of [`ReversibleLayersFunction`] knows besides its tensors: the layers, the inputs every layer
+    takes, the layers' past states (their structure) and next states, and what the forward pass records for the
+    backward pass (the random state before each branch, autocast)."""
+
+    def __init__(self, layers: nn.ModuleList, layer_inputs: dict[str, Any], past_states: tuple[Any, ...]):
+        self.layers = layers
+        self.layer_inputs = layer_inputs
+        self.past_states = past_states
+        self.next_states: tuple[Any, ...] = ()
+        self.random_states: list[tuple[RandomState, RandomState]] = []
+        self.autocast: dict[str, Any] = {}
+        self.parameters = [parameter for parameter in layers.parameters() if parameter.requires_grad]
+        self.parameter_index = {id(parameter): index for index, parameter in enumerate(self.parameters)}
+
+    def invert_mlp(
+        self,
+        layer_index: int,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        grad_first: torch.Tensor,
+        grad_second: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """Inverts `Y2 = X2 + MLP(Y1)` of a layer: `X2`, the whole gradient of `Y1` (`grad_first`, the gradient of
+        `Y1` as an output, plus the MLP's part) and the gradients of the layer's parameters (by their index in
+        `parameters`)."""
+        layer = self.layers[layer_index]
+        parameters = [parameter for parameter in layer.parameters() if parameter.requires_grad]
+        self.random_states[layer_index][1].restore(first.device)
+        with torch.enable_grad(), torch.autocast(**self.autocast):
+            first_input = first.detach().requires_grad_()
+            mlp_output = layer.mlp_branch(first_input)
+        grad_input, *grads = torch.autograd.grad(
+            mlp_output, [first_input, *parameters], grad_second, allow_unused=True
+        )
+        return second - mlp_output.detach(), grad_first + grad_input, self.by_index(parameters, grads)
+
+    def invert_attention(
+        self,
+        layer_index: int,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        grad_first: torch.Tensor,
+        grad_second: torch.Tensor,
+        past_tensors: tuple[torch.Tensor | None, ...],
+        past_needs_grad: tuple[bool, ...],
+        grad_next_tensors: tuple[torch.Tensor | None, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor], list[torch.Tensor | None]]:
+        """Inverts `Y1 = X1 + Attention(X2)` (with its next state) of a layer: `X1`, the whole gradient of `X2`
+        (`grad_second`, that of `Y2`, plus the attention's part), the gradients of the layer's parameters and of its
+        past state's tensors."""
+        layer = self.layers[layer_index]
+        parameters = [parameter for parameter in layer.parameters() if parameter.requires_grad]
+        past_inputs = tuple(
+            tensor.detach().requires_grad_() if needs_grad else tensor
+            for tensor, needs_grad in zip(past_tensors, past_needs_grad, strict=True)
+        )
+        past_leaves = [tensor for tensor in past_inputs if tensor is not None and tensor.requires_grad]
+        self.random_states[layer_index][0].restore(second.device)
+        with torch.enable_grad(), torch.autocast(**self.autocast):
+            second_input = second.detach().requires_grad_()
+            attn_output, _, next_state = layer.attention_branch(
+                second_input,
+                past_state=with_state_tensors(self.past_states[layer_index], past_inputs),
+                **self.layer_inputs,
+            )
+        outputs, grad_outputs = [attn_output], [grad_first]
+        for tensor, grad in zip(state_tensors(next_state), grad_next_tensors, strict=True):
+            if grad is not None and tensor is not None and tensor.requires_grad:
+                outputs.append(tensor)
+                grad_outputs.append(grad)
+        grad_input, *grads = torch.autograd.grad(
+            outputs, [second_input, *parameters, *past_leaves], grad_outputs, allow_unused=True
+        )
+        grad_leaves = iter(grads[len(parameters) :])
+        grad_past = [
+            next(grad_leaves) if tensor is not None and tensor.requires_grad else None for tensor in past_inputs
+        ]
+        return (
+            first - attn_output.detach(),
+            grad_second + grad_input,
+            self.by_index(parameters, grads[: len(parameters)]),
+            grad_past,
+        )
+
+    def by_index(self, parameters: list[nn.Parameter], grads: list[torch.Tensor | None]) -> dict[int, torch.Tensor]:
+        """The gradients of `parameters` that were reached, by the parameters' index in `self.parameters`."""
+        return {
+            self.parameter_index[id(parameter)]: grad
+            for parameter, grad in zip(parameters, grads, strict=True)
+            if grad is not None
+        }
+
+
+class ReversibleLayersFunction(torch.autograd.Function):
+    """The coupled layers (`TxFormerLayer.reversible_forward`) with activation memory independent of the depth: the
+    forward pass keeps no activation but the last layer's two streams, and the backward pass walks the layers from
+    the last one, recovers each layer's inputs from its outputs (`X2 = Y2 - MLP(Y1)`, `X1 = Y1 - Attention(X2)`),
+    recomputes its two branches with gradient under the random state and autocast they first ran with, and
+    backpropagates through them. The idea is transformers' Reformer's; here the parameters are inputs of the function,
+    so that their gradients are returned through autograd (`torch.autograd.grad`, gradient accumulation and DDP's
+    hooks see them as from any other layer).
+
+    Inputs: the [`ReversibleLayers`], the hidden states `[batch, length, hidden]`, the tensors of the layers' past
+    states (`state_tensors`, layer after layer), then `ReversibleLayers.parameters`. Outputs: `Y1`, `Y2` of the last
+    layer and the tensors of the next states (structure in `ReversibleLayers.next_states`).
+    """
+
+    @staticmethod
+    def forward(ctx, run: ReversibleLayers, hidden_states: torch.Tensor, *tensors: torch.Tensor | None):
+        device = hidden_states.device
+        run.autocast = {
+            "device_type": device.type,
+            "dtype": torch.get_autocast_dtype(device.type),
+            "enabled": torch.is_autocast_enabled(device.type),
+        }
+        past_tensors = tensors[: len(tensors) - len(run.parameters)]
+        first, second, next_states = hidden_states, hidden_states, []
+        for layer, past_state, layer_tensors in zip(
+            run.layers, run.past_states, split_by_layer(past_tensors, run.past_states), strict=True
+        ):
+            random_states = []
+            first, second, _, next_state = layer.reversible_forward(
+                first,
+                second,
+                **run.layer_inputs,
+                past_state=with_state_tensors(past_state, layer_tensors),
+                random_states=random_states,
+            )
+            run.random_states.append(tuple(random_states))
+            next_states.append(next_state)
+        run.next_states = tuple(next_states)
+        ctx.run = run
+        # The outputs are kept detached, not saved, so that the backward pass can let go of them once it has
+        # recovered the last layer's inputs; the past states are inputs, saved as usual.
+        ctx.streams = (first.detach(), second.detach())
+        ctx.save_for_backward(*past_tensors)
+        ctx.set_materialize_grads(False)
+        return first, second, *(tensor for state in next_states for tensor in state_tensors(state))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_first: torch.Tensor | None, grad_second: torch.Tensor | None, *grad_next_tensors):
+        run: ReversibleLayers = ctx.run
+        if ctx.streams is None:
+            raise RuntimeError(
+                "Reversible layers free their activations in the backward pass: backward through them once."
+            )
+        (first, second), ctx.streams = ctx.streams, None
+        past_tensors = ctx.saved_tensors
+        grad_first = torch.zeros_like(first) if grad_first is None else grad_first
+        grad_second = torch.zeros_like(second) if grad_second is None else grad_second
+        past_tensors = split_by_layer(past_tensors, run.past_states)
+        past_needs_grad = split_by_layer(ctx.needs_input_grad[2:], run.past_states)
+        grad_next_tensors = split_by_layer(grad_next_tensors, run.next_states)
+        grad_parameters: list[torch.Tensor | None] = [None] * len(run.parameters)
+        grad_past: list[list[torch.Tensor | None]] = []
+        device = first.device
+        # The replayed random states leave the caller's as it was.
+        with torch.random.fork_rng([device] if device.type != "cpu" else [], device_type=device.type):
+            for layer_index in reversed(range(len(run.layers))):
+                second, grad_first, mlp_grads = run.invert_mlp(layer_index, first, second, grad_first, grad_second)
+                first, grad_second, attention_grads, grad_layer_past = run.invert_attention(
+                    layer_index,
+                    first,
+                    second,
+                    grad_first,
+                    grad_second,
+                    past_tensors[layer_index],
+                    past_needs_grad[layer_index],
+                    grad_next_tensors[layer_index],
+                )
+                grad_past.insert(0, grad_layer_past)
+                for index, grad in [*mlp_grads.items(), *attention_grads.items()]:
+                    grad_parameters[index] = grad if grad_parameters[index] is None else grad_parameters[index] + grad
+        grad_past_tensors = [grad for layer_grads in grad_past for grad in layer_grads]
+        return None, grad_first + grad_second, *grad_past_tensors, *grad_parameters
+
+
+def reversible_layers(
+    layers: nn.ModuleList,
+    hidden_states: torch.Tensor,
+    past_states: tuple[Any, ...],
+    layer_inputs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, tuple[Any, ...]]:
+    """The streams `Y1`, `Y2` after every coupled layer from `X1 = X2 = hidden_states`, and each layer's next state,
+    through [`ReversibleLayersFunction`] (training memory independent of the depth)."""
+    run = ReversibleLayers(layers, layer_inputs, past_states)
+    past_tensors = [tensor for state in past_states for tensor in state_tensors(state)]
+    first, second, *next_tensors = ReversibleLayersFunction.apply(run, hidden_states, *past_tensors, *run.parameters)
+    next_states = tuple(
+        with_state_tensors(state, tensors)
+        for state, tensors in zip(run.next_states, split_by_layer(tuple(next_tensors), run.next_states), strict=True)
+    )
+    return first, second, next_states
 
 
 class TxFormerPooler(nn.Module):
@@ -369,6 +655,17 @@ class TxFormerPreTrainedModel(PreTrainedModel):
                 **{name: f"{model_module}.{model_class.__name__}" for name, model_class in AUTO_CLASSES.items()},
             }
         super().save_pretrained(save_directory, *args, **kwargs)
+
+    def activation_checkpointing_enable(self, *args, **kwargs) -> None:
+        """[`PreTrainedModel.activation_checkpointing_enable`] (also reached through `gradient_checkpointing_enable` and
+        the Trainer's flags); refused with `reversible_layers`, which recompute every layer in the backward pass
+        already."""
+        if self.config.reversible_layers:
+            raise ValueError(
+                "reversible_layers already recompute every layer in the backward pass: activation (gradient) "
+                "checkpointing cannot be combined with them; use one or the other."
+            )
+        super().activation_checkpointing_enable(*args, **kwargs)
 
     def begin_optimizer_step(self, step: int) -> None:
         """Runs every attention layer's per-optimizer-step hook (the Performer's redraw) before the first forward pass
@@ -513,21 +810,18 @@ class TxFormerModel(TxFormerPreTrainedModel):
         attention_mask = build_attention_mask(self.config, hidden_states, event_mask)
         position_embeddings = None if self.rotary_emb is None else self.rotary_emb(hidden_states.shape[1])
         layer_states = state.layer_states or (None,) * len(self.layers)
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        new_states, aux_losses = [], []
-        for layer, layer_state in zip(self.layers, layer_states, strict=True):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states, attn_weights, new_state = layer(
-                hidden_states, attention_mask, event_mask, position_embeddings, past_state=layer_state
-            )
-            new_states.append(new_state)
-            aux_loss = layer.self_attn.auxiliary_loss(new_state)
-            if aux_loss is not None:
-                aux_losses.append(aux_loss)
-            if output_attentions:
-                all_attentions += (attn_weights,)
+        layer_inputs = {
+            "attention_mask": attention_mask,
+            "key_mask": event_mask,
+            "position_embeddings": position_embeddings,
+        }
+        hidden_states, all_hidden_states, all_attentions, new_states = self._run_layers(
+            hidden_states, layer_states, layer_inputs, output_hidden_states, output_attentions
+        )
+        aux_losses = [
+            layer.self_attn.auxiliary_loss(new_state) for layer, new_state in zip(self.layers, new_states, strict=True)
+        ]
+        aux_losses = [aux_loss for aux_loss in aux_losses if aux_loss is not None]
         # As in transformers' models: the last entry of `hidden_states` is the normed output.
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
@@ -541,6 +835,43 @@ class TxFormerModel(TxFormerPreTrainedModel):
             ),
             aux_loss=torch.stack(aux_losses).sum() if aux_losses else None,
         )
+
+    def _run_layers(
+        self,
+        hidden_states: torch.Tensor,
+        layer_states: tuple[Any, ...],
+        layer_inputs: dict[str, Any],
+        output_hidden_states: bool,
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None, tuple[Any, ...]]:
+        """Every layer over `hidden_states`, each continuing from its state. Returns the output, the input of every
+        layer and its attention weights when asked for, and every layer's next state.
+
+        Reversible layers couple two streams that start as copies of `hidden_states` and end averaged; a layer's
+        input is reported as the average of the two. They run through [`ReversibleLayersFunction`] (memory that
+        does not grow with depth) when gradients are recorded and no per-layer output is asked for; otherwise
+        through ordinary autograd, which gives the same values and gradients."""
+        reversible = self.config.reversible_layers
+        if reversible and torch.is_grad_enabled() and not (output_hidden_states or output_attentions):
+            first, second, new_states = reversible_layers(self.layers, hidden_states, layer_states, layer_inputs)
+            return (first + second) / 2, None, None, new_states
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        first, second, new_states = hidden_states, hidden_states, []
+        for layer, layer_state in zip(self.layers, layer_states, strict=True):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if reversible:
+                first, second, attn_weights, new_state = layer.reversible_forward(
+                    first, second, **layer_inputs, past_state=layer_state
+                )
+                hidden_states = (first + second) / 2
+            else:
+                hidden_states, attn_weights, new_state = layer(hidden_states, **layer_inputs, past_state=layer_state)
+            new_states.append(new_state)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        return hidden_states, all_hidden_states, all_attentions, tuple(new_states)
 
     def _forward_in_segments(
         self,

@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,18 +15,26 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, HfArgumentParser, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    HfArgumentParser,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import CONFIG_NAME, FEATURE_EXTRACTOR_NAME, cached_file
 
 from .cli import configure_logging
+from .configuration_txformer import TxFormerConfig
 from .data import EventVocabulary, TransactionCollator, customer_table, prepare_encoded_customers, read_customer_ids
 from .data.prepare import DEFAULT_CACHE
 from .data.reader import list_offsets_and_values
 from .data.vocabulary import UNKNOWN_INDEX, VOCABULARY_FILE
 from .file_names import PREDICTIONS_FILE, PREDICTIONS_REPORT_SUFFIX
-from .io_utils import atomic_write, atomic_write_json
+from .io_utils import atomic_write, atomic_write_json, check_weights_are_whole, check_writable_file
 from .modeling_txformer import TxFormerForSequenceClassification
 from .pipeline_txformer import PIPELINE_TASK, TransactionClassificationPipeline, custom_pipelines
 from .processing_txformer import TxFormerProcessor, probability_of_positive_class
@@ -73,11 +80,42 @@ class PredictionArguments:
     )
 
     def __post_init__(self):
+        check_scoring_options(self)
         if self.model is not None and self.model_dir is not None and self.model != self.model_dir:
             raise ValueError(f"--model {self.model} and --model_dir {self.model_dir} differ; give one of them.")
         self.model = self.model or self.model_dir
         if self.model is None:
             raise ValueError("Give --model: a trained output folder or a Hub repository id.")
+
+
+def check_scoring_options(args: "PredictionArguments") -> None:
+    """Refuses a `batch_size` below 1, a negative `max_length` and a `device` that torch does not know or this machine
+    lacks (the scoring flags of prediction and embedding)."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}.")
+    if args.max_length is not None and args.max_length < 0:
+        raise ValueError(f"--max_length must be positive, or 0 for whole histories, got {args.max_length}.")
+    scoring_device(args.device)
+
+
+def scoring_device(name: str | None) -> torch.device:
+    """The device named by `--device`, by default cuda when available, else the CPU; a name torch does not know, or
+    a device this machine lacks, is an error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name (e.g. cpu, cuda, cuda:1, mps).") from None
+    if device.type != "cpu" and (
+        accelerator is None
+        or device.type != accelerator.type
+        or (device.index or 0) >= torch.accelerator.device_count()
+    ):
+        available = "cpu" if accelerator is None else f"cpu and {torch.accelerator.device_count()} {accelerator.type}"
+        raise ValueError(f"--device {name}: this machine has no such device (it has {available}).")
+    return device
 
 
 def resolve_file(model: str, filename: str, revision: str | None = None) -> Path | None:
@@ -136,9 +174,35 @@ def upgrade_model_folder(folder: str | os.PathLike) -> TxFormerProcessor:
     return processor
 
 
+def load_txformer_config(model: str, revision: str | None = None, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The config of a trained folder or repository, once it is known to describe a txformer model and, for a local
+    folder, to sit next to whole weights (`check_weights_are_whole`): a damaged or foreign folder is named, not left to
+    fail deep in the loading code."""
+    if Path(model).is_dir():
+        check_weights_are_whole(model)
+    elif Path(model).exists():
+        raise NotADirectoryError(f"{model} is a file, not a model folder.")
+    else:
+        try:
+            validate_repo_id(model)
+        except HFValidationError:
+            raise FileNotFoundError(f"{model}: no such model folder (nor a Hub repository id).") from None
+    config_dict, _ = PretrainedConfig.get_config_dict(model, revision=revision)
+    if not config_dict:
+        raise FileNotFoundError(f"{model}: no {CONFIG_NAME}, so it is not a trained model folder.")
+    if config_dict.get("model_type") != TxFormerConfig.model_type:
+        raise ValueError(
+            f"{model}: its {CONFIG_NAME} describes a {config_dict.get('model_type')!r} model, not a "
+            f"{TxFormerConfig.model_type!r} one."
+        )
+    return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+
+
 def load_model(model: str, revision: str | None = None, trust_remote_code: bool = False, **kwargs) -> PreTrainedModel:
-    """The classifier of a trained folder or repository, safetensors only; a weight the config does not expect, or
-    one it expects and the file lacks, is an error (the folder mixes runs or is damaged), not a warning."""
+    """The classifier of a trained folder or repository (`load_txformer_config`), safetensors only; a weight the
+    config does not expect, or one it expects and the file lacks, is an error (the folder mixes runs or is damaged),
+    not a warning."""
+    load_txformer_config(model, revision, trust_remote_code)
     loaded, loading_info = AutoModelForSequenceClassification.from_pretrained(
         model,
         revision=revision,
@@ -164,11 +228,12 @@ def load_model(model: str, revision: str | None = None, trust_remote_code: bool 
     return loaded
 
 
-def check_processor_matches(processor: TxFormerProcessor, config, model: str) -> None:
-    """The processor must be the one the model was trained with: same fields, same sizes (a folder mixing files of
-    two runs would otherwise embed codes with another run's indices, or fail with an index error)."""
+def check_processor_matches(processor: TxFormerProcessor | EventVocabulary, config, model: str) -> None:
+    """The processor (or its vocabulary) must be the one the model was trained with: same fields, same sizes (a
+    folder mixing files of two runs would otherwise embed codes with another run's indices, or fail with an index
+    error)."""
     expected = [list(config.categorical_fields), list(config.categorical_vocab_sizes), list(config.numeric_fields)]
-    found = [processor.categorical_fields, processor.vocab_sizes, processor.numeric_fields]
+    found = [list(processor.categorical_fields), list(processor.vocab_sizes), list(processor.numeric_fields)]
     if found != expected:
         raise ValueError(
             f"{model}: the vocabulary (fields, sizes, numeric fields {found}) does not match the model's "
@@ -210,18 +275,6 @@ def predict_probabilities(
     return probabilities
 
 
-def check_writable(output_file: str | os.PathLike) -> Path:
-    """Fails before any scoring when the output folder cannot be written."""
-    output_file = Path(output_file)
-    output_file.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with tempfile.TemporaryFile(dir=output_file.parent):
-            pass
-    except OSError as error:
-        raise OSError(f"{output_file}: cannot write into {output_file.parent} ({error.strerror}).") from error
-    return output_file
-
-
 def report_path(output_file: str | os.PathLike) -> Path:
     """Where the report of a predictions file goes: next to it, `<name>.report.json`."""
     output_file = Path(output_file)
@@ -254,12 +307,12 @@ def predict(args: PredictionArguments) -> Path:
     report."""
     run_id = uuid.uuid4().hex
     wanted_ids = None if args.customer_ids is None else read_customer_ids(args.customer_ids)
-    check_writable(args.output_file)
-    processor = load_processor(args.model, args.revision)
+    check_writable_file(args.output_file, "--output_file")
     model = load_model(args.model, args.revision, args.trust_remote_code)
+    processor = load_processor(args.model, args.revision)
     check_processor_matches(processor, model.config, args.model)
     max_length = processor.max_length if args.max_length is None else (args.max_length or None)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = scoring_device(args.device)
 
     vocabulary = EventVocabulary.from_processor(processor)
     customers = prepare_encoded_customers(

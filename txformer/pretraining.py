@@ -21,6 +21,7 @@ from transformers import (
 
 from .callbacks import AttentionStepCallback
 from .cli import configure_logging
+from .configuration_txformer import TxFormerConfig
 from .data import EventVocabulary, TransactionCollator, prepare_encoded_customers
 from .file_names import RESULTS_FILE, TRAINING_RUN_FILE
 from .hub import PushCodeFilesCallback
@@ -30,9 +31,10 @@ from .training import (
     DataArguments,
     ModelArguments,
     TxFormerTrainingArguments,
+    check_model_arguments,
+    check_output_dir,
     data_files,
     new_config,
-    resolve_checkpoint,
 )
 
 
@@ -133,7 +135,10 @@ class PretrainingModelArguments(ModelArguments):
 
     objective: str = field(
         default="contrastive",
-        metadata={"help": "contrastive (CoLES: slices of one customer are positives) or masked (masked events)."},
+        metadata={
+            "help": "contrastive (CoLES: slices of one customer are positives) or masked (masked events).",
+            "choices": list(OBJECTIVES),
+        },
     )
     model_name_or_path: str | None = field(
         default=None,
@@ -141,6 +146,7 @@ class PretrainingModelArguments(ModelArguments):
     )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.objective not in OBJECTIVES:
             raise ValueError(f"Unknown objective {self.objective!r}; valid objectives: {list(OBJECTIVES)}.")
 
@@ -173,9 +179,8 @@ class PretrainingDataArguments(DataArguments):
         default=0.01, metadata={"help": "Contrastive: share of events dropped before slicing."}
     )
 
-    def __post_init__(self):
-        if self.max_length == 0:
-            self.max_length = None
+    def check_data_files(self) -> None:
+        """Pretraining reads transactions alone."""
         if self.labels is not None:
             raise ValueError("Pretraining uses no labels: give --transactions alone.")
         if self.streaming:
@@ -195,20 +200,39 @@ class PretrainingArguments(TxFormerTrainingArguments):
     prediction_loss_only: bool = field(
         default=True, metadata={"help": "Evaluate the loss only (no per-event predictions are gathered)."}
     )
+    ddp_find_unused_parameters: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Let DDP look for parameters without a gradient at every step; default: only where the "
+            "objective leaves some (see has_parameters_without_gradient)."
+        },
+    )
+
+
+def has_parameters_without_gradient(objective: str, config: TxFormerConfig) -> bool:
+    """Whether the objective's loss leaves a parameter without a gradient, so that DDP must look for such
+    parameters at every step: only the masked objective's, which reads the events and never the pooled history,
+    whose learned sum share (`pooling="mean_sum"`) is then a parameter of its own."""
+    return objective == "masked" and config.pooling == "mean_sum"
 
 
 def prepare_pretraining_data(
-    model_args: PretrainingModelArguments, data_args: PretrainingDataArguments, training_args: TrainingArguments
+    model_args: PretrainingModelArguments,
+    data_args: PretrainingDataArguments,
+    training_args: TrainingArguments,
+    vocabulary: EventVocabulary | None = None,
 ) -> dict:
     """Every customer of the transactions, encoded with a vocabulary fitted on them all (or the one of
     `model_name_or_path`), prepared once into the cache and memory-mapped (under a launch the main process prepares
     while the others wait); `eval_fraction` held out when evaluation is on."""
     transactions, _, _ = data_files(data_args, training_args)
-    vocabulary = None
-    if model_args.model_name_or_path is not None:
-        vocabulary = EventVocabulary.from_pretrained(model_args.model_name_or_path)
     with training_args.main_process_first(local=False, desc="preparing the data"):
-        prepared = prepare_encoded_customers(transactions, vocabulary, cache_dir=data_args.data_cache_dir)
+        prepared = prepare_encoded_customers(
+            transactions,
+            vocabulary,
+            categorical_fields=data_args.categorical_fields,
+            cache_dir=data_args.data_cache_dir,
+        )
     customers = prepared.customers
     if model_args.objective == "contrastive":
         customers = keep_long_histories(customers, data_args.slice_min_length)
@@ -241,11 +265,14 @@ def pretrain(
     model_args: PretrainingModelArguments, data_args: PretrainingDataArguments, training_args: TrainingArguments
 ) -> dict:
     """Pretrains and writes the model (safetensors), and the processor (vocabulary, `max_length`) to `output_dir`."""
-    resume_from_checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    pretrained_vocabulary = check_model_arguments(model_args)
+    resume_from_checkpoint = check_output_dir(training_args)
     set_seed(training_args.seed)
-    data = prepare_pretraining_data(model_args, data_args, training_args)
+    data = prepare_pretraining_data(model_args, data_args, training_args, pretrained_vocabulary)
     vocabulary = data["vocabulary"]
     model = build_pretraining_model(model_args, vocabulary)
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = has_parameters_without_gradient(model_args.objective, model.config)
     fields = {"categorical_fields": list(vocabulary.categorical_fields), "numeric_fields": vocabulary.numeric_fields}
     if model_args.objective == "contrastive":
         collator = ContrastiveSliceCollator(
@@ -311,6 +338,7 @@ __all__ = [
     "PretrainingArguments",
     "PretrainingDataArguments",
     "PretrainingModelArguments",
+    "has_parameters_without_gradient",
     "keep_long_histories",
     "main",
     "pretrain",

@@ -1,6 +1,7 @@
 """Profiling of HF `Trainer` runs: step time, data time, real-event throughput and peak memory per optimizer step."""
 
 import json
+import logging
 import math
 import socket
 import time
@@ -18,6 +19,10 @@ from .io_utils import atomic_write, atomic_write_json
 from .machine import describe_hardware, describe_software, memory_probe_for
 
 
+logger = logging.getLogger(__name__)
+
+# The Trainer's count of real events: the `attention_mask` sum of every training micro-batch.
+NON_PADDING_TOKENS = "non_padding"
 STEP_TIME_PERCENTILES = (10, 90, 99)
 
 
@@ -44,8 +49,8 @@ def summarize_steps(
 ) -> dict[str, Any]:
     """Statistics of one rank's steps without the first `excluded_warmup_steps`; totals and peak memory keep them all.
 
-    `samples` and `tokens` hold NaN for steps whose counts are unknown (no 2-D `attention_mask`, no forward call
-    seen); totals over such steps are None. When every step is a warm-up step, the statistics use all steps and
+    `samples` and `tokens` hold NaN for steps whose counts are unknown (no forward call seen; the Trainer counting
+    padding too); totals over such steps are None. When every step is a warm-up step, the statistics use all steps and
     `num_steps_in_statistics` says so.
     """
     num_steps = len(step_time_s)
@@ -79,11 +84,16 @@ def _max_or_none(values: list[float | None]) -> float | None:
     return max(known) if known else None
 
 
+def _min_or_none(values: list[float | None]) -> float | None:
+    return None if any(value is None for value in values) else min(values)
+
+
 def aggregate_rank_summaries(rank_summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    """One summary of all ranks: throughput summed, peak memory and step-time statistics at their maximum.
+    """One summary of all ranks: samples per second summed, peak memory and step-time statistics at their maximum.
 
     Ranks synchronise at every gradient all-reduce, so the slowest rank sets the pace: each step-time statistic is
-    the largest of the ranks' values. The per-rank summaries are listed, ordered by rank, under `per_rank`.
+    the largest of the ranks' values, and the events per second (every rank counts the events of all ranks) the
+    smallest. The per-rank summaries are listed, ordered by rank, under `per_rank`.
     """
     ordered = sorted(rank_summaries, key=lambda summary: summary["rank"])
     step_time_keys = ordered[0]["step_time_s"].keys()
@@ -93,9 +103,9 @@ def aggregate_rank_summaries(rank_summaries: list[dict[str, Any]]) -> dict[str, 
         "step_time_s": {key: _max_or_none([rank["step_time_s"][key] for rank in ordered]) for key in step_time_keys},
         "data_time_s": {key: _max_or_none([rank["data_time_s"][key] for rank in ordered]) for key in step_time_keys},
         "samples_per_s_median": _sum_or_none([summary["samples_per_s_median"] for summary in ordered]),
-        "tokens_per_s_median": _sum_or_none([summary["tokens_per_s_median"] for summary in ordered]),
+        "tokens_per_s_median": _min_or_none([summary["tokens_per_s_median"] for summary in ordered]),
         "samples_total": _sum_or_none([summary["samples_total"] for summary in ordered]),
-        "tokens_total": _sum_or_none([summary["tokens_total"] for summary in ordered]),
+        "tokens_total": _min_or_none([summary["tokens_total"] for summary in ordered]),
         "peak_memory_mib": _max_or_none([summary["peak_memory_mib"] for summary in ordered]),
         "callback_overhead_fraction": _max_or_none([summary["callback_overhead_fraction"] for summary in ordered]),
         "per_rank": ordered,
@@ -124,10 +134,13 @@ class ProfilingCallback(TrainerCallback):
     is recorded as `data_time_s`, the time from the Trainer's last hook before the step (previous step end, log,
     evaluation, checkpoint or epoch start) to the step's start.
 
-    Samples and real (non-padding) events are counted by a forward pre-hook that this callback puts on the model at
-    `on_train_begin` and removes at `on_train_end`: it reads `attention_mask` (batch, length) of every forward call
-    made between `on_step_begin` and `on_step_end`, so all micro-batches of a gradient-accumulation step are summed,
-    evaluation batches are left out, and dataloader workers, prefetching and distributed sharding make no difference.
+    Real (non-padding) events are the Trainer's own count, `include_num_input_tokens_seen="non_padding"` (the
+    `attention_mask` sum of every training micro-batch, gathered over the processes), which this callback turns on
+    when it is off: a step's `tokens` is what `state.num_input_tokens_seen` grew by during the step. Samples are
+    counted by a forward pre-hook that this callback puts on the model at `on_train_begin` and removes at
+    `on_train_end`: it reads the rows of every forward call made between `on_step_begin` and `on_step_end`, so all
+    micro-batches of a gradient-accumulation step are summed, evaluation batches are left out, and dataloader workers,
+    prefetching and distributed sharding make no difference.
     """
 
     def __init__(self, excluded_warmup_steps: int = 2, max_buffered_steps: int = 100):
@@ -146,6 +159,14 @@ class ProfilingCallback(TrainerCallback):
             (self.output_dir / PROFILE_SUMMARY_FILE).unlink(missing_ok=True)
         self.steps_file = open(self.steps_path, "ab")
         self.pending_lines: list[str] = []
+        if args.include_num_input_tokens_seen == "no":
+            args.include_num_input_tokens_seen = NON_PADDING_TOKENS
+        self.counts_tokens = args.include_num_input_tokens_seen == NON_PADDING_TOKENS
+        if not self.counts_tokens:
+            logger.warning(
+                "include_num_input_tokens_seen=%r counts padding too: the profile records no real-event counts.",
+                args.include_num_input_tokens_seen,
+            )
         self.model = kwargs["model"]
         # Disabled for torch.compile: the hook's bookkeeping runs eagerly instead of breaking the compiled graph.
         count_batch = torch.compiler.disable(self._count_batch)
@@ -163,21 +184,17 @@ class ProfilingCallback(TrainerCallback):
         self.last_trainer_hook_time = time.perf_counter()
 
     def _count_batch(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Forward pre-hook: notes the batch's rows and `attention_mask` sum (None without a 2-D mask) for the step."""
+        """Forward pre-hook: notes the batch's rows (of `attention_mask`, else of the first tensor argument)."""
         if not self.in_step:
             return
         start = time.perf_counter()
         attention_mask = kwargs.get("attention_mask")
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-            # The sum stays a tensor until step end: no device synchronisation inside the step.
-            self.step_batches.append((attention_mask.shape[0], attention_mask.sum()))
-        else:
-            first_tensor = next(
-                (value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None
-            )
-            self.step_batches.append(
-                (0 if first_tensor is None or first_tensor.dim() == 0 else first_tensor.shape[0], None)
-            )
+        first_tensor = (
+            attention_mask
+            if isinstance(attention_mask, torch.Tensor)
+            else next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
+        )
+        self.step_rows.append(0 if first_tensor is None or first_tensor.dim() == 0 else first_tensor.shape[0])
         self.overhead_s += time.perf_counter() - start
 
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -189,8 +206,9 @@ class ProfilingCallback(TrainerCallback):
         entry = time.perf_counter()
         self.memory_probe.synchronize()
         self.memory_probe.reset()
-        # (rows, attention_mask sum) of each forward call; appends only, so DataParallel's replica threads are safe.
-        self.step_batches: list[tuple[int, torch.Tensor | None]] = []
+        # Rows of each forward call; appends only, so DataParallel's replica threads are safe.
+        self.step_rows: list[int] = []
+        self.step_tokens_start = state.num_input_tokens_seen
         self.step_micro_batches = 1
         self.in_step = True
         self.step_start = time.perf_counter()
@@ -208,14 +226,9 @@ class ProfilingCallback(TrainerCallback):
         self.in_step = False
         step_time_s = step_end - self.step_start
         memory = self.memory_probe.read()
-        # No forward call seen (a custom loop calling another module): counts are unknown, not zero.
-        samples = sum(rows for rows, _ in self.step_batches) if self.step_batches else None
-        token_sums = [token_sum for _, token_sum in self.step_batches]
-        tokens = (
-            None
-            if samples is None or any(token_sum is None for token_sum in token_sums)
-            else sum(int(token_sum) for token_sum in token_sums)
-        )
+        # No forward call seen (a custom loop calling another module): the count is unknown, not zero.
+        samples = sum(self.step_rows) if self.step_rows else None
+        tokens = int(state.num_input_tokens_seen - self.step_tokens_start) if self.counts_tokens else None
         self.step_time_s.append(step_time_s)
         self.data_time_s.append(self.step_data_time_s)
         self.samples.append(float("nan") if samples is None else samples)

@@ -37,7 +37,6 @@ from .cli import configure_logging, parse_config_overrides
 from .configuration_txformer import ATTENTION_KINDS
 from .data import (
     SYNTHETIC_FAMILIES,
-    VOCABULARY_FILE,
     EndlessStream,
     EventVocabulary,
     RandomWindow,
@@ -51,12 +50,12 @@ from .data import (
 )
 from .data.prepare import DEFAULT_CACHE
 from .data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
-from .data.vocabulary import PROCESSOR_FILE
 from .file_names import EVAL_PREDICTIONS_FILE, RESULTS_FILE, TRAINING_RUN_FILE
 from .hub import PushCodeFilesCallback, push_folder_to_hub
-from .io_utils import atomic_write_json
+from .io_utils import atomic_write_json, check_writable_folder, incomplete_files
 from .metrics import compute_metrics, positive_class_probability, write_evaluated_predictions
 from .pipeline_txformer import custom_pipelines
+from .prediction import check_processor_matches, load_processor, load_txformer_config
 from .profiling import add_profiling_callback
 
 
@@ -67,23 +66,36 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 RESUME_IGNORED_KEYS = frozenset(
     {"_name_or_path", "transformers_version", "architectures", "auto_map", "dtype", "problem_type", "custom_pipelines"}
 )
+# Trainer flags that torch or the Trainer would only refuse once training runs, with a traceback.
+NON_NEGATIVE_NUMBER_FLAGS = ("learning_rate", "weight_decay", "num_train_epochs", "max_grad_norm", "warmup_steps")
 # Checkpoints (and evaluations, which follow them) per run, as a share of its optimizer steps.
 DEFAULT_SAVE_STEPS = 0.05
 VALIDATION_DATASET = "validation"
+DEFAULT_ATTENTION_TYPE = "full"
 # The validation split takes at most this share of the training customers, whatever its minimum size.
 MAX_VALIDATION_SHARE = 0.25
+# The categorical fields a model reads by default: not the terminal id, whose thousands of codes let a model learn its
+# training customers by heart (docs/recipe.md).
+MODEL_CATEGORICAL_FIELDS = ("mcc_code", "tr_type")
 
 
 @dataclass
 class ModelArguments:
     """Which model to train: a fresh config of the given attention kind, or a trained folder to continue from."""
 
-    attention_type: str = field(default="full", metadata={"help": f"Attention kind, one of {list(ATTENTION_KINDS)}."})
+    attention_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention kind of a new model (default: full); a --model_name_or_path folder keeps its own.",
+            "choices": list(ATTENTION_KINDS),
+        },
+    )
     attn_implementation: str = field(
         default="sdpa",
         metadata={
             "help": "Exact attention backend (full attention, the ∞-former's short-term attention): sdpa, eager, "
-            "flex_attention (trains on a GPU only) or flash_attention_2 (GPU, flash-attn package)."
+            "flex_attention (trains on a GPU only) or flash_attention_2 (GPU, flash-attn package).",
+            "choices": ["sdpa", "eager", "flex_attention", "flash_attention_2"],
         },
     )
     model_name_or_path: str | None = field(
@@ -95,8 +107,15 @@ class ModelArguments:
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "Config fields to override, e.g. 'hidden_size=128,num_hidden_layers=4,segment_length=512'."},
+        metadata={
+            "help": "Config fields of a new model to override, e.g. 'hidden_size=128,num_hidden_layers=4'; a "
+            "--model_name_or_path folder keeps its own config."
+        },
     )
+
+    def __post_init__(self):
+        if self.model_name_or_path is None and self.attention_type is None:
+            self.attention_type = DEFAULT_ATTENTION_TYPE
 
 
 @dataclass
@@ -126,6 +145,13 @@ class DataArguments:
     )
     max_length: int | None = field(
         default=256, metadata={"help": "Most recent events kept per history; 0 = whole histories (∞-former)."}
+    )
+    categorical_fields: list[str] = field(
+        default_factory=lambda: list(MODEL_CATEGORICAL_FIELDS),
+        metadata={
+            "help": "Categorical event fields the model reads (the first one also forms the event pairs), e.g. "
+            "mcc_code tr_type term_id. A folder given by --model_name_or_path keeps its own."
+        },
     )
     eval_fraction: float = field(default=0.1, metadata={"help": "Held-out share of labelled customers (stratified)."})
     split_seed: int = field(default=42, metadata={"help": "Seed of the held-out and validation splits."})
@@ -160,14 +186,22 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        if self.max_length is not None and self.max_length < 0:
+            raise ValueError(f"--max_length must be positive, or 0 for whole histories, got {self.max_length}.")
         if self.max_length == 0:
             self.max_length = None
-        if (self.transactions is None) != (self.labels is None):
-            raise ValueError("Give both --transactions and --labels (real data), or neither (synthetic data).")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"--eval_fraction must be in (0, 1), got {self.eval_fraction}.")
         if not 0 <= self.train_window_min_share <= 1:
             raise ValueError(f"--train_window_min_share must be in [0, 1], got {self.train_window_min_share}.")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}.")
+        self.check_data_files()
+
+    def check_data_files(self) -> None:
+        """Real data is a transactions file and a labels file."""
+        if (self.transactions is None) != (self.labels is None):
+            raise ValueError("Give both --transactions and --labels (real data), or neither (synthetic data).")
 
     @property
     def synthetic_dir_name(self) -> str:
@@ -263,6 +297,13 @@ class TxFormerTrainingArguments(TrainingArguments):
     length_column_name: str = field(
         default="num_events", metadata={"help": "Column of the history lengths, for length grouping."}
     )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "Let DDP look for parameters without a gradient at every step: not needed, as the classifier's "
+            "loss reaches every parameter of every attention kind."
+        },
+    )
 
     def __post_init__(self):
         """On a machine without GPU (or other accelerator), a process of a multi-process launch trains on the CPU
@@ -281,6 +322,15 @@ class TxFormerTrainingArguments(TrainingArguments):
             self.train_sampling_strategy = "group_by_length"
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             raise ValueError(f"--max_tokens_per_batch must be positive, got {self.max_tokens_per_batch}.")
+        if self.per_device_train_batch_size < 1 or self.per_device_eval_batch_size < 1:
+            raise ValueError(
+                f"--per_device_train_batch_size ({self.per_device_train_batch_size}) and --per_device_eval_batch_size "
+                f"({self.per_device_eval_batch_size}) must be at least 1."
+            )
+        for name in NON_NEGATIVE_NUMBER_FLAGS:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name} must be a finite number, 0 or more, got {value}.")
         if self.min_train_steps < 1 or self.early_stopping_patience < 0 or not 0 <= self.early_stopping_start <= 1:
             raise ValueError(
                 f"--min_train_steps must be positive ({self.min_train_steps}), --early_stopping_patience at least 0 "
@@ -428,6 +478,7 @@ def prepare_datasets(
             max_train_customers=data_args.max_train_customers,
             validation_size=validation,
             vocabulary=vocabulary,
+            categorical_fields=data_args.categorical_fields,
             cache_dir=data_args.data_cache_dir,
         )
     return {
@@ -500,16 +551,6 @@ def validation_size(num_customers: int, fraction: float, minimum: int) -> int:
     return min(max(round(fraction * num_customers), minimum), int(MAX_VALIDATION_SHARE * num_customers))
 
 
-def pretrained_vocabulary(model_name_or_path: str | None) -> EventVocabulary | None:
-    """The vocabulary saved in the model folder to start from (its processor, or an older `event_vocabulary.json`),
-    if it holds one."""
-    if model_name_or_path is None or not any(
-        (Path(model_name_or_path) / name).is_file() for name in (PROCESSOR_FILE, VOCABULARY_FILE)
-    ):
-        return None
-    return EventVocabulary.from_pretrained(model_name_or_path)
-
-
 def new_config(model_args: ModelArguments, vocabulary: EventVocabulary | None = None) -> TxFormerConfig:
     """A fresh config from the model flags: the vocabulary's event schema (when given), the attention kind, two labels
     and the `--config_overrides`, each checked against the field's type."""
@@ -528,6 +569,33 @@ def new_config(model_args: ModelArguments, vocabulary: EventVocabulary | None = 
     return config
 
 
+def check_model_arguments(model_args: ModelArguments) -> EventVocabulary | None:
+    """Checks the model flags before any data is read: the config of a new model (attention kind and
+    `--config_overrides`), or a folder (or Hub repository) to start from that holds a whole txformer model, which the
+    flags do not contradict, and its vocabulary (of its processor, or an older `event_vocabulary.json`), which the
+    model's embeddings index codes by and which this function returns (None for a new model)."""
+    if model_args.model_name_or_path is None:
+        new_config(model_args)
+        return None
+    folder = model_args.model_name_or_path
+    if model_args.config_overrides:
+        raise ValueError(
+            f"--config_overrides sets up a new model; --model_name_or_path {folder} keeps its own config: drop one."
+        )
+    config = load_txformer_config(folder)
+    if model_args.attention_type not in (None, config.attention_type):
+        raise ValueError(
+            f"--attention_type {model_args.attention_type}: --model_name_or_path {folder} is a "
+            f"{config.attention_type!r} model, which keeps its attention kind; drop --attention_type."
+        )
+    if Path(folder).is_dir():
+        vocabulary = EventVocabulary.from_pretrained(folder)
+    else:
+        vocabulary = EventVocabulary.from_processor(load_processor(folder))
+    check_processor_matches(vocabulary, config, folder)
+    return vocabulary
+
+
 def build_model(model_args: ModelArguments, vocabulary: EventVocabulary) -> TxFormerForSequenceClassification:
     """A fresh model whose event schema is the vocabulary's, or a trained or pretrained one to fine-tune (a
     pretraining folder gets a newly initialised classifier head)."""
@@ -542,14 +610,22 @@ def build_model(model_args: ModelArguments, vocabulary: EventVocabulary) -> TxFo
     return AutoModelForSequenceClassification.from_config(config, attn_implementation=model_args.attn_implementation)
 
 
-def is_complete_checkpoint(folder: Path) -> bool:
-    """Whether the Trainer finished writing `folder`: it writes a checkpoint's files in turn and its trainer state
-    last, so the checkpoint is complete when that file reads back as JSON."""
+def checkpoint_defect(folder: Path) -> str | None:
+    """What keeps `folder` from being a complete checkpoint (None when nothing does): its last file,
+    trainer_state.json, does not read back as JSON, or one of its weights, optimizer, scheduler or RNG files is cut
+    short (a run killed while saving, a full disk, an interrupted copy)."""
     try:
         json.loads((folder / TRAINER_STATE_NAME).read_text())
     except (OSError, ValueError):
-        return False
-    return True
+        return f"no readable {TRAINER_STATE_NAME}"
+    for path, defect in incomplete_files(folder).items():
+        return f"{path.name} is incomplete: {defect}"
+    return None
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """Whether the Trainer finished writing `folder` and every file it wrote is whole (`checkpoint_defect`)."""
+    return checkpoint_defect(folder) is None
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -560,21 +636,27 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> str | None:
-    """The checkpoint to resume from. `last` (or `true`) is the newest complete checkpoint of `output_dir`, so a run
-    killed while saving resumes from the checkpoint before; a given folder must be complete."""
+    """The checkpoint to resume from. `last` (or `true`) is the newest complete checkpoint of `output_dir`: a newer
+    incomplete one is skipped with a warning naming what is wrong, so a run killed while saving resumes from the
+    checkpoint before; a given folder must be complete."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint.lower() in ("last", "true"):
-        checkpoint = last_complete_checkpoint(output_dir)
-        if checkpoint is None:
-            raise ValueError(
-                f"--resume_from_checkpoint {resume_from_checkpoint}: {output_dir} has no complete checkpoint."
-            )
-        return str(checkpoint)
-    if not is_complete_checkpoint(Path(resume_from_checkpoint)):
+        folders = [path for path in Path(output_dir).glob("checkpoint-*") if CHECKPOINT_PATTERN.match(path.name)]
+        folders.sort(key=lambda path: int(CHECKPOINT_PATTERN.match(path.name).group(1)), reverse=True)
+        for folder in folders:
+            defect = checkpoint_defect(folder)
+            if defect is None:
+                return str(folder)
+            logger.warning("Skipping the incomplete checkpoint %s (%s).", folder, defect)
         raise ValueError(
-            f"{resume_from_checkpoint} is not a complete checkpoint (no readable {TRAINER_STATE_NAME}; a run killed "
-            "while saving leaves such a folder): pass an earlier checkpoint, or `last` for the newest complete one."
+            f"--resume_from_checkpoint {resume_from_checkpoint}: {output_dir} has no complete checkpoint."
+        )
+    defect = checkpoint_defect(Path(resume_from_checkpoint))
+    if defect is not None:
+        raise ValueError(
+            f"{resume_from_checkpoint} is not a complete checkpoint ({defect}; a run killed while saving leaves such "
+            "a folder): pass an earlier checkpoint, or `last` for the newest complete one."
         )
     return resume_from_checkpoint
 
@@ -588,6 +670,17 @@ def check_output_dir_is_free(output_dir: str | os.PathLike) -> None:
             f"--output_dir {folder} already holds files of another run: pass --overwrite_output_dir to replace them, "
             "--resume_from_checkpoint last to continue that run, or another --output_dir."
         )
+
+
+def check_output_dir(training_args: TxFormerTrainingArguments) -> str | None:
+    """Checks `--output_dir` before any data is read and returns the checkpoint to resume from: a folder that can be
+    written, and that holds no other run's files unless resuming (`--resume_from_checkpoint`) or replacing them
+    (`--overwrite_output_dir`)."""
+    check_writable_folder(training_args.output_dir, "--output_dir")
+    resume_from_checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume_from_checkpoint is None and not training_args.overwrite_output_dir:
+        check_output_dir_is_free(training_args.output_dir)
+    return resume_from_checkpoint
 
 
 def check_checkpoint_matches(checkpoint: str | os.PathLike, config: TxFormerConfig) -> None:
@@ -625,11 +718,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             "--max_tokens_per_batch draws batches from the whole dataset and --streaming reads it as a stream: pass "
             "one (with --streaming, --group_by_length groups histories of similar length within the stream's buffer)."
         )
-    resume_from_checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    if resume_from_checkpoint is None and not training_args.overwrite_output_dir:
-        check_output_dir_is_free(training_args.output_dir)
+    if model_args.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise ValueError(
+            "--attn_implementation flex_attention trains on CUDA only (torch has no CPU backward for it): pass sdpa "
+            "or eager here; a model trained elsewhere with flex attention still scores on the CPU."
+        )
+    pretrained_vocabulary = check_model_arguments(model_args)
+    resume_from_checkpoint = check_output_dir(training_args)
     set_seed(training_args.seed)
-    data = prepare_datasets(data_args, training_args, pretrained_vocabulary(model_args.model_name_or_path))
+    data = prepare_datasets(data_args, training_args, pretrained_vocabulary)
     model = build_model(model_args, data["vocabulary"])
     if resume_from_checkpoint is not None:
         check_checkpoint_matches(resume_from_checkpoint, model.config)

@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from .. import __version__
-from ..io_utils import atomic_write, atomic_write_json
+from ..io_utils import atomic_write, atomic_write_json, check_writable_folder
 from .reader import (
     TRANSACTION_COLUMNS,
     TransactionDataError,
@@ -52,9 +53,11 @@ from .reader import (
     attach_labels,
     duplicate_rows,
     group_sorted_by_customer,
+    is_decoding_error,
     read_labels,
     read_transactions,
     sort_by_customer_and_time,
+    undecodable_file_error,
 )
 from .split import split_for_evaluation, stratified_split
 from .vocabulary import (
@@ -178,6 +181,7 @@ def prepare_training_data(
     max_train_customers: int | None = None,
     validation_size: Callable[[int], int] | None = None,
     vocabulary: EventVocabulary | None = None,
+    categorical_fields: Sequence[str] = DEFAULT_CATEGORICAL_FIELDS,
     min_count: int = DEFAULT_MIN_COUNT,
     max_size: int | None = DEFAULT_MAX_SIZE,
     label_column: str = "gender",
@@ -190,7 +194,8 @@ def prepare_training_data(
 
     The held-out part comes from `split_for_evaluation`. With `validation_size` (number of validation customers for a
     number of training customers), a validation part is split off the training part (stratified, `split_seed`). The
-    vocabulary is `vocabulary` when given, else fitted on the training part (`min_count`, `max_size`). Under
+    vocabulary is `vocabulary` when given, else fitted on the training part (`categorical_fields`, `min_count`,
+    `max_size`). Under
     `accelerate launch`, call it inside `TrainingArguments.main_process_first(local=False)`: the main process prepares
     while the others wait, then they find the cache and memory-map it."""
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
@@ -199,7 +204,7 @@ def prepare_training_data(
     )
     parts = _training_parts(customers_directory, eval_fraction, split_seed, max_train_customers, validation_size)
     sorted_parts = {name: np.sort(ids) for name, ids in parts.items()}
-    fit_settings = _fit_settings(min_count, max_size)
+    fit_settings = _fit_settings(categorical_fields, min_count, max_size)
     settings = {
         "customers": customers_directory.name,
         "parts": {name: hashlib.sha256(ids.tobytes()).hexdigest() for name, ids in sorted_parts.items()},
@@ -232,6 +237,7 @@ def prepare_encoded_customers(
     transactions: str | os.PathLike | Sequence[str | os.PathLike],
     vocabulary: EventVocabulary | None = None,
     customer_ids: Iterable[int] | None = None,
+    categorical_fields: Sequence[str] = DEFAULT_CATEGORICAL_FIELDS,
     min_count: int = DEFAULT_MIN_COUNT,
     max_size: int | None = DEFAULT_MAX_SIZE,
     cache_dir: str | os.PathLike | None = None,
@@ -239,7 +245,8 @@ def prepare_encoded_customers(
     part_bytes: int = DEFAULT_PART_BYTES,
 ) -> EncodedCustomers:
     """Every customer of the files, in ascending id order, encoded with a trained model's `vocabulary` (what prediction
-    scores) or, without one, with a vocabulary fitted on them all (`min_count`, `max_size`; what pretraining reads),
+    scores) or, without one, with a vocabulary fitted on them all (`categorical_fields`, `min_count`, `max_size`; what pretraining
+    reads),
     memory-mapped from a cache prepared on the first call. `customer_ids` keeps only those customers (the cache holds
     them all); requested ids without transactions are reported, and none with transactions is an error."""
     cache_dir = Path(cache_dir or DEFAULT_CACHE)
@@ -248,7 +255,7 @@ def prepare_encoded_customers(
         files, None, False, False, "gender", cache_dir, num_shards, part_bytes
     )
     stored_ids = np.sort(_customer_index(customers_directory).column("customer_id").to_numpy())
-    fit_settings = _fit_settings(min_count, max_size)
+    fit_settings = _fit_settings(categorical_fields, min_count, max_size)
     settings = {
         "customers": customers_directory.name,
         "vocabulary": fit_settings if vocabulary is None else vocabulary.to_dict(),
@@ -268,10 +275,10 @@ def prepare_encoded_customers(
     return EncodedCustomers(customers, EventVocabulary.from_pretrained(directory), directory)
 
 
-def _fit_settings(min_count: int, max_size: int | None) -> dict:
+def _fit_settings(categorical_fields: Sequence[str], min_count: int, max_size: int | None) -> dict:
     """What a fitted vocabulary depends on, besides the customers: its fields and thresholds."""
     return {
-        "categorical_fields": list(DEFAULT_CATEGORICAL_FIELDS),
+        "categorical_fields": list(categorical_fields),
         "numeric_fields": list(DEFAULT_NUMERIC_FIELDS),
         "min_count": min_count,
         "max_size": max_size,
@@ -475,15 +482,20 @@ def _read_parts(path: Path, spill: Path, part_bytes: int, progress: tqdm) -> Ite
     restated for the input file."""
     parts = (_parquet_parts if _file_format(path) == "parquet" else _csv_parts)(path, spill, part_bytes, progress)
     found = False
-    for part, first_line in parts:
-        try:
-            transactions = read_transactions(part)
-        except TransactionDataError as error:
-            raise TransactionDataError(_in_source(str(error), part, path, first_line)) from None
-        finally:
-            part.unlink()
-        found = True
-        yield transactions
+    try:
+        for part, first_line in parts:
+            try:
+                transactions = read_transactions(part)
+            except TransactionDataError as error:
+                raise TransactionDataError(_in_source(str(error), part, path, first_line)) from None
+            finally:
+                part.unlink()
+            found = True
+            yield transactions
+    except (OSError, EOFError, zlib.error) as error:
+        if is_decoding_error(error):
+            raise undecodable_file_error(path, error) from None
+        raise
     if not found:
         if _file_format(path) == "csv":
             read_transactions(path)  # raises the reader's own error for a file without data rows
@@ -540,7 +552,10 @@ def _last_line_end(data: bytes) -> int:
 def _parquet_parts(path: Path, spill: Path, part_bytes: int, progress: tqdm) -> Iterator[tuple[Path, int]]:
     """The rows of a Parquet file in batches written as CSV part files, so that they pass the same checks as CSV
     rows; row r (from 1) counts as line r + 1, below a header line."""
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except pa.ArrowInvalid as error:
+        raise TransactionDataError(f"{path}: not a readable Parquet file ({error})") from None
     columns = [name for name in TRANSACTION_COLUMNS if name in parquet.schema_arrow.names]
     num_rows, size = max(parquet.metadata.num_rows, 1), path.stat().st_size
     first_line = 2
@@ -784,6 +799,7 @@ def main(argv: list[str] | None = None) -> Path:
     from ..cli import configure_logging  # here, not on top: the CLI module imports this package
 
     configure_logging()
+    check_writable_folder(args.data_cache_dir, "--data_cache_dir")
     common = {"cache_dir": args.data_cache_dir, "num_shards": args.num_shards, "part_bytes": args.part_bytes}
     if args.labels is None:
         customers = prepare_customers(args.transactions, **common)

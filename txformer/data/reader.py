@@ -3,9 +3,11 @@
 import bz2
 import csv
 import gzip
+import io
 import logging
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -42,6 +44,12 @@ TRANSACTION_COLUMN_TYPES = {
 DATETIME_FIELDS = ("day", "hour", "minute", "second")
 EVENT_COLUMNS = ("event_time", "mcc_code", "tr_type", "term_id", "amount")
 INT64_MAX_TEXT = str(np.iinfo(np.int64).max)
+# Separators of other CSV dialects, named in the error for a header that is one column.
+OTHER_SEPARATORS = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}
+# The first bytes of a Parquet file.
+PARQUET_MAGIC = b"PAR1"
+# pyarrow's message for text that is not UTF-8.
+INVALID_UTF8_MESSAGE = "invalid UTF8"
 # pyarrow's message for a value it cannot convert: the column (its index in the file) and the value.
 CONVERSION_ERROR_PATTERN = re.compile(
     r"In CSV column #(\d+): CSV conversion error to \w+: invalid value '(.*)'$", re.S
@@ -52,13 +60,14 @@ class TransactionDataError(ValueError):
     """A transaction or label file that cannot be read without guessing; the message names the file and line."""
 
 
+def _open_binary(path: Path):
+    """Opens a plain, `.gz` or `.bz2` file for reading bytes (the compressions pyarrow detects from the extension)."""
+    return {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix, open)(path, "rb")
+
+
 def _open_text(path: Path):
-    """Opens a plain, `.gz` or `.bz2` text file (the compressions pyarrow detects from the extension)."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    if path.suffix == ".bz2":
-        return bz2.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
+    """Opens a plain, `.gz` or `.bz2` file as text to count its lines (bytes that are not UTF-8 are replaced)."""
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="replace", newline="")
 
 
 def _check_file(path: str | os.PathLike) -> Path:
@@ -68,11 +77,55 @@ def _check_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def is_decoding_error(error: BaseException) -> bool:
+    """Whether `error` says that a file's bytes do not decode (a compressed file cut short or not compressed as its
+    name says, bytes that are not UTF-8), rather than that the file cannot be opened or written."""
+    if isinstance(error, (EOFError, UnicodeDecodeError, zlib.error)):
+        return True
+    return isinstance(error, OSError) and error.errno is None and error.filename is None
+
+
+def undecodable_file_error(path: Path, error: BaseException | None = None) -> TransactionDataError:
+    """The error for a file whose bytes do not decode as CSV text, saying what the file is likely to be; `error` is
+    the decoding error (`is_decoding_error`), None for binary data."""
+    with open(path, "rb") as file:
+        start = file.read(len(PARQUET_MAGIC))
+    if start == PARQUET_MAGIC:
+        return TransactionDataError(f"{path}: a Parquet file; this command reads CSV files (plain, .gz or .bz2).")
+    if error is None or isinstance(error, UnicodeDecodeError):
+        return TransactionDataError(f"{path} line 1: not UTF-8 text: is it a CSV file?")
+    return TransactionDataError(
+        f"{path}: cannot be decompressed ({error}): a file cut short, or not compressed as its name says?"
+    )
+
+
+def _first_line_not_utf8(path: Path) -> TransactionDataError:
+    """The error naming the first line of a text file that is not UTF-8 (another encoding, such as cp1251)."""
+    with _open_binary(path) as file:
+        for number, line in enumerate(file, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return TransactionDataError(
+                    f"{path} line {number}: not UTF-8 text ({line[error.start : error.end]!r} in {line[:80]!r}); "
+                    "save the file as UTF-8."
+                )
+    return TransactionDataError(f"{path}: not UTF-8 text; save the file as UTF-8.")
+
+
 def _read_header(path: Path, required: Iterable[str]) -> dict[str, str]:
     """The column names of the first line, stripped of surrounding spaces, each mapped to its spelling in the file;
     an error names the missing or renamed ones."""
-    with _open_text(path) as file:
-        first_line = file.readline()
+    try:
+        with _open_binary(path) as file:
+            first_bytes = file.readline()
+        first_line = first_bytes.decode("utf-8-sig")
+    except Exception as error:
+        if is_decoding_error(error):
+            raise undecodable_file_error(path, error) from None
+        raise
+    if first_bytes.startswith(PARQUET_MAGIC) or b"\0" in first_bytes:
+        raise undecodable_file_error(path)
     if not first_line.strip():
         raise TransactionDataError(f"{path}: the file is empty (no header line).")
     written = next(csv.reader([first_line]))
@@ -82,8 +135,14 @@ def _read_header(path: Path, required: Iterable[str]) -> dict[str, str]:
         raise TransactionDataError(f"{path} line 1: duplicated column names {duplicated}.")
     missing = [name for name in required if name not in header]
     if missing:
+        separators = [name for separator, name in OTHER_SEPARATORS.items() if separator in first_line]
+        hint = (
+            f" (separated by {separators[0]}? files must be comma-separated)"
+            if separators and len(header) == 1
+            else ""
+        )
         raise TransactionDataError(
-            f"{path} line 1: missing column(s) {missing}; expected {list(required)}, found {header}."
+            f"{path} line 1: missing column(s) {missing}; expected {list(required)}, found {header}{hint}."
         )
     return dict(zip(header, written, strict=True))
 
@@ -151,7 +210,13 @@ def _read_csv_strictly(path: Path, column_types: dict[str, pa.DataType]) -> pa.T
 
     try:
         return read(True, column_types)
+    except OSError as error:
+        if is_decoding_error(error):
+            raise undecodable_file_error(path, error) from None
+        raise
     except pa.ArrowInvalid as error:
+        if INVALID_UTF8_MESSAGE in str(error):
+            raise _first_line_not_utf8(path) from None
         if bad_rows:
             # Threaded parsing does not know row numbers: parse once more on one thread to name the line.
             bad_rows.clear()
@@ -253,6 +318,14 @@ def read_transactions(path: str | os.PathLike) -> pa.Table:
     event_time = parse_event_time(path, table.column("tr_datetime"))
     term_id = pc.utf8_trim_whitespace(table.column("term_id"))
     term_id = pc.if_else(pc.equal(term_id, ""), pa.scalar(None, pa.string()), term_id)
+    # A quoted value may hold a line break; one that holds whole rows is a quote left open.
+    swallowed_rows = pc.fill_null(pc.match_substring_regex(term_id, r"\n.*,"), False).to_numpy(zero_copy_only=False)
+    if swallowed_rows.any():
+        raise _first_invalid_row(
+            path,
+            "a quote opened in term_id runs over the following lines (a closing quote is missing)",
+            swallowed_rows,
+        )
     return pa.table(
         {
             "customer_id": customer_ids,

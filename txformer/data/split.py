@@ -25,9 +25,15 @@ def stratified_split(
         )
     if counts.min() < 2:
         raise ValueError(f"Class {classes[counts.argmin()]} has a single customer: too few to split stratified.")
-    train_rows, test_rows = train_test_split(
-        np.arange(len(labels)), test_size=test_size, random_state=seed, stratify=labels.astype(np.int64)
-    )
+    try:
+        train_rows, test_rows = train_test_split(
+            np.arange(len(labels)), test_size=test_size, random_state=seed, stratify=labels.astype(np.int64)
+        )
+    except ValueError as error:  # sklearn's message says which size does not fit
+        raise ValueError(
+            f"Cannot split {len(labels)} customers ({dict(zip(classes.tolist(), counts.tolist(), strict=True))} per "
+            f"class) into stratified parts with test_size={test_size}: {error}"
+        ) from None
     return dataset.select(np.sort(train_rows)), dataset.select(np.sort(test_rows))
 
 

@@ -255,3 +255,37 @@ class OrderPosterior:
     def __call__(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
         """Log-odds of label 1 for the windows of flat events [starts, ends), each within one customer and not empty."""
         return self.prior_log_odds + self.opening[starts] + self.cumulative[ends] - self.cumulative[starts + 1]
+
+
+@dataclass
+class TransitionCountClassifier:
+    """The plug-in Bayes classifier of the order family's model class: per label, a first-order Markov chain over
+    codes estimated from transition counts (plus `smoothing` in every cell); a window scores the sum over its
+    transitions of the log-ratio of the two chains. What a learner that knows the family's form reaches from the
+    labelled customers it has, to set a model's gap to the oracle against."""
+
+    smoothing: float = 4.0
+
+    def fit(self, codes: list[np.ndarray], labels: np.ndarray) -> "TransitionCountClassifier":
+        """`codes`: each customer's code sequence in time order (any integer or string codes); `labels`: 0 or 1."""
+        self.known_codes = np.unique(np.concatenate(codes))
+        size = len(self.known_codes)
+        counts = np.zeros((2, size, size))
+        for sequence, label in zip(codes, labels, strict=True):
+            index = np.searchsorted(self.known_codes, sequence)
+            np.add.at(counts[int(label)], (index[:-1], index[1:]), 1.0)
+        log_transition = np.log(counts + self.smoothing) - np.log(
+            counts.sum(axis=2, keepdims=True) + size * self.smoothing
+        )
+        self.log_ratio = log_transition[1] - log_transition[0]
+        return self
+
+    def decision_function(self, codes: list[np.ndarray]) -> np.ndarray:
+        """Log-likelihood ratio of label 1 of each sequence (transitions from or to an unseen code count 0)."""
+        scores = np.empty(len(codes))
+        for row, sequence in enumerate(codes):
+            index = np.clip(np.searchsorted(self.known_codes, sequence), 0, len(self.known_codes) - 1)
+            known = self.known_codes[index] == sequence
+            pairs = known[:-1] & known[1:]
+            scores[row] = self.log_ratio[index[:-1][pairs], index[1:][pairs]].sum()
+        return scores

@@ -163,7 +163,7 @@ class EventVocabulary:
         """Fits on the customers of `dataset` (the training split only): per field, the codes seen at least
         `min_count` times, at most `max_size` of them, most frequent first; both may be a per-field mapping."""
         categorical_fields, numeric_fields = list(categorical_fields), list(numeric_fields)
-        _check_columns(dataset, categorical_fields + numeric_fields)
+        _check_columns(dataset.column_names, categorical_fields + numeric_fields)
         table = customer_table(dataset.select_columns(categorical_fields))
         return cls.fit_tables([table], categorical_fields, numeric_fields, min_count, max_size)
 
@@ -182,6 +182,7 @@ class EventVocabulary:
         value_types: dict[str, str] = {}
         counts: dict[str, list[pa.Table]] = {name: [] for name in categorical_fields}
         for table in tables:
+            _check_columns(table.column_names, categorical_fields)
             for name in categorical_fields:
                 value_types.setdefault(name, _value_type(table.schema.field(name).type.value_type, name))
                 counts[name].append(_count_codes(table.column(name), value_types[name]))
@@ -204,7 +205,7 @@ class EventVocabulary:
     def encode(self, dataset: datasets.Dataset, num_proc: int | None = None) -> datasets.Dataset:
         """Each categorical list column replaced by its list<int32> of indices (same name); other columns kept;
         `num_events` added. Vectorised per batch of customers."""
-        _check_columns(dataset, [*self.categorical_fields, *self.numeric_fields, "event_time"])
+        _check_columns(dataset.column_names, [*self.categorical_fields, *self.numeric_fields, "event_time"])
         encoded = dataset.with_format("arrow").map(
             self.encode_table, batched=True, batch_size=1000, num_proc=num_proc, desc="encoding events"
         )
@@ -274,18 +275,27 @@ class EventVocabulary:
         processor's `preprocessor_config.json`."""
         path = Path(folder) / VOCABULARY_FILE
         if path.is_file():
-            return cls.from_dict(json.loads(path.read_text()), source=str(path))
+            return cls.from_dict(_read_json(path), source=str(path))
         processor_path = Path(folder) / PROCESSOR_FILE
         if processor_path.is_file():
-            return cls.from_dict(
-                json.loads(processor_path.read_text())["event_vocabulary"], source=str(processor_path)
-            )
+            processor = _read_json(processor_path)
+            if "event_vocabulary" not in processor:
+                raise ValueError(f"{processor_path}: no event_vocabulary; it is not a txformer processor.")
+            return cls.from_dict(processor["event_vocabulary"], source=str(processor_path))
         raise FileNotFoundError(
             f"{path} not found: {folder} holds no saved EventVocabulary ({VOCABULARY_FILE} or {PROCESSOR_FILE})."
         )
 
 
-def _check_columns(dataset: datasets.Dataset, names: Iterable[str]) -> None:
-    missing = [name for name in names if name not in dataset.column_names]
+def _read_json(path: Path) -> dict:
+    """A JSON file's content; a file that is not JSON is an error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}).") from None
+
+
+def _check_columns(column_names: list[str], names: Iterable[str]) -> None:
+    missing = [name for name in names if name not in column_names]
     if missing:
-        raise ValueError(f"The dataset has no column(s) {missing}; it has {dataset.column_names}.")
+        raise ValueError(f"The dataset has no column(s) {missing}; it has {column_names}.")
