@@ -79,11 +79,11 @@ class CompareConfig:
     """The grid of runs and how they are trained (one command-line flag per field)."""
 
     families: list[str] = field(
-        default_factory=lambda: ["independent:8000", "order:4000"],
+        default_factory=lambda: ["independent:8000", "order:4000", "long:2000"],
         metadata={"help": "FAMILY:CUSTOMERS per synthetic data family (`--synthetic_family` of scripts/train.py)."},
     )
     runs: list[str] = field(
-        default_factory=lambda: ["full:256,1024", "performer:256,1024", "infinity:0"],
+        default_factory=lambda: ["full:256,1024", "performer:256,1024", "long/performer:4096,16384", "infinity:0"],
         metadata={
             "help": "[FAMILY/]KIND:LENGTH,LENGTH,... per attention kind (on every family, or on FAMILY only); "
             "length 0 = whole histories."
