@@ -11,6 +11,7 @@ removed once the run has finished and saved its model).
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -59,6 +60,10 @@ DEFAULT_RUNS = [
     f"{name}:{WHOLE_HISTORY}" if kind.streaming is not None else f"{name}:256,1024"
     for name, kind in ATTENTION_KINDS.items()
 ]
+# Long contexts of the Performer, on the long-history family only.
+LONG_FAMILY_RUNS = ["long/performer:4096,16384"]
+# The oracle AUROC of a window of most recent events, as a training run records it.
+ORACLE_WINDOW_KEY = re.compile(r"^oracle_auroc_last_(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -96,11 +101,11 @@ class CompareConfig:
     """The grid of runs and how they are trained (one command-line flag per field)."""
 
     families: list[str] = field(
-        default_factory=lambda: ["independent:8000", "order:4000"],
+        default_factory=lambda: ["independent:8000", "order:4000", "long:2000"],
         metadata={"help": "FAMILY:CUSTOMERS per synthetic data family (`--synthetic_family` of scripts/train.py)."},
     )
     runs: list[str] = field(
-        default_factory=lambda: list(DEFAULT_RUNS),
+        default_factory=lambda: DEFAULT_RUNS + LONG_FAMILY_RUNS,
         metadata={
             "help": "[FAMILY/]KIND:LENGTH,LENGTH,... per attention kind (on every family, or on FAMILY only); "
             "length 0 = whole histories."
@@ -115,6 +120,13 @@ class CompareConfig:
     micro_batch_events: int = field(
         default=65536,
         metadata={"help": "Padded events per forward pass: sets the micro-batch (gradient accumulation fills up)."},
+    )
+    train_max_length: int = field(
+        default=0,
+        metadata={
+            "help": "`--train_max_length` of the model runs: training windows of at most this many events, while "
+            "evaluation reads the run's context (0: the context)."
+        },
     )
     time_limit_minutes: float = field(
         default=0.0,
@@ -158,10 +170,13 @@ class CompareConfig:
         ]
 
 
-def micro_batch_size(spec: RunSpec, config: CompareConfig) -> int:
+def micro_batch_size(spec: RunSpec, config: CompareConfig, training: bool = True) -> int:
     """Histories per forward pass: the largest power of two that keeps `micro_batch_events` padded events, at most
-    the effective batch size."""
-    length = WHOLE_HISTORY_BATCH_LENGTH if spec.max_length == WHOLE_HISTORY else spec.max_length
+    the effective batch size; in training, of histories cut to the training windows (`train_max_length`)."""
+    lengths = [WHOLE_HISTORY_BATCH_LENGTH if spec.max_length == WHOLE_HISTORY else spec.max_length]
+    if training and config.train_max_length > 0:
+        lengths.append(config.train_max_length)
+    length = min(lengths)
     size = 1
     while size * 2 <= config.effective_batch_size and size * 2 * length <= config.micro_batch_events:
         size *= 2
@@ -197,11 +212,13 @@ def train_command(spec: RunSpec, config: CompareConfig, extra_args: list[str]) -
         "--seed", str(spec.seed),
         "--per_device_train_batch_size", str(micro),
         "--gradient_accumulation_steps", str(max(1, config.effective_batch_size // micro)),
-        "--per_device_eval_batch_size", str(micro),
+        "--per_device_eval_batch_size", str(micro_batch_size(spec, config, training=False)),
         "--group_by_length",
         "--report_to", "none",
         "--disable_tqdm", "true",
     ]  # fmt: skip
+    if config.train_max_length > 0:
+        command += ["--train_max_length", str(config.train_max_length)]
     checkpoint = last_complete_checkpoint(Path(config.output_dir) / spec.name)
     # The run folder is the comparison's own: it holds the run's log (and, of a run killed early, its first files).
     command += (
@@ -301,6 +318,7 @@ class RunResult:
     accuracy: float
     oracle_all: float | None
     oracle_window: float | None
+    oracle_by_window: dict[int, float]
     events_per_s: float | None
     events_per_s_median: float | None
     peak_memory_mib: float | None
@@ -355,6 +373,9 @@ def read_run(run_dir: Path, spec: RunSpec) -> RunResult:
         accuracy=metrics["eval_accuracy"],
         oracle_all=metrics.get("oracle_auroc_all"),
         oracle_window=None if spec.is_baseline else metrics.get("oracle_auroc_last_max_length"),
+        oracle_by_window={
+            int(match[1]): value for key, value in metrics.items() if (match := ORACLE_WINDOW_KEY.match(key))
+        },
         events_per_s=sum(step["tokens"] for step in counted) / step_time if step_time > 0 else None,
         events_per_s_median=statistics.median(step["tokens_per_s"] for step in counted) if counted else None,
         peak_memory_mib=max((step["peak_memory_mib"] for step in steps), default=None),
@@ -390,6 +411,7 @@ class GroupSummary:
     accuracy: list[float]
     oracle_all: float | None
     oracle_window: float | None
+    oracle_by_window: dict[int, float]
     events_per_s: float | None
     peak_memory_mib: float | None
     wall_minutes: float | None
@@ -471,6 +493,7 @@ def summarize(results: list[RunResult]) -> list[GroupSummary]:
             accuracy=[run.accuracy for run in runs],
             oracle_all=runs[0].oracle_all,
             oracle_window=runs[0].oracle_window,
+            oracle_by_window=runs[0].oracle_by_window,
             events_per_s=median_of([run.events_per_s for run in runs]),
             peak_memory_mib=max((run.peak_memory_mib for run in runs if run.peak_memory_mib), default=None),
             wall_minutes=median_of([run.wall_minutes for run in runs]),
@@ -552,6 +575,36 @@ def curves_figure_name(family: str) -> str:
     return f"results_{family}_learning_curves.png"
 
 
+def context_verdict(summaries: list[GroupSummary], tolerance: float = 0.03, slack: float = 0.02) -> list[str]:
+    """The long-context goals of one family: the best model configuration against the whole-history oracle (within
+    `tolerance`), and its gain over every model with a shorter context against the gain of their windows' oracles
+    (at least that gain minus `slack`)."""
+    models = [summary for summary in summaries if not summary.spec.is_baseline]
+    oracle_all = next((summary.oracle_all for summary in models if summary.oracle_all is not None), None)
+    if not models or oracle_all is None:
+        return []
+
+    def reach(summary: GroupSummary) -> float:
+        return math.inf if summary.max_length == WHOLE_HISTORY else summary.max_length
+
+    best = max(models, key=lambda summary: summary.mean_auroc)
+    gap = oracle_all - best.mean_auroc
+    lines = [
+        f"- Best: {best.attention_type} at {best.spec.context}, {gap:.4f} below the whole-history oracle "
+        f"({'within' if gap <= tolerance else '**not within**'} {tolerance})."
+    ]
+    for shorter in models:
+        if reach(shorter) >= reach(best) or shorter.oracle_window is None or best.oracle_window is None:
+            continue
+        gain, oracle_gain = best.mean_auroc - shorter.mean_auroc, best.oracle_window - shorter.oracle_window
+        met = gain >= oracle_gain - slack
+        lines.append(
+            f"- It gains {gain:+.4f} over {shorter.attention_type} at {shorter.spec.context}, whose oracle is "
+            f"{oracle_gain:.4f} lower (goal: at least {oracle_gain - slack:.4f}, **{'met' if met else 'not met'}**)."
+        )
+    return lines
+
+
 def plot_family(summaries: list[GroupSummary], results: list[RunResult], family: str, figures_dir: Path) -> list[Path]:
     """Two figures of one family: AUROC against context (whole histories at the right end) with the oracle of each
     window and the baseline, and the learning curves (train loss, validation AUROC) of the first seed of each model
@@ -564,7 +617,10 @@ def plot_family(summaries: list[GroupSummary], results: list[RunResult], family:
     figures_dir.mkdir(parents=True, exist_ok=True)
     models = [summary for summary in summaries if not summary.spec.is_baseline]
     baseline = next((summary for summary in summaries if summary.spec.is_baseline), None)
-    finite = sorted({s.max_length for s in models if s.max_length != WHOLE_HISTORY}) or [256]
+    # The oracle of every window some run recorded (the runs of a family share their held-out customers).
+    oracle_curve = {window: value for s in models for window, value in s.oracle_by_window.items()}
+    oracle_curve.update({s.max_length: s.oracle_window for s in models if s.oracle_window is not None})
+    finite = sorted(({s.max_length for s in models} | set(oracle_curve)) - {WHOLE_HISTORY}) or [256]
     whole_x = finite[-1] * 4
 
     def x_of(summary: GroupSummary) -> int:
@@ -577,12 +633,12 @@ def plot_family(summaries: list[GroupSummary], results: list[RunResult], family:
         axis.errorbar(
             [x_of(s) for s in points], [s.mean_auroc for s in points], yerr=errors, marker="o", capsize=3, label=kind
         )
-    oracle_points = sorted({(x_of(s), s.oracle_window) for s in models if s.oracle_window is not None})
+    oracle_points = sorted((whole_x if window == WHOLE_HISTORY else window, v) for window, v in oracle_curve.items())
     oracle_all = next((s.oracle_all for s in summaries if s.oracle_all is not None), None)
     if oracle_all is not None:
         oracle_points = sorted({*oracle_points, (whole_x, oracle_all)})
     if oracle_points:
-        axis.plot(*zip(*oracle_points, strict=True), "k--", linewidth=1, label="Bayes oracle, same window")
+        axis.plot(*zip(*oracle_points, strict=True), "k--", marker=".", linewidth=1, label="Bayes oracle, same window")
     if baseline is not None:
         axis.axhline(baseline.mean_auroc, color="tab:gray", linestyle="-.", linewidth=1, label="LightGBM, aggregates")
     ticks = [*finite, whole_x]
@@ -673,6 +729,7 @@ def format_report(
             *results_table(family_summaries),
             "",
             *quality_verdict(family_summaries),
+            *context_verdict(family_summaries),
             "",
         ]
         relative = [os.path.relpath(path, report_path.parent) for path in figure_paths.get(family, [])]

@@ -11,6 +11,7 @@ to every `scripts/train.py` run.
     python scripts/compare.py --time_limit_minutes 15                  # at most 15 min per run per call (resumes)
     python scripts/compare.py --report_only                            # rewrite the report from finished runs
     python scripts/compare.py --runs full:256 -- --bf16 --transactions t.csv --labels g.csv   # flags for train.py
+    python scripts/compare.py --families long:2000 --train_max_length 512 -- --config_overrides pooling=mean_sum
 """
 
 import shlex

@@ -18,7 +18,9 @@ from benchmarks import attention as op_benchmark
 from benchmarks import compare
 from benchmarks.compare import (
     CompareConfig,
+    GroupSummary,
     RunSpec,
+    context_verdict,
     micro_batch_size,
     run_all,
     train_command,
@@ -235,6 +237,13 @@ def test_grid_commands_and_resume_from_last_complete_checkpoint(tmp_path):
     assert command[command.index("--synthetic_num_customers") + 1] == "200"
     assert command[command.index("--gradient_accumulation_steps") + 1] == "8"
     assert "--group_by_length" in command and "--resume_from_checkpoint" not in command
+    assert "--train_max_length" not in command
+    windows = CompareConfig(families=["long:100"], runs=["infinity:0"], train_max_length=512)
+    command = train_command(RunSpec("long", "infinity", 0, 1), windows, [])
+    assert command[command.index("--train_max_length") + 1] == "512"
+    assert command[command.index("--per_device_train_batch_size") + 1] == "64"
+    assert command[command.index("--per_device_eval_batch_size") + 1] == "8"
+    assert micro_batch_size(RunSpec("long", "full", 256, 1), windows) == 64
     baseline = train_command(RunSpec("order", "lightgbm", 0, 2), config, ["--bf16"])
     assert Path(baseline[0]).name == "txformer-baseline" and "--bf16" not in baseline
     assert baseline[baseline.index("--output_dir") + 1] == str(tmp_path / "order" / "lightgbm-seed2")
@@ -284,6 +293,8 @@ def fake_run(run_dir, auroc, accuracy, oracle_window, tokens_per_s, results_file
         "eval_accuracy": accuracy,
         "oracle_auroc_all": 0.87,
         "oracle_auroc_last_max_length": oracle_window,
+        "oracle_auroc_last_64": 0.7,
+        "oracle_auroc_last_4096": 0.86,
     }
     (run_dir / results_file).write_text(json.dumps({"metrics": metrics} if "baseline" in results_file else metrics))
     steps = [
@@ -383,6 +394,26 @@ def test_report_bootstraps_the_held_out_predictions_of_each_configuration(tmp_pa
     )
     assert f"| lightgbm | aggregates of the whole history | 2 | 0.7100 ± 0.0141 | [{baseline_low:.4f}, " in report
     assert "| infinity | whole history | 2 | 0.8000 ± 0.0000 | – |" in report  # one seed has no predictions
+
+
+def summary(kind: str, length: int, aurocs: list[float], oracle_window: float | None) -> GroupSummary:
+    return GroupSummary("long", kind, length, [1, 2], aurocs, aurocs, 0.84, oracle_window, {}, None, None, None)
+
+
+def test_context_verdict_compares_the_best_model_with_the_oracle_and_shorter_contexts():
+    summaries = [
+        summary("lightgbm", 0, [0.70, 0.72], None),
+        summary("full", 1024, [0.70, 0.70], 0.75),
+        summary("infinity", 0, [0.81, 0.83], 0.84),
+    ]
+    assert context_verdict(summaries) == [
+        "- Best: infinity at whole history, 0.0200 below the whole-history oracle (within 0.03).",
+        "- It gains +0.1200 over full at last 1,024, whose oracle is 0.0900 lower (goal: at least 0.0700, **met**).",
+    ]
+    summaries[2] = summary("infinity", 0, [0.74, 0.74], 0.84)
+    assert context_verdict(summaries)[0].endswith("0.1000 below the whole-history oracle (**not within** 0.03).")
+    assert context_verdict(summaries)[1].endswith("(goal: at least 0.0700, **not met**).")
+    assert context_verdict(summaries[:1]) == []
 
 
 def test_throughput_measures_every_point_side_by_side():

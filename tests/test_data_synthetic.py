@@ -24,6 +24,7 @@ from txformer.data import (
     generate_synthetic_data,
     oracle_auroc,
 )
+from txformer.data.synthetic import _window_features
 from txformer.data.synthetic_order import (
     OrderPosterior,
     TransitionCountClassifier,
@@ -337,6 +338,18 @@ def test_long_family_has_long_histories_whose_signal_keeps_accruing(long_histori
     assert 1000 < np.median(lengths) < 2500 and lengths.max() > 10_000
     aurocs = [oracle.auroc(last_n=last_n) for last_n in (256, 1024, 4096, None)]
     assert aurocs[0] < aurocs[1] - 0.03 and aurocs[1] < aurocs[3] - 0.03 and aurocs[2] <= aurocs[3] + 1e-9, aurocs
+
+
+@pytest.mark.parametrize("last_n", [None, 16])
+def test_window_counts_are_the_window_shares_times_its_length(tiny, last_n):
+    """The count features (sums over the window) are the share features times the window length; each of the four
+    one-hot fields counts every event once."""
+    customers = build_customer_dataset(tiny.output_dir / "transactions.csv")
+    lengths = np.array([len(times) for times in customers["event_time"]])
+    lengths = lengths if last_n is None else np.minimum(lengths, last_n)
+    counts = _window_features(customers, last_n, as_counts=True)
+    np.testing.assert_allclose(counts, _window_features(customers, last_n) * lengths[:, None])
+    np.testing.assert_array_equal(counts.sum(axis=1), 4 * lengths)
 
 
 def test_window_longer_than_every_history_is_the_whole_history(order_tiny):

@@ -340,6 +340,31 @@ def test_token_budget_training_and_resuming(tmp_path):
     assert all(torch.equal(final[name], expected[name]) for name in expected)
 
 
+def test_training_windows_are_cut_to_train_max_length_and_evaluation_reads_whole_histories(tmp_path):
+    """Training batches hold windows of at most `--train_max_length` events; the saved processor (what evaluation and
+    inference read) keeps whole histories, and the budget counts the shorter windows' token batches."""
+    flags = ["--max_length=0", "--train_max_length=16", "--max_tokens_per_batch=64", "--logging_steps=1"]
+    flags += ["--num_train_epochs=1", "--min_train_steps=1", "--eval_strategy=no"]
+    output_dir = tmp_path / "out"
+    metrics = main(tiny_run_flags(output_dir, tmp_path / "cache", *flags))
+    records = [json.loads(line) for line in (output_dir / "profile_steps.jsonl").read_text().splitlines()]
+    assert max(record["tokens"] / record["samples"] for record in records) <= 16
+    assert max(record["samples"] for record in records) == 4
+    assert json.loads((output_dir / "preprocessor_config.json").read_text())["max_length"] is None
+    data_args = DataArguments(synthetic_num_customers=NUM_CUSTOMERS, data_cache_dir=str(tmp_path / "cache"))
+    train = prepare_datasets(data_args, arguments(tmp_path, eval_strategy="no"))["train"]
+    assert metrics["train_steps"] == len(TokenBudgetBatchSampler(train["num_events"], max_tokens=64, max_length=16))
+
+
+def test_the_training_window_is_the_shorter_of_the_two_lengths():
+    assert DataArguments(max_length=0, train_max_length=512).train_window_length == 512
+    assert DataArguments(max_length=256, train_max_length=512).train_window_length == 256
+    assert DataArguments(max_length=256, train_max_length=0).train_window_length == 256
+    assert DataArguments(max_length=0).train_window_length is None
+    with pytest.raises(ValueError, match="--train_max_length must be positive"):
+        DataArguments(train_max_length=-1)
+
+
 def test_concurrent_generation_of_the_same_synthetic_data_is_safe(tmp_path):
     script = (
         "import sys; from txformer.training import DataArguments, data_files; "

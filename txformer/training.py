@@ -77,6 +77,9 @@ MAX_VALIDATION_SHARE = 0.25
 # The categorical fields a model reads by default: not the terminal id, whose thousands of codes let a model learn its
 # training customers by heart (docs/recipe.md).
 MODEL_CATEGORICAL_FIELDS = ("mcc_code", "tr_type")
+# Windows of most recent events whose oracle AUROC a run on synthetic data records (`oracle_auroc_last_<n>`), next to
+# whole histories and the run's own window: the curve that models of every context are compared with.
+ORACLE_WINDOWS = (64, 256, 1024, 4096)
 
 
 @dataclass
@@ -164,6 +167,14 @@ class DataArguments:
             "reads the most recent events. 0 = off."
         },
     )
+    train_max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Training reads random windows of at most this many events (at least --train_window_min_share of "
+            "them, anywhere in the history) while validation, evaluation and inference read --max_length: a model "
+            "that reads whole histories trains at the cost of short ones. Default (or 0): --max_length."
+        },
+    )
     validation_fraction: float = field(
         default=0.1,
         metadata={
@@ -192,6 +203,12 @@ class DataArguments:
             self.max_length = None
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"--eval_fraction must be in (0, 1), got {self.eval_fraction}.")
+        if self.train_max_length == 0:
+            self.train_max_length = None
+        if self.train_max_length is not None and self.train_max_length < 0:
+            raise ValueError(
+                f"--train_max_length must be positive (or 0 = --max_length), got {self.train_max_length}."
+            )
         if not 0 <= self.train_window_min_share <= 1:
             raise ValueError(f"--train_window_min_share must be in [0, 1], got {self.train_window_min_share}.")
         if not 0 <= self.validation_fraction < 1:
@@ -202,6 +219,12 @@ class DataArguments:
         """Real data is a transactions file and a labels file."""
         if (self.transactions is None) != (self.labels is None):
             raise ValueError("Give both --transactions and --labels (real data), or neither (synthetic data).")
+
+    @property
+    def train_window_length(self) -> int | None:
+        """Most events a training history holds: the shorter of `max_length` and `train_max_length` (None = all)."""
+        lengths = [length for length in (self.max_length, self.train_max_length) if length is not None]
+        return min(lengths, default=None)
 
     @property
     def synthetic_dir_name(self) -> str:
@@ -747,7 +770,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             data["train"][training_args.length_column_name],
             max_tokens=training_args.max_tokens_per_batch,
             seed=data_seed,
-            max_length=data_args.max_length,
+            max_length=data_args.train_window_length,
         )
         num_batches, drop_last = len(batch_sampler), False
     else:
@@ -768,9 +791,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             )
         )
     window = None
-    if data_args.train_window_min_share > 0:
+    if data_args.train_window_min_share > 0 or data_args.train_window_length != data_args.max_length:
+        # Without random windows, a shorter training length still cuts each history to one window of that length.
         window = RandomWindow(
-            max_length=data_args.max_length, min_share=data_args.train_window_min_share, seed=data_seed
+            max_length=data_args.train_window_length, min_share=data_args.train_window_min_share or 1.0, seed=data_seed
         )
     if data_args.streaming:
         train_dataset = training_stream(data["train"], training_args, data_seed, window)
@@ -810,7 +834,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         metrics["best_global_step"] = trainer.state.best_global_step
     if data["synthetic_dir"] is not None:
         eval_ids = np.asarray(data["eval"]["customer_id"])
-        for window, name in ((None, "all"), (64, "last_64"), (data_args.max_length, "last_max_length")):
+        windows = [
+            (None, "all"),
+            *((n, f"last_{n}") for n in ORACLE_WINDOWS),
+            (data_args.max_length, "last_max_length"),
+        ]
+        for window, name in windows:
             metrics[f"oracle_auroc_{name}"] = oracle_auroc(data["synthetic_dir"], eval_ids, last_n=window)
     output_dir = Path(training_args.output_dir)
     # On every process: under FSDP and DeepSpeed ZeRO-3 gathering the weights is collective; only the main one writes.

@@ -504,10 +504,11 @@ def oracle_auroc(data_dir: str | os.PathLike, customer_ids=None, last_n: int | N
     return SyntheticOracle.load(data_dir).auroc(customer_ids, last_n)
 
 
-def _window_features(dataset, last_n: int | None, amounts_by_mcc: bool = False) -> np.ndarray:
+def _window_features(dataset, last_n: int | None, amounts_by_mcc: bool = False, as_counts: bool = False) -> np.ndarray:
     """Per customer, the mean over its last `last_n` events (all when None) of one-hot mcc_code, tr_type, hour of day
     and signed decade of the amount; with `amounts_by_mcc`, also the mean of one-hot mcc_code times log(1 + |amount|)
-    (so a linear model can weigh each code's amounts) and the log of the window's length."""
+    (so a linear model can weigh each code's amounts) and the log of the window's length. `as_counts` gives sums over
+    the window instead of means (evidence that accrues with the number of events)."""
     offsets, events = _flat_events(dataset)
     seconds_of_day = np.rint((events["event_time"] - np.floor(events["event_time"])) * SECONDS_PER_DAY)
     amount = events["amount"]
@@ -532,21 +533,21 @@ def _window_features(dataset, last_n: int | None, amounts_by_mcc: bool = False) 
         codes, column = np.unique(values[in_window], return_inverse=True)
         counts = np.zeros((len(lengths), len(codes)))
         np.add.at(counts, (customer_row, column), 1.0 if weight is None else weight[in_window])
-        blocks.append(counts / lengths[:, None])
+        blocks.append(counts if as_counts else counts / lengths[:, None])
     if amounts_by_mcc:
         blocks.append(np.log(lengths)[:, None])
     return np.hstack(blocks)
 
 
 def _baseline_data(
-    data_dir: str | os.PathLike, train_ids, test_ids, last_n: int | None, amounts_by_mcc: bool
+    data_dir: str | os.PathLike, train_ids, test_ids, last_n: int | None, amounts_by_mcc: bool, as_counts: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Window features, true labels and a training mask of the train and test customers."""
     train_ids, test_ids = np.asarray(train_ids, dtype=np.int64), np.asarray(test_ids, dtype=np.int64)
     oracle = SyntheticOracle.load(data_dir)
     customers = build_customer_dataset(Path(data_dir) / TRANSACTIONS_FILE, customer_ids=np.r_[train_ids, test_ids])
     customer_ids = np.asarray(customers["customer_id"], dtype=np.int64)
-    features = _window_features(customers, last_n, amounts_by_mcc)
+    features = _window_features(customers, last_n, amounts_by_mcc, as_counts)
     return features, oracle.true_labels(customer_ids), np.isin(customer_ids, train_ids)
 
 
@@ -581,11 +582,16 @@ def aggregate_baseline_auroc(
 ) -> dict[str, float]:
     """Test AUROCs of a logistic regression and of gradient-boosted trees on order-free aggregates of the last
     `last_n` events (all when None): code, type, hour and amount-decade shares, each code's log(1 + |amount|) summed
-    over the window and divided by its length, and the log length. What a model blind to the order of events gets."""
+    over the window and divided by its length, and the log length. What a model blind to the order of events gets.
+    `logistic_regression_counts`: the logistic regression on the window's code, type, hour and amount-decade counts
+    (sums, not shares), the sufficient statistics of the independent and long families' posteriors: what a sum readout
+    can learn from these training customers."""
     features, labels, is_train = _baseline_data(data_dir, train_ids, test_ids, last_n, amounts_by_mcc=True)
+    count_features, _, _ = _baseline_data(data_dir, train_ids, test_ids, last_n, amounts_by_mcc=False, as_counts=True)
     trees = HistGradientBoostingClassifier(learning_rate=0.05, max_iter=500, early_stopping=True, random_state=seed)
     trees.fit(features[is_train], labels[is_train])
     return {
         "logistic_regression": _logistic_regression_auroc(features, labels, is_train, seed),
+        "logistic_regression_counts": _logistic_regression_auroc(count_features, labels, is_train, seed),
         "gradient_boosting": float(roc_auc_score(labels[~is_train], trees.decision_function(features[~is_train]))),
     }
