@@ -9,13 +9,16 @@ import os
 import runpy
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 import torch
+from inference_helpers import read_predictions, train_tiny_folder
+from sklearn.metrics import roc_auc_score
 
 from benchmarks import attention as op_benchmark
-from benchmarks import compare
+from benchmarks import compare, fresh_customers
 from benchmarks.compare import (
     CompareConfig,
     GroupSummary,
@@ -44,7 +47,10 @@ from benchmarks.throughput import ThroughputConfig, format_throughput, run_throu
 from txformer.attention_performer import favor_attention
 from txformer.attention_reformer import lsh_attention
 from txformer.configuration_txformer import ATTENTION_KINDS
+from txformer.data import EventVocabulary, build_customer_dataset
+from txformer.data.synthetic import SyntheticOracle
 from txformer.metrics import bootstrap_auroc_interval, write_evaluated_predictions
+from txformer.prediction import PredictionArguments, predict
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -564,3 +570,28 @@ def test_reversible_benchmark_measures_every_kind_side_by_side():
 def test_reversible_benchmark_rejects_bad_settings(overrides, message):
     with pytest.raises(ValueError, match=message):
         ReversibleBenchmarkConfig(**overrides)
+
+
+def test_fresh_customers_scores_a_folder_and_the_plug_in_on_other_draws_of_the_generator(tmp_path, capsys):
+    comparison = fresh_customers.synthetic_folder("order", 40, 0)
+    customers = build_customer_dataset(comparison[0], comparison[1])
+    folder = train_tiny_folder(tmp_path / "model", "full", EventVocabulary.fit(customers), customers, 32)
+    with patch.object(
+        sys, "argv", ["x", "--model_dirs", str(folder), "--comparison_customers", "40", "--num_customers", "30"]
+    ):
+        fresh_customers.main()
+    report = capsys.readouterr().out
+    transactions, _, fresh_folder = fresh_customers.synthetic_folder("order", 30, 0)
+    oracle = SyntheticOracle.load(fresh_folder)
+    scores = read_predictions(predict(PredictionArguments(model=str(folder), transactions=str(transactions),
+                                                          output_file=str(tmp_path / "p.csv"))))  # fmt: skip
+    ids = list(scores)
+    auroc = roc_auc_score(oracle.true_labels(ids), list(scores.values()))
+    assert f"| `{folder}` | 32 | {auroc:.4f} | {oracle.auroc(ids, 32):.4f} |" in report
+    assert "| plug-in Bayes (transition counts) | 256 | " in report
+    assert len(ids) == 30  # every fresh customer, labelled or not
+
+
+def test_fresh_customers_must_be_other_draws_than_the_comparison():
+    with pytest.raises(ValueError, match="must differ"):
+        fresh_customers.FreshCustomersConfig(model_dirs=["x"], comparison_customers=100, num_customers=100)

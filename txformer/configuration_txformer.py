@@ -30,7 +30,7 @@ ATTENTION_KINDS: dict[str, AttentionKind] = {
 }
 # Every kind's config fields are fields of `TxFormerConfig`, so a config keeps the settings of every kind.
 ATTENTION_SETTINGS = tuple(kind.settings for kind in ATTENTION_KINDS.values() if kind.settings is not None)
-POOLING_TYPES = ("mean", "mean_sum", "last")
+POOLING_TYPES = ("mean", "sum", "mean_sum", "last")
 POSITION_EMBEDDING_TYPES = ("rotary", "none")
 CONTRASTIVE_LOSSES = ("margin", "infonce")
 # Signed decades of the amount, from -10^8 to 10^8 (the real amounts reach about 1.5e8).
@@ -64,10 +64,12 @@ class TxFormerConfig(PreTrainedConfig, *ATTENTION_SETTINGS):
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act: transformer sizes.
         hidden_dropout_prob, attention_dropout_prob, classifier_dropout: dropouts.
         layer_norm_eps, initializer_range: numerics of the norms and of the initialisation.
-        pooling (`str`): `"mean"` over real events; `"mean_sum"`: the mean plus a learned share of the sum over real
+        pooling (`str`): `"mean"` over real events; `"sum"` over real events divided by `pooling_sum_scale` (the
+            form of log-odds to which every event adds, read on one scale at any length); `"mean_sum"`: the mean plus a learned share of the sum over real
             events (scaled by `1 / pooling_sum_scale`), for evidence that accrues with the number of events; or the
             `"last"` real event.
-        pooling_sum_scale (`float`): events that make the sum term of `"mean_sum"` count as much as the mean.
+        pooling_sum_scale (`float`): events that make the sum term of `"sum"` and `"mean_sum"` count as much as the
+            mean.
         position_embedding_type (`str`): `"rotary"`: rotary embeddings of the event index on queries and keys, so
             attention sees which event comes before which, at any length and for every kind; `"none"`: attention
             sees a set of events (only their times tell the order).

@@ -572,9 +572,11 @@ def reversible_layers(
 class TxFormerPooler(nn.Module):
     """One vector per history from the sum of its final event states and its number of events (`config.pooling`).
 
-    `"mean"` averages. `"mean_sum"` adds a learned share of the sum: `mean * (1 + sum_weight * n / pooling_sum_scale)`,
-    so that a linear head reads both the average event and evidence that accrues with the number of events n (where
-    every event adds to the log-odds, the Bayes posterior is a sum). `sum_weight` starts at 0, i.e. at `"mean"`.
+    `"mean"` averages. `"sum"` adds up and divides by the constant `pooling_sum_scale`: where every event adds to
+    the log-odds (the Bayes posterior is a sum), a linear head on it reads evidence that accrues with the number of
+    events, and a model trained on windows scores longer histories on the same scale. `"mean_sum"` adds a learned
+    share of the sum, `mean * (1 + sum_weight * n / pooling_sum_scale)`, with `sum_weight` starting at 0, i.e. at
+    `"mean"`.
     `"last"` takes the state of the most recent event."""
 
     def __init__(self, config: TxFormerConfig):
@@ -587,6 +589,8 @@ class TxFormerPooler(nn.Module):
         """`event_sum`, `last_hidden`: `[batch, hidden]`; `num_events`: `[batch]` real events read."""
         if self.pooling == "last":
             return last_hidden
+        if self.pooling == "sum":
+            return event_sum / self.sum_scale
         count = num_events.clamp(min=1)[:, None].to(event_sum.dtype)
         pooled = event_sum / count
         if self.sum_weight is not None:
