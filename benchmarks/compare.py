@@ -45,6 +45,8 @@ RUN_RECORD_FILE = "compare_run.json"
 RUN_LOG_FILE = "train.log"
 WHOLE_HISTORY = 0
 BASELINE = "lightgbm"
+# The kind every other kind is held against at the same context.
+REFERENCE_KIND = "full"
 BENCHMARK_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmark.md"
 LABEL_STUDY_DOC = BENCHMARK_DOC.with_name("label_study.md")
 # The installed console scripts (setup.py), so that the comparison runs from a wheel as from a source tree.
@@ -417,6 +419,7 @@ class GroupSummary:
     wall_minutes: float | None
     auroc_interval: tuple[float, float] | None = None
     margin_interval: tuple[float, float] | None = None
+    reference_margin_interval: tuple[float, float] | None = None
 
     @property
     def spec(self) -> RunSpec:
@@ -447,23 +450,24 @@ def aligned_predictions(runs: list[RunResult]) -> tuple[np.ndarray, np.ndarray, 
     return customer_ids, labels, [probabilities for _, _, probabilities in aligned]
 
 
-def auroc_intervals(
-    runs: list[RunResult], baseline_runs: list[RunResult]
-) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
-    """Bootstrap 95% intervals over the held-out customers of the runs' mean AUROC and of its margin over the
-    baseline's mean AUROC (paired: the same resampled customers on both sides), where the predictions allow."""
+def auroc_interval(runs: list[RunResult]) -> tuple[float, float] | None:
+    """Bootstrap 95% interval over the held-out customers of the runs' mean AUROC, where the predictions allow."""
     scored = aligned_predictions(runs)
     if scored is None:
-        return None, None
-    customer_ids, labels, probabilities = scored
-    auroc_interval = bootstrap_auroc_interval(labels, probabilities, num_resamples=BOOTSTRAP_RESAMPLES)
-    baseline = aligned_predictions(baseline_runs) if baseline_runs else None
-    if baseline is None or not np.array_equal(baseline[0], customer_ids):
-        return auroc_interval, None
-    margin_interval = bootstrap_auroc_interval(
-        labels, probabilities, baseline=baseline[2], num_resamples=BOOTSTRAP_RESAMPLES
-    )
-    return auroc_interval, margin_interval
+        return None
+    _, labels, probabilities = scored
+    return bootstrap_auroc_interval(labels, probabilities, num_resamples=BOOTSTRAP_RESAMPLES)
+
+
+def margin_interval(runs: list[RunResult], other_runs: list[RunResult]) -> tuple[float, float] | None:
+    """Bootstrap 95% interval over the held-out customers of the runs' mean AUROC minus the other runs' mean AUROC
+    (paired: the same resampled customers on both sides), where the predictions allow."""
+    scored = aligned_predictions(runs)
+    other = aligned_predictions(other_runs) if other_runs else None
+    if scored is None or other is None or not np.array_equal(other[0], scored[0]):
+        return None
+    _, labels, probabilities = scored
+    return bootstrap_auroc_interval(labels, probabilities, baseline=other[2], num_resamples=BOOTSTRAP_RESAMPLES)
 
 
 def summarize(results: list[RunResult]) -> list[GroupSummary]:
@@ -472,12 +476,12 @@ def summarize(results: list[RunResult]) -> list[GroupSummary]:
     for result in results:
         key = (result.spec.family, result.spec.attention_type, result.spec.max_length)
         groups.setdefault(key, []).append(result)
-    intervals = {
-        (family, kind, length): auroc_intervals(
-            runs, [] if kind == BASELINE else groups.get((family, BASELINE, WHOLE_HISTORY), [])
-        )
-        for (family, kind, length), runs in groups.items()
-    }
+
+    def reference_runs(family: str, kind: str, length: int) -> list[RunResult]:
+        return [] if kind in (BASELINE, REFERENCE_KIND) else groups.get((family, REFERENCE_KIND, length), [])
+
+    def baseline_runs(family: str, kind: str) -> list[RunResult]:
+        return [] if kind == BASELINE else groups.get((family, BASELINE, WHOLE_HISTORY), [])
 
     def median_of(values: list[float | None]) -> float | None:
         known = [value for value in values if value is not None]
@@ -497,8 +501,9 @@ def summarize(results: list[RunResult]) -> list[GroupSummary]:
             events_per_s=median_of([run.events_per_s for run in runs]),
             peak_memory_mib=max((run.peak_memory_mib for run in runs if run.peak_memory_mib), default=None),
             wall_minutes=median_of([run.wall_minutes for run in runs]),
-            auroc_interval=intervals[(family, kind, length)][0],
-            margin_interval=intervals[(family, kind, length)][1],
+            auroc_interval=auroc_interval(runs),
+            margin_interval=margin_interval(runs, baseline_runs(family, kind)),
+            reference_margin_interval=margin_interval(runs, reference_runs(family, kind, length)),
         )
         for (family, kind, length), runs in groups.items()
     ]
@@ -507,6 +512,10 @@ def summarize(results: list[RunResult]) -> list[GroupSummary]:
 def _format_mean_std(values: list[float]) -> str:
     mean, std = mean_std(values)
     return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def _seeds(summary: GroupSummary) -> str:
+    return f"{len(summary.seeds)} seed{'' if len(summary.seeds) == 1 else 's'}"
 
 
 def _optional(value: float | None, spec: str) -> str:
@@ -563,6 +572,28 @@ def quality_verdict(summaries: list[GroupSummary], tolerance: float = 0.02) -> l
             )
         lines.append("; ".join(parts) + ".")
     return lines or ["No finished model run yet: no verdict."]
+
+
+def reference_verdict(summaries: list[GroupSummary], tolerance: float = 0.02) -> list[str]:
+    """The goal of every other kind against full attention at the same context, on one family: its mean AUROC over
+    seeds at most `tolerance` below full attention's (the paired bootstrap interval of the difference where the
+    predictions allow)."""
+    references = {summary.max_length: summary for summary in summaries if summary.attention_type == REFERENCE_KIND}
+    lines = []
+    for summary in summaries:
+        reference = references.get(summary.max_length)
+        if summary.spec.is_baseline or summary.attention_type == REFERENCE_KIND or reference is None:
+            continue
+        difference = summary.mean_auroc - reference.mean_auroc
+        interval = summary.reference_margin_interval
+        lines.append(
+            f"- {summary.attention_type} against {REFERENCE_KIND} at {summary.spec.context}: AUROC "
+            f"{_format_mean_std(summary.auroc)} ({_seeds(summary)}) against {_format_mean_std(reference.auroc)} "
+            f"({_seeds(reference)}), {difference:+.4f}"
+            + ("" if interval is None else f" (95% CI {_interval(interval, '+.4f')})")
+            + f" (goal: at least {-tolerance:+.2f}, **{'met' if difference >= -tolerance else 'not met'}**)."
+        )
+    return lines
 
 
 def auroc_figure_name(family: str) -> str:
@@ -715,9 +746,10 @@ def format_report(
         "resident set (CPU) or CUDA allocation, as the profiling callback records it. AUROC 95% CI: percentile "
         f"bootstrap over the held-out customers ({BOOTSTRAP_RESAMPLES:,} resamples) of the AUROC averaged over the "
         "seeds, from the predictions every run writes (`eval_predictions.csv`, `baseline_predictions.csv`); each "
-        "resample draws the same customers for every seed and, for the margin, for the baseline too. It shows how "
-        "much the draw of held-out customers moves a result, where ± std shows the seeds' spread; – where a run has "
-        "no predictions file (runs of version 0.2). Speed and memory of each kind "
+        "resample draws the same customers for every seed and, for a margin, for the baseline or full attention "
+        "too. It shows how much the draw of held-out customers moves a result, where ± std shows the seeds' spread; "
+        "– where a run has no predictions file (runs of version 0.2). Every other kind is held against full "
+        "attention at the same context (goal: at most 0.02 below it). Speed and memory of each kind "
         f"against length: [docs/benchmark.md]({os.path.relpath(BENCHMARK_DOC, report_path.parent)}).",
         "",
     ]
@@ -729,6 +761,7 @@ def format_report(
             *results_table(family_summaries),
             "",
             *quality_verdict(family_summaries),
+            *reference_verdict(family_summaries),
             *context_verdict(family_summaries),
             "",
         ]

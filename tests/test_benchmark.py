@@ -25,6 +25,7 @@ from benchmarks.compare import (
     RunSpec,
     context_verdict,
     micro_batch_size,
+    reference_verdict,
     run_all,
     train_command,
     write_report,
@@ -420,6 +421,52 @@ def test_context_verdict_compares_the_best_model_with_the_oracle_and_shorter_con
     assert context_verdict(summaries)[0].endswith("0.1000 below the whole-history oracle (**not within** 0.03).")
     assert context_verdict(summaries)[1].endswith("(goal: at least 0.0700, **not met**).")
     assert context_verdict(summaries[:1]) == []
+
+
+def test_reference_verdict_holds_every_other_kind_against_full_attention_at_the_same_context():
+    summaries = [
+        summary("lightgbm", 0, [0.70, 0.72], None),
+        summary("full", 256, [0.80, 0.82], 0.84),
+        summary("local", 256, [0.79, 0.80], 0.84),
+        summary("reformer", 256, [0.78, 0.78], 0.84),
+        summary("performer", 1024, [0.70, 0.70], 0.86),  # no full attention at 1,024: no verdict
+        summary("infinity", 0, [0.90, 0.90], 0.87),
+    ]
+    summaries[3].reference_margin_interval = (-0.05, 0.01)
+    assert reference_verdict(summaries) == [
+        "- local against full at last 256: AUROC 0.7950 ± 0.0071 (2 seeds) against 0.8100 ± 0.0141 (2 seeds), "
+        "-0.0150 (goal: at least -0.02, **met**).",
+        "- reformer against full at last 256: AUROC 0.7800 ± 0.0000 (2 seeds) against 0.8100 ± 0.0141 (2 seeds), "
+        "-0.0300 (95% CI [-0.0500, +0.0100]) (goal: at least -0.02, **not met**).",
+    ]
+
+
+def test_report_bootstraps_the_difference_from_full_attention_on_the_same_customers(tmp_path):
+    output_dir = tmp_path / "runs"
+    scores = {}
+    for name, strength, auroc in (
+        ("full-256-seed1", 2.0, 0.8),
+        ("full-256-seed2", 2.0, 0.8),
+        ("local-256-seed1", 1.0, 0.7),
+    ):
+        fake_run(output_dir / "order" / name, auroc, 0.7, 0.84, 20000)
+        scores[name] = fake_predictions(output_dir / "order" / name, strength, seed=len(scores))
+    config = CompareConfig(
+        families=["order:200"], runs=["full:256", "local:256"], seeds=[1, 2], baseline=False,
+        output_dir=str(output_dir), report=str(tmp_path / "results.md"), figures_dir=str(tmp_path / "figures"),
+    )  # fmt: skip
+    report = write_report(config, [], "python scripts/compare.py").read_text()
+    low, high = bootstrap_auroc_interval(
+        HELD_OUT_LABELS,
+        [scores["local-256-seed1"]],
+        baseline=[scores["full-256-seed1"], scores["full-256-seed2"]],
+        num_resamples=compare.BOOTSTRAP_RESAMPLES,
+    )
+    assert low < high < 0  # weaker scores than full attention's on the same customers
+    assert (
+        "- local against full at last 256: AUROC 0.7000 (1 seed) against 0.8000 ± 0.0000 (2 seeds), -0.1000 "
+        f"(95% CI [{low:+.4f}, {high:+.4f}]) (goal: at least -0.02, **not met**)." in report
+    )
 
 
 def test_throughput_measures_every_point_side_by_side():
