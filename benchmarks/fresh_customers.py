@@ -24,12 +24,12 @@ from sklearn.metrics import roc_auc_score
 from transformers import HfArgumentParser
 
 from txformer.cli import run_cli
-from txformer.data import build_customer_dataset, split_for_evaluation
+from txformer.data import build_customer_dataset
 from txformer.data.synthetic import SyntheticOracle
 from txformer.prediction import PredictionArguments, predict, report_path
 from txformer.training import DataArguments, data_files
 
-from .order_learnability import fit_cross_validated, last
+from .order_learnability import LearnabilityConfig, comparison_customers, fit_cross_validated, last
 
 
 @dataclass
@@ -75,12 +75,10 @@ def plugin_auroc(
 ) -> tuple[float, float]:
     """(AUROC, oracle AUROC) of the order family's plug-in classifier, fitted on the comparison's training
     customers (whole histories, smoothing by 3-fold CV) and scored on the fresh customers' last events."""
-    transactions, labels, _ = synthetic_folder(config.family, config.comparison_customers, config.seed)
-    train, _ = split_for_evaluation(build_customer_dataset(transactions, labels), 0.1, 42)
+    train, _, _ = comparison_customers(config.comparison_customers, config.seed)
     codes = [np.asarray(sequence) for sequence in train["mcc_code"]]
-    classifier, _ = fit_cross_validated(
-        codes, np.asarray(train["labels"]), [1.0, 4.0, 16.0, 64.0], config.plugin_window
-    )
+    smoothings = LearnabilityConfig().smoothings
+    classifier, _ = fit_cross_validated(codes, np.asarray(train["labels"]), smoothings, config.plugin_window)
     fresh = build_customer_dataset(fresh_transactions, keep_unlabelled=True)
     ids = np.asarray(fresh["customer_id"])
     fresh_codes = last([np.asarray(sequence) for sequence in fresh["mcc_code"]], config.plugin_window)

@@ -69,10 +69,15 @@ def fit_cross_validated(
     return TransitionCountClassifier(best).fit(codes, labels), best
 
 
-def comparison_split(config: LearnabilityConfig) -> list[str]:
-    data_args = DataArguments(synthetic_family="order", synthetic_num_customers=config.num_customers)
+def comparison_customers(num_customers: int, seed: int = 0):
+    """(train, held_out, data folder) of the comparison's order data (`scripts/compare.py`: split 90/10, seed 42)."""
+    data_args = DataArguments(synthetic_family="order", synthetic_num_customers=num_customers, synthetic_seed=seed)
     transactions, labels_file, data_dir = data_files(data_args)
-    train, held_out = split_for_evaluation(build_customer_dataset(transactions, labels_file), 0.1, 42)
+    return *split_for_evaluation(build_customer_dataset(transactions, labels_file), 0.1, 42), data_dir
+
+
+def comparison_split(config: LearnabilityConfig) -> list[str]:
+    train, held_out, data_dir = comparison_customers(config.num_customers, config.seed)
     train_codes = [np.asarray(codes) for codes in train["mcc_code"]]
     held_codes = last([np.asarray(codes) for codes in held_out["mcc_code"]], config.window)
     oracle = SyntheticOracle.load(data_dir).auroc(held_out["customer_id"], config.window)
