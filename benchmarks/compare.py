@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from transformers.trainer import TRAINER_STATE_NAME
 
-from txformer.configuration_txformer import ATTENTION_KINDS
+from txformer.configuration_txformer import ATTENTION_KINDS, TxFormerConfig
 from txformer.file_names import (
     BASELINE_PREDICTIONS_FILE,
     BASELINE_RESULTS_FILE,
@@ -54,7 +54,8 @@ TRAIN_ENTRY_POINT = "txformer-train"
 BASELINE_ENTRY_POINT = "txformer-baseline"
 # Resamples of the held-out customers behind each bootstrap interval of the report.
 BOOTSTRAP_RESAMPLES = 2000
-# Context length a whole history counts as when choosing the micro-batch size (the longest histories are grouped).
+# Context length a whole history counts as when choosing the micro-batch size (the longest histories are grouped),
+# for a kind that holds a whole history at once; a streaming kind holds one segment at a time.
 WHOLE_HISTORY_BATCH_LENGTH = 8192
 # The contexts every registered kind is trained at by default: a streaming kind reads whole histories, any other
 # kind the last 256 and 1,024 events.
@@ -64,6 +65,22 @@ DEFAULT_RUNS = [
 ]
 # Long contexts of the Performer, on the long-history family only.
 LONG_FAMILY_RUNS = ["long/performer:4096,16384"]
+# What a family's model runs add to the default recipe (before the command line's extra arguments, which win). The
+# long family (docs/long_histories.md): the embedding readout, whose evidence accrues over whole histories;
+# training windows of 5 to 100% of at most 4,096 events (for kinds whose context is longer); a peak learning rate
+# of 2e-4 (a step moves a sum over thousands of events); 300 optimizer steps, evaluated every 25, without early
+# stopping (the validation AUROC swings from one evaluation to the next).
+FAMILY_RECIPES = {
+    "long": [
+        "--config_overrides", "embedding_sum_readout=true",
+        "--train_max_length", "4096",
+        "--train_window_min_share", "0.05",
+        "--learning_rate", "2e-4",
+        "--max_steps", "300",
+        "--eval_steps", "25",
+        "--early_stopping_patience", "0",
+    ],
+}  # fmt: skip
 # The oracle AUROC of a window of most recent events, as a training run records it.
 ORACLE_WINDOW_KEY = re.compile(r"^oracle_auroc_last_(\d+)$")
 
@@ -172,12 +189,26 @@ class CompareConfig:
         ]
 
 
+def batch_length(spec: RunSpec) -> int:
+    """Events per history that a forward pass of the run works on at once: its context; over whole histories, one
+    segment for a streaming kind (the ∞-former's memory does not grow with the history), else
+    `WHOLE_HISTORY_BATCH_LENGTH`."""
+    if spec.max_length != WHOLE_HISTORY:
+        return spec.max_length
+    streaming = ATTENTION_KINDS[spec.attention_type].streaming
+    if streaming is None:
+        return WHOLE_HISTORY_BATCH_LENGTH
+    return streaming.segment_length(TxFormerConfig(attention_type=spec.attention_type))
+
+
 def micro_batch_size(spec: RunSpec, config: CompareConfig, training: bool = True) -> int:
-    """Histories per forward pass: the largest power of two that keeps `micro_batch_events` padded events, at most
-    the effective batch size; in training, of histories cut to the training windows (`train_max_length`)."""
-    lengths = [WHOLE_HISTORY_BATCH_LENGTH if spec.max_length == WHOLE_HISTORY else spec.max_length]
-    if training and config.train_max_length > 0:
-        lengths.append(config.train_max_length)
+    """Histories per forward pass: the largest power of two that keeps `micro_batch_events` padded events (of
+    `batch_length`), at most the effective batch size; in training, of histories cut to the training windows
+    (`train_max_length`)."""
+    lengths = [batch_length(spec)]
+    window = train_window(spec.family, config)
+    if training and window > 0:
+        lengths.append(window)
     length = min(lengths)
     size = 1
     while size * 2 <= config.effective_batch_size and size * 2 * length <= config.micro_batch_events:
@@ -200,6 +231,31 @@ def data_args(spec: RunSpec, config: CompareConfig) -> list[str]:
     ]  # fmt: skip
 
 
+def train_window(family: str, config: CompareConfig) -> int:
+    """`--train_max_length` of a family's model runs: the comparison's flag, else the family recipe's (0: none)."""
+    recipe = FAMILY_RECIPES.get(family, [])
+    if config.train_max_length > 0 or "--train_max_length" not in recipe:
+        return config.train_max_length
+    return int(recipe[recipe.index("--train_max_length") + 1])
+
+
+def family_recipe(family: str, config: CompareConfig) -> list[str]:
+    """The flags a family's model runs add to the default recipe, with the comparison's `--train_max_length`."""
+    recipe = list(FAMILY_RECIPES.get(family, []))
+    if "--train_max_length" in recipe:
+        del recipe[recipe.index("--train_max_length") : recipe.index("--train_max_length") + 2]
+    window = train_window(family, config)
+    return recipe + (["--train_max_length", str(window)] if window > 0 else [])
+
+
+def family_recipe_lines(family: str) -> list[str]:
+    """The report's sentence on what a family's model runs add to the default recipe (none: no lines)."""
+    recipe = FAMILY_RECIPES.get(family)
+    if not recipe:
+        return []
+    return [f"Model runs of this family add to the default recipe: `{shlex.join(recipe)}`.", ""]
+
+
 def train_command(spec: RunSpec, config: CompareConfig, extra_args: list[str]) -> list[str]:
     """The command of a run: `txformer-baseline` for the baseline, else `txformer-train` with the default recipe
     (resuming from its last complete checkpoint when there is one)."""
@@ -219,8 +275,7 @@ def train_command(spec: RunSpec, config: CompareConfig, extra_args: list[str]) -
         "--report_to", "none",
         "--disable_tqdm", "true",
     ]  # fmt: skip
-    if config.train_max_length > 0:
-        command += ["--train_max_length", str(config.train_max_length)]
+    command += family_recipe(spec.family, config)
     checkpoint = last_complete_checkpoint(Path(config.output_dir) / spec.name)
     # The run folder is the comparison's own: it holds the run's log (and, of a run killed early, its first files).
     command += (
@@ -737,7 +792,8 @@ def format_report(
         f"Machine of the runs: {machine}. Every model run trains the default model with the default recipe of "
         f"`scripts/train.py` (budget in optimizer steps, early stopping on a validation split carved from the training "
         f"customers, best checkpoint restored; [docs/recipe.md](recipe.md)), {config.effective_batch_size} histories "
-        "per optimizer step, length-grouped batches, the profiling callback on. The baseline is `scripts/baseline.py` "
+        "per optimizer step, length-grouped batches, the profiling callback on; a family's own additions to the "
+        "recipe are given in its section. The baseline is `scripts/baseline.py` "
         "(LightGBM on per-customer aggregates of the whole history; [docs/baseline.md](baseline.md)). Models and "
         "baseline see the same held-out customers (labelled customers split 90/10, split seed 42); the run seeds vary "
         "initialisation and order, not the data. The oracles are the exact Bayes posteriors of the generator on the "
@@ -758,6 +814,7 @@ def format_report(
         lines += [
             f"## The `{family}` family ({config.family_sizes().get(family, '?'):,} customers)",
             "",
+            *family_recipe_lines(family),
             *results_table(family_summaries),
             "",
             *quality_verdict(family_summaries),

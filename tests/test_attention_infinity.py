@@ -22,6 +22,7 @@ from txformer.attention_infinity import (
     ridge_fit,
     sample_from_histogram,
     solve_normal_equations,
+    suffix_solutions,
 )
 
 
@@ -145,10 +146,14 @@ def test_buffers_stay_float32_when_the_model_is_cast():
     torch.testing.assert_close(attention.segment_solution, reference)
 
 
-def test_streaming_equals_one_call():
-    """Reading a history in two calls (the second a whole number of segments) equals reading it at once."""
-    config = tiny_config("infinity")
+@pytest.mark.parametrize("embedding_sum_readout", [False, True])
+def test_streaming_equals_one_call(embedding_sum_readout):
+    """Reading a history in two calls (the second a whole number of segments) equals reading it at once (the state
+    carries the embedding readout's sum too)."""
+    config = tiny_config("infinity", embedding_sum_readout=embedding_sum_readout)
     model = build(config)
+    if embedding_sum_readout:
+        model.txformer.embedding_readout.running_mean.normal_(generator=torch.Generator().manual_seed(1))
     batch = random_batch(config, [13, 10, 7], seed=3)
     one_call = model(**batch)
     cut = torch.tensor([5, 2, 3])
@@ -363,24 +368,45 @@ def test_kl_regulariser_averages_over_every_segment():
     assert not torch.allclose(aux_loss, last_only)
 
 
-def test_partial_rows_are_solved_in_float64():
-    """A row with missing samples is solved from the float64 normal equations the precomputed solution comes from
-    (float64 buffers, kept under casts), not from float32-rounded ones: it matches the float64 solve to float32
-    rounding of the result."""
+def test_partial_rows_match_the_float64_solve():
+    """A row with missing samples gets the solution of the float64 normal equations the precomputed solution comes
+    from (float64 buffers, kept under casts), not of float32-rounded ones: a row missing its first samples (the first
+    segment of a history) through the precomputed solution for that many missing samples, any other row through its
+    own solve; both match the float64 solve to float32 rounding of the result."""
     config = tiny_config("infinity", segment_length=128, ltm_num_basis=128, ltm_num_samples=8)
     attention = TxFormerInfinityAttention(config, layer_idx=0).to(torch.bfloat16)
     assert attention.segment_design.dtype == attention.memory_prior.dtype == torch.float64
+    assert attention.segment_suffix_solutions.dtype == torch.float32
     exact = attention.compute_buffers()
-    samples = torch.randn(2, 128, 3, generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(2, 128, dtype=torch.bool)
+    samples = torch.randn(3, 128, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 128, dtype=torch.bool)
     mask[1, :40] = False
+    mask[2, 30:70] = False
     coefficients = fit_coefficients(samples, mask, attention.fit("segment")).double()
-    present = exact["segment_design"][:, 40:]
-    expected = torch.linalg.solve(exact["segment_prior"] + present @ present.T, present @ samples[1, 40:].double())
-    # Float32-rounded normal equations would be about ten times off this tolerance.
-    torch.testing.assert_close(coefficients[1], expected, rtol=1e-6, atol=1e-7)
+    for row in (1, 2):
+        present = exact["segment_design"][:, mask[row]]
+        expected = torch.linalg.solve(
+            exact["segment_prior"] + present @ present.T, present @ samples[row, mask[row]].double()
+        )
+        # Float32-rounded normal equations would be about ten times off this tolerance.
+        torch.testing.assert_close(coefficients[row], expected, rtol=1e-6, atol=1e-7)
     full = exact["segment_solution"].T @ samples[0].double()
     torch.testing.assert_close(coefficients[0], full, rtol=1e-5, atol=1e-6)
+
+
+def test_suffix_solutions_solve_every_number_of_missing_samples():
+    """Entry j of the precomputed suffix solutions is the ridge solution with the first j samples left out (zero rows
+    for them), from the full solution (j = 0) to no sample at all (zeros)."""
+    _, _, _, fit = segment_fit(num_basis=16, length=12)
+    solutions = suffix_solutions(fit)
+    assert solutions.shape == (13, 12, 16)
+    for num_missing in range(13):
+        present = fit.design[:, num_missing:]
+        expected = torch.zeros(12, 16, dtype=torch.float64)
+        if num_missing < 12:
+            expected[num_missing:] = torch.linalg.solve(fit.prior + present @ present.T, present).T
+        torch.testing.assert_close(solutions[num_missing], expected)
+    torch.testing.assert_close(solutions[0], fit.solution)
 
 
 @pytest.mark.parametrize("sticky_memories", [False, True])

@@ -8,6 +8,7 @@ import math
 import os
 import runpy
 import sys
+from dataclasses import replace
 from pathlib import Path
 from unittest.mock import patch
 
@@ -236,20 +237,30 @@ def test_grid_commands_and_resume_from_last_complete_checkpoint(tmp_path):
     ]
     assert len(specs) == 16
     assert micro_batch_size(RunSpec("order", "full", 256, 1), config) == 64
-    assert micro_batch_size(RunSpec("order", "infinity", 0, 1), config) == 8
+    # A streaming kind holds one segment of each history at a time: its micro-batch is sized by the segment.
+    assert micro_batch_size(RunSpec("order", "infinity", 0, 1), config) == 64
+    assert micro_batch_size(RunSpec("order", "infinity", 0, 1), replace(config, micro_batch_events=4096)) == 16
     command = train_command(RunSpec("order", "infinity", 0, 1), config, ["--bf16"])
     assert Path(command[0]).name == "txformer-train" and command[-1] == "--bf16"
     assert command[command.index("--max_length") + 1] == "0"
     assert command[command.index("--synthetic_family") + 1] == "order"
     assert command[command.index("--synthetic_num_customers") + 1] == "200"
-    assert command[command.index("--gradient_accumulation_steps") + 1] == "8"
+    assert command[command.index("--gradient_accumulation_steps") + 1] == "1"
     assert "--group_by_length" in command and "--resume_from_checkpoint" not in command
     assert "--train_max_length" not in command
+    # The long family's recipe (the embedding readout, windows of at most 4,096 events); the comparison's own
+    # --train_max_length replaces the recipe's, and the command line's extra flags come last (they win).
+    long_family = CompareConfig(families=["long:100"], runs=["infinity:0"])
+    command = train_command(RunSpec("long", "infinity", 0, 1), long_family, ["--max_steps", "7"])
+    assert command[command.index("--config_overrides") + 1] == "embedding_sum_readout=true"
+    assert command[command.index("--train_max_length") + 1] == "4096"
+    assert command[-2:] == ["--max_steps", "7"] and command.count("--max_steps") == 2
     windows = CompareConfig(families=["long:100"], runs=["infinity:0"], train_max_length=512)
     command = train_command(RunSpec("long", "infinity", 0, 1), windows, [])
+    assert command.count("--train_max_length") == 1
     assert command[command.index("--train_max_length") + 1] == "512"
     assert command[command.index("--per_device_train_batch_size") + 1] == "64"
-    assert command[command.index("--per_device_eval_batch_size") + 1] == "8"
+    assert command[command.index("--per_device_eval_batch_size") + 1] == "64"
     assert micro_batch_size(RunSpec("long", "full", 256, 1), windows) == 64
     baseline = train_command(RunSpec("order", "lightgbm", 0, 2), config, ["--bf16"])
     assert Path(baseline[0]).name == "txformer-baseline" and "--bf16" not in baseline

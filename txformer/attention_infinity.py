@@ -127,12 +127,15 @@ class RidgeFit:
         prior: `F_pad F_padᵀ + λ I [N, N]`: the zero-target padding points and the penalty, the part of the normal
             equations that does not depend on which samples are present.
         normal: `prior + F Fᵀ [N, N]`, the normal matrix when every sample is present.
+        suffix_solutions: `[P + 1, P, N]`, optional: entry `j` is the solution when the first `j` samples are missing
+            (the first segment of an end-aligned history), zero rows for them; computed like `solution`.
     """
 
     solution: torch.Tensor
     design: torch.Tensor
     prior: torch.Tensor
     normal: torch.Tensor
+    suffix_solutions: torch.Tensor | None = None
 
 
 def ridge_fit(
@@ -154,16 +157,40 @@ def ridge_fit(
     return RidgeFit(solution=solution, design=design, prior=prior, normal=normal)
 
 
+def suffix_solutions(fit: RidgeFit) -> torch.Tensor:
+    """The ridge solutions `[P + 1, P, N]` of `fit` with the first `j` samples missing, for every `j` (float64): one
+    batched Cholesky solve of the normal equations `prior + Σ_{p >= j} F_p F_pᵀ`."""
+    num_positions = fit.design.shape[1]
+    outer = torch.einsum("np,mp->pnm", fit.design, fit.design)
+    suffix_gram = outer.flip(0).cumsum(0).flip(0)
+    normal = fit.prior + torch.cat([suffix_gram, torch.zeros_like(suffix_gram[:1])])
+    positions = torch.arange(num_positions, device=fit.design.device)
+    present = positions[None, :] >= torch.arange(num_positions + 1, device=fit.design.device)[:, None]
+    right_hand_side = fit.design * present[:, None, :].to(fit.design.dtype)
+    return torch.cholesky_solve(right_hand_side, torch.linalg.cholesky(normal)).transpose(1, 2)
+
+
 def fit_coefficients(samples: torch.Tensor, sample_mask: torch.Tensor, fit: RidgeFit) -> torch.Tensor:
     """Basis coefficients `[batch, N, e]` of `samples [batch, P, e]` where `sample_mask [batch, P]` is True.
 
-    Rows with every sample present use the precomputed solution. Rows with some samples missing (padding) are solved
-    on their own from the fit's float64 normal equations (`solve_partial_rows`), leaving the missing positions out of
-    the fit instead of fitting zeros there. Rows with no sample get zeros.
+    Rows with every sample present use the precomputed solution. Rows whose first samples are missing (the first
+    segment of a history, padding on its left) use the precomputed solution for that many missing samples
+    (`fit.suffix_solutions`). Other rows with samples missing are solved on their own from the fit's float64 normal
+    equations (`solve_partial_rows`). Either way the missing positions are left out of the fit instead of being
+    fitted as zeros. Rows with no sample get zeros.
     """
     samples = samples.masked_fill(~sample_mask[..., None], 0.0)
-    coefficients = torch.matmul(fit.solution.T.to(samples.dtype), samples)
     partial = sample_mask.any(dim=1) & ~sample_mask.all(dim=1)
+    if fit.suffix_solutions is None or not any_row(partial):
+        coefficients = torch.matmul(fit.solution.T.to(samples.dtype), samples)
+    else:
+        num_missing = sample_mask.shape[1] - sample_mask.sum(dim=1)
+        solutions = fit.suffix_solutions.index_select(0, num_missing).to(samples.dtype)
+        coefficients = torch.matmul(solutions.transpose(1, 2), samples)
+        positions = torch.arange(sample_mask.shape[1], device=sample_mask.device)
+        partial = partial & (sample_mask != (positions[None, :] >= num_missing[:, None])).any(dim=1)
+    if not any_row(partial):
+        return coefficients
     return solve_partial_rows(coefficients, samples, sample_mask, partial, fit)
 
 
@@ -340,6 +367,7 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
         "basis_centers",
         "basis_widths",
         "segment_solution",
+        "segment_suffix_solutions",
         "memory_solution",
         "memory_transition",
         "sample_basis",
@@ -378,6 +406,7 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             ("basis_centers", (num_basis // len(config.ltm_basis_widths),)),
             ("basis_widths", (len(config.ltm_basis_widths),)),
             ("segment_solution", (self.segment_length, num_basis)),
+            ("segment_suffix_solutions", (self.segment_length + 1, self.segment_length, num_basis)),
             ("segment_design", (num_basis, self.segment_length)),
             ("segment_prior", (num_basis, num_basis)),
             ("segment_normal", (num_basis, num_basis)),
@@ -413,6 +442,8 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             "basis_centers": centers,
             "basis_widths": widths,
             "segment_solution": segment.solution,
+            # Entry 0 (no sample missing) is the solution itself, so full rows get the same numbers on either path.
+            "segment_suffix_solutions": torch.cat([segment.solution[None], suffix_solutions(segment)[1:]]),
             "segment_design": segment.design,
             "segment_prior": segment.prior,
             "segment_normal": segment.normal,
@@ -552,6 +583,7 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             design=getattr(self, f"{name}_design"),
             prior=getattr(self, f"{name}_prior"),
             normal=getattr(self, f"{name}_normal"),
+            suffix_solutions=getattr(self, f"{name}_suffix_solutions", None),
         )
 
     def sample_old_signal(self, state: InfinityMemoryState) -> torch.Tensor:

@@ -68,8 +68,12 @@ class TxFormerConfig(PreTrainedConfig, *ATTENTION_SETTINGS):
             form of log-odds to which every event adds, read on one scale at any length); `"mean_sum"`: the mean plus a learned share of the sum over real
             events (scaled by `1 / pooling_sum_scale`), for evidence that accrues with the number of events; or the
             `"last"` real event.
-        pooling_sum_scale (`float`): events that make the sum term of `"sum"` and `"mean_sum"` count as much as the
-            mean.
+        pooling_sum_scale (`float`): events that make the sum term of `"sum"`, `"mean_sum"` and the embedding
+            readout count as much as the mean.
+        embedding_sum_readout (`bool`): adds to the pooled history the sum of its event embeddings (the layers'
+            input) over `pooling_sum_scale`, centred on the mean event embedding: a per-event readout beside the
+            attention's, whose evidence accrues with the number of events over the whole history that the kind
+            reads, and does not depend on what the layers make of long contexts (docs/long_histories.md).
         position_embedding_type (`str`): `"rotary"`: rotary embeddings of the event index on queries and keys, so
             attention sees which event comes before which, at any length and for every kind; `"none"`: attention
             sees a set of events (only their times tell the order).
@@ -143,6 +147,7 @@ class TxFormerConfig(PreTrainedConfig, *ATTENTION_SETTINGS):
     initializer_range: float = 0.02
     pooling: str = "mean"
     pooling_sum_scale: float = 256.0
+    embedding_sum_readout: bool = False
     position_embedding_type: str = "rotary"
     rope_theta: float = 10000.0
     event_context_size: int = 2

@@ -42,6 +42,7 @@ class TxFormerState(ModelOutput):
         last_event_time: time (days) of the last event read so far, `[batch]`.
         last_event_code: first categorical field of the last event read so far, `[batch]`.
         event_context: embeddings of the last `event_context_size` events read so far, `[batch, size, hidden]`.
+        embedding_sum: sum of the event embeddings read so far, `[batch, hidden]` (`embedding_sum_readout` only).
     """
 
     layer_states: tuple[Any, ...] | None = None
@@ -51,6 +52,7 @@ class TxFormerState(ModelOutput):
     last_event_time: torch.Tensor | None = None
     last_event_code: torch.Tensor | None = None
     event_context: torch.Tensor | None = None
+    embedding_sum: torch.Tensor | None = None
 
 
 @dataclass
@@ -598,6 +600,34 @@ class TxFormerPooler(nn.Module):
         return pooled
 
 
+class TxFormerEmbeddingReadout(nn.Module):
+    """The sum of a history's event embeddings over `pooling_sum_scale`, centred on the mean event embedding
+    (`config.embedding_sum_readout`): `(Σ_i e_i - n m) / pooling_sum_scale`.
+
+    Every event adds to it, whatever the attention kind makes of long contexts, so a linear head reads evidence that
+    accrues over the whole history, as the log-odds of a per-event signal does. The centre `m` removes the offset
+    that a sum would multiply by the history's length: in training it is the batch's mean event embedding, otherwise
+    its running mean (`momentum` per training pass), as batch norm does."""
+
+    momentum = 0.05
+
+    def __init__(self, config: TxFormerConfig):
+        super().__init__()
+        self.sum_scale = config.pooling_sum_scale
+        self.register_buffer("running_mean", torch.zeros(config.hidden_size))
+
+    def forward(self, embedding_sum: torch.Tensor, num_events: torch.Tensor) -> torch.Tensor:
+        """`embedding_sum`: `[batch, hidden]`; `num_events`: `[batch]` real events read."""
+        count = num_events.to(embedding_sum.dtype)[:, None]
+        if self.training:
+            center = embedding_sum.sum(dim=0) / count.sum().clamp(min=1)
+            with torch.no_grad():
+                self.running_mean.lerp_(center.float(), self.momentum)
+        else:
+            center = self.running_mean.to(embedding_sum.dtype)
+        return (embedding_sum - count * center) / self.sum_scale
+
+
 class TxFormerPreTrainedModel(PreTrainedModel):
     config: TxFormerConfig
     config_class = TxFormerConfig
@@ -619,6 +649,8 @@ class TxFormerPreTrainedModel(PreTrainedModel):
             init.zeros_(module.pair_embedding.weight)
         elif isinstance(module, TxFormerPooler) and module.sum_weight is not None:
             init.zeros_(module.sum_weight)
+        elif isinstance(module, TxFormerEmbeddingReadout):
+            init.zeros_(module.running_mean)
         elif isinstance(module, TxFormerSelfAttention):
             module.reset_buffers()
 
@@ -690,6 +722,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
         self.layers = nn.ModuleList(TxFormerLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pooler = TxFormerPooler(config)
+        self.embedding_readout = TxFormerEmbeddingReadout(config) if config.embedding_sum_readout else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -780,6 +813,8 @@ class TxFormerModel(TxFormerPreTrainedModel):
         last_index = (num_events - 1).clamp(min=0)
         last_hidden = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
         pooled = self.pooler(masked_sum(hidden_states, event_mask), num_events, last_hidden)
+        if self.embedding_readout is not None:
+            pooled = pooled + self.embedding_readout(encoded.past_state.embedding_sum, num_events)
         return TxFormerModelOutput(
             last_hidden_state=hidden_states,
             pooler_output=pooled,
@@ -796,11 +831,13 @@ class TxFormerModel(TxFormerPreTrainedModel):
         state: TxFormerState,
         output_attentions: bool,
         output_hidden_states: bool,
+        layers_keep_graph: bool = True,
     ) -> TxFormerModelOutput:
         """Embeddings, every layer and the final norm over one (segment of a) batch, continuing from `state` (its
         `last_event_time`, `event_context` and `layer_states`; empty for a history read in one call). Returns the
         hidden states, the per-layer outputs asked for, the state after this segment (`layer_states`,
-        `event_context`) and the attention's auxiliary loss."""
+        `event_context`, this segment's `embedding_sum`) and the attention's auxiliary loss. `layers_keep_graph=False`
+        runs the layers without gradient (the embeddings keep theirs)."""
         hidden_states = self.embeddings(
             input_ids, numeric_values, event_time, state.last_event_time, state.last_event_code
         )
@@ -811,6 +848,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
         event_context = None
         if self.event_context is not None:
             hidden_states, event_context = self.event_context(hidden_states, event_mask, state.event_context)
+        embedding_sum = None if self.embedding_readout is None else masked_sum(hidden_states, event_mask)
         attention_mask = build_attention_mask(self.config, hidden_states, event_mask)
         position_embeddings = None if self.rotary_emb is None else self.rotary_emb(hidden_states.shape[1])
         layer_states = state.layer_states or (None,) * len(self.layers)
@@ -819,15 +857,17 @@ class TxFormerModel(TxFormerPreTrainedModel):
             "key_mask": event_mask,
             "position_embeddings": position_embeddings,
         }
-        hidden_states, all_hidden_states, all_attentions, new_states = self._run_layers(
-            hidden_states, layer_states, layer_inputs, output_hidden_states, output_attentions
-        )
-        aux_losses = [
-            layer.self_attn.auxiliary_loss(new_state) for layer, new_state in zip(self.layers, new_states, strict=True)
-        ]
-        aux_losses = [aux_loss for aux_loss in aux_losses if aux_loss is not None]
-        # As in transformers' models: the last entry of `hidden_states` is the normed output.
-        hidden_states = self.norm(hidden_states)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and layers_keep_graph):
+            hidden_states, all_hidden_states, all_attentions, new_states = self._run_layers(
+                hidden_states, layer_states, layer_inputs, output_hidden_states, output_attentions
+            )
+            aux_losses = [
+                layer.self_attn.auxiliary_loss(new_state)
+                for layer, new_state in zip(self.layers, new_states, strict=True)
+            ]
+            aux_losses = [aux_loss for aux_loss in aux_losses if aux_loss is not None]
+            # As in transformers' models: the last entry of `hidden_states` is the normed output.
+            hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         return TxFormerModelOutput(
@@ -835,7 +875,10 @@ class TxFormerModel(TxFormerPreTrainedModel):
             hidden_states=all_hidden_states,
             attentions=all_attentions,
             past_state=TxFormerState(
-                layer_states=tuple(new_states), event_context=event_context, last_event_code=last_event_code
+                layer_states=tuple(new_states),
+                event_context=event_context,
+                last_event_code=last_event_code,
+                embedding_sum=embedding_sum,
             ),
             aux_loss=torch.stack(aux_losses).sum() if aux_losses else None,
         )
@@ -918,6 +961,9 @@ class TxFormerModel(TxFormerPreTrainedModel):
             state.pooled_sum if state.pooled_sum is not None else event_time.new_zeros(batch_size, hidden_size)
         )
         events_read = state.num_events if state.num_events is not None else num_real.new_zeros(batch_size)
+        embedding_sum = None
+        if self.embedding_readout is not None:
+            embedding_sum = state.embedding_sum if state.embedding_sum is not None else torch.zeros_like(pooled_sum)
         last_hidden = state.last_hidden_state
         if last_hidden is None:
             last_hidden = event_time.new_zeros(batch_size, hidden_size)
@@ -950,8 +996,11 @@ class TxFormerModel(TxFormerPreTrainedModel):
             carried_states, carried_context, carried_time, carried_code = select_rows(
                 (layer_states, event_context, previous_event_time, last_event_code), rows
             )
+            # Detached segments run without gradient, except through the embedding readout, which every event feeds.
             keeps_graph = not detach_state or segment_index == num_segments - 1
-            with torch.set_grad_enabled(torch.is_grad_enabled() and keeps_graph):
+            with torch.set_grad_enabled(
+                torch.is_grad_enabled() and (keeps_graph or self.embedding_readout is not None)
+            ):
                 encoded = self._encode(
                     *select_rows(inputs, rows),
                     TxFormerState(
@@ -962,6 +1011,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
                     ),
                     output_attentions=False,
                     output_hidden_states=output_hidden_states,
+                    layers_keep_graph=keeps_graph,
                 )
             # The auxiliary loss of the last segment averages over every segment read (the layers carry its sums).
             aux_loss = encoded.aux_loss
@@ -974,6 +1024,8 @@ class TxFormerModel(TxFormerPreTrainedModel):
                 event_context = None if event_context is None else event_context.detach()
             previous_event_time = segment_time[:, -1]
             pooled_sum = pooled_sum + masked_sum(hidden_states, segment_mask)
+            if embedding_sum is not None:
+                embedding_sum = embedding_sum + scatter_rows(None, rows, encoded.past_state.embedding_sum, batch_size)
             last_hidden = torch.where(segment_mask[:, -1:], hidden_states[:, -1], last_hidden)
             if return_event_states:
                 segment_outputs.append(hidden_states)
@@ -981,7 +1033,10 @@ class TxFormerModel(TxFormerPreTrainedModel):
         events_read = events_read + num_real
 
         # The running sums are float32 (like `event_time`); the head takes the model's dtype.
-        pooled = self.pooler(pooled_sum, events_read, last_hidden).to(self.norm.weight.dtype)
+        pooled = self.pooler(pooled_sum, events_read, last_hidden)
+        if self.embedding_readout is not None:
+            pooled = pooled + self.embedding_readout(embedding_sum, events_read)
+        pooled = pooled.to(self.norm.weight.dtype)
         last_hidden_state, all_hidden_states = None, None
         if return_event_states:
             # Back to the caller's right-padded layout (the outputs start at `first_slot`).
@@ -1009,6 +1064,7 @@ class TxFormerModel(TxFormerPreTrainedModel):
                 last_event_time=previous_event_time,
                 last_event_code=last_event_code,
                 event_context=event_context,
+                embedding_sum=embedding_sum,
             ),
             aux_loss=aux_loss,
         )
