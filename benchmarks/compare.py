@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from transformers.trainer import TRAINER_STATE_NAME
 
+from txformer.cli import merge_config_overrides
 from txformer.configuration_txformer import ATTENTION_KINDS, TxFormerConfig
 from txformer.file_names import (
     BASELINE_PREDICTIONS_FILE,
@@ -191,8 +192,9 @@ class CompareConfig:
 
 def batch_length(spec: RunSpec) -> int:
     """Events per history that a forward pass of the run works on at once: its context; over whole histories, one
-    segment for a streaming kind (the ∞-former's memory does not grow with the history), else
-    `WHOLE_HISTORY_BATCH_LENGTH`."""
+    segment for a streaming kind (the ∞-former's layers hold one segment at a time; with the embedding readout, the
+    embeddings of the training window keep their gradient, which the window, `train_window`, bounds), else
+    `WHOLE_HISTORY_BATCH_LENGTH`. The segment length is the kind's default (not a `--config_overrides` one)."""
     if spec.max_length != WHOLE_HISTORY:
         return spec.max_length
     streaming = ATTENTION_KINDS[spec.attention_type].streaming
@@ -248,9 +250,9 @@ def family_recipe(family: str, config: CompareConfig) -> list[str]:
     return recipe + (["--train_max_length", str(window)] if window > 0 else [])
 
 
-def family_recipe_lines(family: str) -> list[str]:
+def family_recipe_lines(family: str, config: CompareConfig) -> list[str]:
     """The report's sentence on what a family's model runs add to the default recipe (none: no lines)."""
-    recipe = FAMILY_RECIPES.get(family)
+    recipe = family_recipe(family, config)
     if not recipe:
         return []
     return [f"Model runs of this family add to the default recipe: `{shlex.join(recipe)}`.", ""]
@@ -281,7 +283,19 @@ def train_command(spec: RunSpec, config: CompareConfig, extra_args: list[str]) -
     command += (
         ["--overwrite_output_dir", "true"] if checkpoint is None else ["--resume_from_checkpoint", str(checkpoint)]
     )
-    return command + extra_args
+    return with_merged_config_overrides(command + extra_args)
+
+
+def with_merged_config_overrides(command: list[str]) -> list[str]:
+    """The command with its `--config_overrides` flags (a family recipe's, the command line's) merged into one, the
+    later ones winning on a field both set."""
+    flag = "--config_overrides"
+    positions = [index for index, arg in enumerate(command) if arg == flag and index + 1 < len(command)]
+    if len(positions) < 2:
+        return command
+    merged = merge_config_overrides(*(command[index + 1] for index in positions))
+    kept = [arg for index, arg in enumerate(command) if not any(index in (at, at + 1) for at in positions)]
+    return kept + [flag, merged]
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -814,7 +828,7 @@ def format_report(
         lines += [
             f"## The `{family}` family ({config.family_sizes().get(family, '?'):,} customers)",
             "",
-            *family_recipe_lines(family),
+            *family_recipe_lines(family, config),
             *results_table(family_summaries),
             "",
             *quality_verdict(family_summaries),

@@ -255,6 +255,13 @@ def test_grid_commands_and_resume_from_last_complete_checkpoint(tmp_path):
     assert command[command.index("--config_overrides") + 1] == "embedding_sum_readout=true"
     assert command[command.index("--train_max_length") + 1] == "4096"
     assert command[-2:] == ["--max_steps", "7"] and command.count("--max_steps") == 2
+    # Config overrides of the command line join the recipe's, and win on a field both set.
+    extra = ["--config_overrides", "pooling=sum,embedding_sum_readout=false,time_periods_days=[1,7]"]
+    command = train_command(RunSpec("long", "infinity", 0, 1), long_family, extra)
+    assert command.count("--config_overrides") == 1
+    assert command[-2:] == [
+        "--config_overrides", "embedding_sum_readout=false,pooling=sum,time_periods_days=[1,7]"
+    ]  # fmt: skip
     windows = CompareConfig(families=["long:100"], runs=["infinity:0"], train_max_length=512)
     command = train_command(RunSpec("long", "infinity", 0, 1), windows, [])
     assert command.count("--train_max_length") == 1

@@ -105,3 +105,16 @@ def test_embedding_readout_trains_the_embeddings_of_every_segment():
         model(**batch, labels=torch.tensor([0, 1])).loss.backward()
         gradient = model.txformer.embeddings.categorical_embeddings[0].weight.grad[-1]
         assert bool(gradient.abs().sum() > 0) == readout
+
+
+def test_embedding_readout_stays_float32_in_a_bfloat16_model(attention_type):
+    """Cast to bfloat16, the running mean stays float32 (a 16-bit one could not move by 5% of a small difference),
+    training updates it, and the centred sum is computed in float32."""
+    model = TxFormerModel(tiny_config(attention_type, embedding_sum_readout=True)).to(torch.bfloat16).train()
+    readout = model.embedding_readout
+    assert readout.running_mean.dtype == torch.float32
+    seen = {}
+    readout.register_forward_hook(lambda module, inputs, output: seen.update(inputs=inputs, output=output))
+    model(**random_batch(model.config, [9, 5, 2]))
+    assert seen["inputs"][0].dtype == seen["output"].dtype == torch.float32
+    assert readout.running_mean.dtype == torch.float32 and bool(readout.running_mean.abs().sum() > 0)

@@ -150,6 +150,15 @@ def parse_config_overrides(text: str, config: Any) -> dict[str, Any]:
     return overrides
 
 
+def merge_config_overrides(*texts: str) -> str:
+    """Several `--config_overrides` strings as one, a later string winning on a key that an earlier one sets."""
+    entries: dict[str, str] = {}
+    for text in texts:
+        for entry in _split_outside_brackets(text):
+            entries[entry.partition("=")[0].strip()] = entry.strip()
+    return ",".join(entries.values())
+
+
 def _field_types(config: Any) -> dict[str, Any]:
     """Declared type of each field (dataclass configs), else the type of each current value."""
     if not dataclasses.is_dataclass(config):

@@ -600,31 +600,35 @@ class TxFormerPooler(nn.Module):
         return pooled
 
 
-class TxFormerEmbeddingReadout(nn.Module):
+class TxFormerEmbeddingReadout(Float32BuffersMixin):
     """The sum of a history's event embeddings over `pooling_sum_scale`, centred on the mean event embedding
     (`config.embedding_sum_readout`): `(Σ_i e_i - n m) / pooling_sum_scale`.
 
     Every event adds to it, whatever the attention kind makes of long contexts, so a linear head reads evidence that
     accrues over the whole history, as the log-odds of a per-event signal does. The centre `m` removes the offset
     that a sum would multiply by the history's length: in training it is the batch's mean event embedding, otherwise
-    its running mean (`momentum` per training pass), as batch norm does."""
+    its running mean (`momentum` per training pass, from zero), as batch norm does; so in training the rows of a batch
+    are centred together, and a batch of one history reads zero. Computed in float32 whatever the model's dtype (the
+    subtraction cancels most digits of a long history's sum)."""
 
     momentum = 0.05
+    float32_buffers = ("running_mean",)
 
     def __init__(self, config: TxFormerConfig):
         super().__init__()
         self.sum_scale = config.pooling_sum_scale
-        self.register_buffer("running_mean", torch.zeros(config.hidden_size))
+        self.register_buffer("running_mean", torch.zeros(config.hidden_size, dtype=torch.float32))
 
     def forward(self, embedding_sum: torch.Tensor, num_events: torch.Tensor) -> torch.Tensor:
-        """`embedding_sum`: `[batch, hidden]`; `num_events`: `[batch]` real events read."""
-        count = num_events.to(embedding_sum.dtype)[:, None]
+        """`embedding_sum`: `[batch, hidden]`; `num_events`: `[batch]` real events read. Returns float32."""
+        embedding_sum = embedding_sum.float()
+        count = num_events.float()[:, None]
         if self.training:
             center = embedding_sum.sum(dim=0) / count.sum().clamp(min=1)
             with torch.no_grad():
-                self.running_mean.lerp_(center.float(), self.momentum)
+                self.running_mean.lerp_(center, self.momentum)
         else:
-            center = self.running_mean.to(embedding_sum.dtype)
+            center = self.running_mean
         return (embedding_sum - count * center) / self.sum_scale
 
 
@@ -814,7 +818,8 @@ class TxFormerModel(TxFormerPreTrainedModel):
         last_hidden = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
         pooled = self.pooler(masked_sum(hidden_states, event_mask), num_events, last_hidden)
         if self.embedding_readout is not None:
-            pooled = pooled + self.embedding_readout(encoded.past_state.embedding_sum, num_events)
+            readout = self.embedding_readout(encoded.past_state.embedding_sum, num_events)
+            pooled = pooled + readout.to(pooled.dtype)
         return TxFormerModelOutput(
             last_hidden_state=hidden_states,
             pooler_output=pooled,
@@ -848,7 +853,8 @@ class TxFormerModel(TxFormerPreTrainedModel):
         event_context = None
         if self.event_context is not None:
             hidden_states, event_context = self.event_context(hidden_states, event_mask, state.event_context)
-        embedding_sum = None if self.embedding_readout is None else masked_sum(hidden_states, event_mask)
+        # In float32: the readout subtracts a multiple of the count from this sum, which cancels most of its digits.
+        embedding_sum = None if self.embedding_readout is None else masked_sum(hidden_states.float(), event_mask)
         attention_mask = build_attention_mask(self.config, hidden_states, event_mask)
         position_embeddings = None if self.rotary_emb is None else self.rotary_emb(hidden_states.shape[1])
         layer_states = state.layer_states or (None,) * len(self.layers)
@@ -938,7 +944,8 @@ class TxFormerModel(TxFormerPreTrainedModel):
         holds its `segment_length` most recent events and earlier segments carry the rest into the state. Each
         segment is gathered from the inputs when it is read, and when the kind detaches the state between segments
         (`ltm_detach_memory`), earlier segments run without gradient: with `return_event_states=False`, memory does
-        not grow with the history length.
+        not grow with the history length (in training with `embedding_sum_readout`, the embeddings of every segment
+        keep their gradient, so it grows with the training windows, not with the layers).
         """
         segment_length = streaming.segment_length(self.config)
         detach_state = streaming.detach_state(self.config)
