@@ -64,8 +64,9 @@ DEFAULT_RUNS = [
     f"{name}:{WHOLE_HISTORY}" if kind.streaming is not None else f"{name}:256,1024"
     for name, kind in ATTENTION_KINDS.items()
 ]
-# Long contexts of the Performer, on the long-history family only.
-LONG_FAMILY_RUNS = ["long/performer:4096,16384"]
+# Long contexts, on the long-history family only: the Performer at 4,096 and 16,384 events, the Reformer over whole
+# histories and local attention at 4,096 events.
+LONG_FAMILY_RUNS = ["long/performer:4096,16384", "long/reformer:0", "long/local:4096"]
 # What a family's model runs add to the default recipe (before the command line's extra arguments, which win). The
 # long family (docs/long_histories.md): the embedding readout, whose evidence accrues over whole histories;
 # training windows of 5 to 100% of at most 4,096 events (for kinds whose context is longer); a peak learning rate
