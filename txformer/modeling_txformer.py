@@ -606,18 +606,23 @@ class TxFormerEmbeddingReadout(Float32BuffersMixin):
 
     Every event adds to it, whatever the attention kind makes of long contexts, so a linear head reads evidence that
     accrues over the whole history, as the log-odds of a per-event signal does. The centre `m` removes the offset
-    that a sum would multiply by the history's length: in training it is the batch's mean event embedding, otherwise
-    its running mean (`momentum` per training pass, from zero), as batch norm does; so in training the rows of a batch
-    are centred together, and a batch of one history reads zero. Computed in float32 whatever the model's dtype (the
-    subtraction cancels most digits of a long history's sum)."""
+    that a sum would multiply by the history's length. In training it is the batch's mean event embedding, so the
+    rows of a batch are centred together and a batch of one history reads zero. Otherwise it is a function of the
+    history's length, `running_mean + center_log_slope * log(n)`: batches grouped by length are centred on the mean
+    embedding of histories of their length, which drifts with it, and a centre error shifts a history's logit in
+    proportion to its length. `running_mean` follows the training batches (`momentum` per training pass, from zero,
+    with no slope), as batch norm does; the package's `Trainer` replaces both before every evaluation with their
+    fit over the training customers (`set_center`, from `TxFormerModel.embedding_sums`), as `update_bn` does.
+    Computed in float32 whatever the model's dtype (the subtraction cancels most digits of a long history's sum)."""
 
     momentum = 0.05
-    float32_buffers = ("running_mean",)
+    float32_buffers = ("running_mean", "center_log_slope")
 
     def __init__(self, config: TxFormerConfig):
         super().__init__()
         self.sum_scale = config.pooling_sum_scale
         self.register_buffer("running_mean", torch.zeros(config.hidden_size, dtype=torch.float32))
+        self.register_buffer("center_log_slope", torch.zeros(config.hidden_size, dtype=torch.float32))
 
     def forward(self, embedding_sum: torch.Tensor, num_events: torch.Tensor) -> torch.Tensor:
         """`embedding_sum`: `[batch, hidden]`; `num_events`: `[batch]` real events read. Returns float32."""
@@ -628,8 +633,21 @@ class TxFormerEmbeddingReadout(Float32BuffersMixin):
             with torch.no_grad():
                 self.running_mean.lerp_(center, self.momentum)
         else:
-            center = self.running_mean
+            center = self.center(num_events)
         return (embedding_sum - count * center) / self.sum_scale
+
+    def center(self, num_events: torch.Tensor) -> torch.Tensor:
+        """The centre outside training of histories of `num_events` `[batch]` events, `[batch, hidden]`."""
+        return self.running_mean + self.center_log_slope * num_events.float().clamp(min=1).log()[:, None]
+
+    @torch.no_grad()
+    def set_center(self, mean: torch.Tensor, log_slope: torch.Tensor | None = None) -> None:
+        """Sets the centre outside training to `mean + log_slope * log(n)` (`[hidden]` each; no slope: `mean`)."""
+        self.running_mean.copy_(mean)
+        if log_slope is None:
+            self.center_log_slope.zero_()
+        else:
+            self.center_log_slope.copy_(log_slope)
 
 
 class TxFormerPreTrainedModel(PreTrainedModel):
@@ -643,6 +661,8 @@ class TxFormerPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_flash_attn = True
     _supports_attention_backend = False
+    # Folders saved before the readout's centre had a slope in the log length load with a constant centre (slope 0).
+    _keys_to_ignore_on_load_missing = [r"embedding_readout\.center_log_slope$"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -655,6 +675,7 @@ class TxFormerPreTrainedModel(PreTrainedModel):
             init.zeros_(module.sum_weight)
         elif isinstance(module, TxFormerEmbeddingReadout):
             init.zeros_(module.running_mean)
+            init.zeros_(module.center_log_slope)
         elif isinstance(module, TxFormerSelfAttention):
             module.reset_buffers()
 
@@ -843,16 +864,11 @@ class TxFormerModel(TxFormerPreTrainedModel):
         hidden states, the per-layer outputs asked for, the state after this segment (`layer_states`,
         `event_context`, this segment's `embedding_sum`) and the attention's auxiliary loss. `layers_keep_graph=False`
         runs the layers without gradient (the embeddings keep theirs)."""
-        hidden_states = self.embeddings(
-            input_ids, numeric_values, event_time, state.last_event_time, state.last_event_code
-        )
+        hidden_states, event_context = self._embed(input_ids, numeric_values, event_time, event_mask, state)
         # Rows without a real event here keep the code of the event they read last.
         codes = input_ids[..., 0]
         last_event_code = codes[:, -1] if state.last_event_code is None else state.last_event_code
         last_event_code = torch.where(event_mask.any(dim=1), codes[:, -1], last_event_code)
-        event_context = None
-        if self.event_context is not None:
-            hidden_states, event_context = self.event_context(hidden_states, event_mask, state.event_context)
         # In float32: the readout subtracts a multiple of the count from this sum, which cancels most of its digits.
         embedding_sum = None if self.embedding_readout is None else masked_sum(hidden_states.float(), event_mask)
         attention_mask = build_attention_mask(self.config, hidden_states, event_mask)
@@ -888,6 +904,41 @@ class TxFormerModel(TxFormerPreTrainedModel):
             ),
             aux_loss=torch.stack(aux_losses).sum() if aux_losses else None,
         )
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor,
+        numeric_values: torch.Tensor,
+        event_time: torch.Tensor,
+        event_mask: torch.Tensor,
+        state: TxFormerState,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layers' input over one (segment of a) batch: the event embeddings, mixed with the events before them
+        when the model has an event context; and that context after this segment (None without one)."""
+        hidden_states = self.embeddings(
+            input_ids, numeric_values, event_time, state.last_event_time, state.last_event_code
+        )
+        if self.event_context is None:
+            return hidden_states, None
+        return self.event_context(hidden_states, event_mask, state.event_context)
+
+    @torch.no_grad()
+    def embedding_sums(
+        self,
+        input_ids: torch.Tensor,
+        numeric_values: torch.Tensor,
+        event_time: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per history, the float32 sum of the embeddings that the embedding readout adds up, `[batch, hidden]`, and
+        its number of real events, `[batch]`; without running the layers: what the readout's centre outside
+        training is fitted on (`TxFormerEmbeddingReadout.set_center`)."""
+        self._check_inputs(input_ids, numeric_values, event_time, attention_mask)
+        if attention_mask is None:
+            attention_mask = torch.ones(event_time.shape, dtype=torch.long, device=event_time.device)
+        event_mask = attention_mask.bool()
+        hidden_states, _ = self._embed(input_ids, numeric_values, event_time, event_mask, TxFormerState())
+        return masked_sum(hidden_states.float(), event_mask), event_mask.sum(dim=1)
 
     def _run_layers(
         self,

@@ -28,7 +28,7 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import IntervalStrategy, SaveStrategy, seed_worker
+from transformers.trainer_utils import EvalLoopOutput, IntervalStrategy, SaveStrategy, seed_worker
 from transformers.training_args import ParallelMode
 
 from . import TxFormerConfig, TxFormerForSequenceClassification
@@ -57,6 +57,7 @@ from .metrics import compute_metrics, positive_class_probability, write_evaluate
 from .pipeline_txformer import custom_pipelines
 from .prediction import check_processor_matches, load_processor, load_txformer_config
 from .profiling import add_profiling_callback
+from .readout_center import update_readout_center
 
 
 logger = logging.getLogger(__name__)
@@ -320,6 +321,14 @@ class TxFormerTrainingArguments(TrainingArguments):
     length_column_name: str = field(
         default="num_events", metadata={"help": "Column of the history lengths, for length grouping."}
     )
+    readout_center_customers: int | None = field(
+        default=4096,
+        metadata={
+            "help": "With embedding_sum_readout: training customers (a seeded sample, or all when fewer or 0) whose "
+            "mean event embeddings, fitted against the log of their length, give the readout's centre before every "
+            "evaluation."
+        },
+    )
     ddp_find_unused_parameters: bool | None = field(
         default=False,
         metadata={
@@ -359,6 +368,12 @@ class TxFormerTrainingArguments(TrainingArguments):
                 f"--min_train_steps must be positive ({self.min_train_steps}), --early_stopping_patience at least 0 "
                 f"({self.early_stopping_patience}) and --early_stopping_start in [0, 1] ({self.early_stopping_start})."
             )
+        if self.readout_center_customers is not None and self.readout_center_customers < 0:
+            raise ValueError(
+                f"--readout_center_customers must be positive, or 0 for all, got {self.readout_center_customers}."
+            )
+        if self.readout_center_customers == 0:
+            self.readout_center_customers = None
         if self.eval_steps is None:
             self.eval_steps = self.save_steps
         elif self.save_steps == DEFAULT_SAVE_STEPS:
@@ -423,11 +438,41 @@ class BudgetEarlyStoppingCallback(EarlyStoppingCallback):
 
 class TxFormerTrainer(Trainer):
     """The `Trainer`, whose training batches come from `train_batch_sampler` when one is given (token budgets), or
-    from this process's own stream when the training dataset is an `EndlessStream` (`--streaming`)."""
+    from this process's own stream when the training dataset is an `EndlessStream` (`--streaming`). Before every
+    evaluation or prediction, a model with the embedding readout gets its centre fitted over the customers of
+    `readout_center_data`, read as evaluation reads them (the last `max_length` events; `update_readout_center`)."""
 
-    def __init__(self, *args, train_batch_sampler: TokenBudgetBatchSampler | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        train_batch_sampler: TokenBudgetBatchSampler | None = None,
+        readout_center_data: datasets.Dataset | None = None,
+        max_length: int | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        if readout_center_data is not None and self.is_fsdp_enabled and self.model.config.embedding_sum_readout:
+            raise ValueError(
+                "embedding_sum_readout=True does not train under FSDP yet: the readout's centre is fitted on the "
+                "embeddings outside the model's forward pass, which FSDP does not gather; use DDP."
+            )
         self.train_batch_sampler = train_batch_sampler
+        self.readout_center_data = readout_center_data
+        self.max_length = max_length
+
+    def evaluation_loop(self, *args, **kwargs) -> EvalLoopOutput:
+        """The `Trainer`'s loop, after setting the readout's centre for the current weights."""
+        if self.readout_center_data is not None:
+            update_readout_center(
+                self.accelerator.unwrap_model(self.model),
+                self.readout_center_data,
+                self.data_collator,
+                self.accelerator,
+                length_column=self.args.length_column_name,
+                max_length=self.max_length,
+                max_customers=self.args.readout_center_customers,
+            )
+        return super().evaluation_loop(*args, **kwargs)
 
     def get_train_dataloader(self) -> DataLoader:
         """The `Trainer`'s loader; one over `train_batch_sampler`, whose batches `accelerator.prepare` deals to the
@@ -813,6 +858,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         compute_metrics=compute_metrics,
         callbacks=callbacks,
         train_batch_sampler=batch_sampler,
+        readout_center_data=data["train"],
+        max_length=data_args.max_length,
     )
     add_profiling_callback(trainer)
     train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
