@@ -117,6 +117,11 @@ class RunSpec:
         return "whole history" if self.max_length == WHOLE_HISTORY else f"last {self.max_length:,}"
 
 
+DEFAULT_OUTPUT_DIR = "outputs/compare"
+DEFAULT_REPORT = "docs/results.md"
+DEFAULT_FIGURES_DIR = "docs/figures"
+
+
 @dataclass
 class CompareConfig:
     """The grid of runs and how they are trained (one command-line flag per field)."""
@@ -134,9 +139,21 @@ class CompareConfig:
     )
     seeds: list[int] = field(default_factory=lambda: [42, 43, 44], metadata={"help": "Seeds (init, order)."})
     baseline: bool = field(default=True, metadata={"help": "Also run the LightGBM baseline for each family and seed."})
-    output_dir: str = field(default="outputs/compare", metadata={"help": "One folder per run inside."})
-    report: str = field(default="docs/results.md", metadata={"help": "The Markdown report written at the end."})
-    figures_dir: str = field(default="docs/figures", metadata={"help": "Where the report's PNG plots go."})
+    output_dir: str = field(default=DEFAULT_OUTPUT_DIR, metadata={"help": "One folder per run inside."})
+    report: str | None = field(
+        default=None,
+        metadata={
+            "help": f"The Markdown report written at the end (default: {DEFAULT_REPORT} for the default "
+            "--output_dir, else results.md inside --output_dir, so that another grid never overwrites the project's)."
+        },
+    )
+    figures_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Where the report's PNG plots go (default: {DEFAULT_FIGURES_DIR} for the default --output_dir, "
+            "else figures/ inside it)."
+        },
+    )
     effective_batch_size: int = field(default=64, metadata={"help": "Histories per optimizer step."})
     micro_batch_events: int = field(
         default=65536,
@@ -159,6 +176,13 @@ class CompareConfig:
     num_threads: int = field(default=0, metadata={"help": "OMP_NUM_THREADS of the runs (0: inherit)."})
     report_only: bool = field(default=False, metadata={"help": "Only aggregate the finished runs into the report."})
     dry_run: bool = field(default=False, metadata={"help": "Print the commands of the runs still to do, run none."})
+
+    def __post_init__(self):
+        default_place = Path(self.output_dir).resolve() == Path(DEFAULT_OUTPUT_DIR).resolve()
+        if self.report is None:
+            self.report = DEFAULT_REPORT if default_place else str(Path(self.output_dir) / "results.md")
+        if self.figures_dir is None:
+            self.figures_dir = DEFAULT_FIGURES_DIR if default_place else str(Path(self.output_dir) / "figures")
 
     def family_sizes(self) -> dict[str, int]:
         """Customers of each family's generated data."""

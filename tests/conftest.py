@@ -46,6 +46,13 @@ def tiny_kind_settings() -> dict:
     return settings
 
 
+@pytest.fixture(autouse=True)
+def keep_subnormal_numbers():
+    """Tests that run a script's `run_cli` have the CPU flush subnormal numbers; the next test starts without it."""
+    yield
+    torch.set_flush_denormal(False)
+
+
 def tiny_config(attention_type: str = "full", **overrides) -> TxFormerConfig:
     """A small config of the given attention kind; dropout off so outputs are deterministic."""
     settings = dict(

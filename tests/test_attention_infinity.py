@@ -146,11 +146,15 @@ def test_buffers_stay_float32_when_the_model_is_cast():
     torch.testing.assert_close(attention.segment_solution, reference)
 
 
-@pytest.mark.parametrize("embedding_sum_readout", [False, True])
-def test_streaming_equals_one_call(embedding_sum_readout):
+@pytest.mark.parametrize(
+    ("embedding_sum_readout", "read_current_segment"), [(False, True), (True, True), (True, False)]
+)
+def test_streaming_equals_one_call(embedding_sum_readout, read_current_segment):
     """Reading a history in two calls (the second a whole number of segments) equals reading it at once (the state
-    carries the embedding readout's sum too)."""
-    config = tiny_config("infinity", embedding_sum_readout=embedding_sum_readout)
+    carries the embedding readout's sum too, and with `ltm_read_current_segment=False` the segment still to write)."""
+    config = tiny_config(
+        "infinity", embedding_sum_readout=embedding_sum_readout, ltm_read_current_segment=read_current_segment
+    )
     model = build(config)
     if embedding_sum_readout:
         model.txformer.embedding_readout.running_mean.normal_(generator=torch.Generator().manual_seed(1))
@@ -177,10 +181,11 @@ def test_streaming_equals_one_call(embedding_sum_readout):
     torch.testing.assert_close(streamed.logits, one_call.logits, rtol=1e-5, atol=1e-5)
 
 
-def test_the_prediction_reads_the_whole_history():
+@pytest.mark.parametrize("read_current_segment", [True, False])
+def test_the_prediction_reads_the_whole_history(read_current_segment):
     """Changing the first events of a history several segments long changes the representation of its last event
     (the one `pooling="last"` predicts from): only the memory can carry it there."""
-    config = tiny_config("infinity", pooling="last")
+    config = tiny_config("infinity", pooling="last", ltm_read_current_segment=read_current_segment)
     model = build(config)
     batch = random_batch(config, [14, 14])
     changed = {key: value.clone() for key, value in batch.items()}
@@ -222,14 +227,16 @@ def test_carried_memory_is_detached_by_default_and_kept_on_request():
     assert kept.coefficients.requires_grad
 
 
-def test_sticky_memories_and_kl_regulariser():
-    config = tiny_config("infinity", ltm_sticky_memories=True, ltm_sticky_bins=6, ltm_kl_weight=0.1)
+@pytest.mark.parametrize("read_current_segment", [True, False])
+def test_sticky_memories_and_kl_regulariser(read_current_segment):
+    settings = {"ltm_sticky_memories": True, "ltm_sticky_bins": 6, "ltm_read_current_segment": read_current_segment}
+    config = tiny_config("infinity", ltm_kl_weight=0.1, **settings)
     model = build(config)
     batch = random_batch(config, [11, 6, 9])
     labels = torch.tensor([0, 1, 1])
     outputs = model(**batch, labels=labels)
     assert outputs.past_state.layer_states[0].attention_mass.shape == (3, 6)
-    without_kl = build(tiny_config("infinity", ltm_sticky_memories=True, ltm_sticky_bins=6))(**batch, labels=labels)
+    without_kl = build(tiny_config("infinity", **settings))(**batch, labels=labels)
     assert outputs.loss > without_kl.loss
     torch.testing.assert_close(outputs.logits, without_kl.logits)
     permutation = [2, 0, 1]
@@ -239,8 +246,13 @@ def test_sticky_memories_and_kl_regulariser():
     torch.testing.assert_close(alone, outputs.logits[1:2], rtol=1e-5, atol=1e-5)
 
 
-def test_training_step_runs_and_reaches_every_memory_parameter():
-    config = tiny_config("infinity", ltm_sticky_memories=True, ltm_kl_weight=1e-3)
+@pytest.mark.parametrize("read_current_segment", [True, False])
+def test_training_step_runs_and_reaches_every_memory_parameter(read_current_segment):
+    """With the memory detached between segments (the default), the write path still trains: the last segment
+    writes itself (or the segment held before it) with gradient."""
+    config = tiny_config(
+        "infinity", ltm_sticky_memories=True, ltm_kl_weight=1e-3, ltm_read_current_segment=read_current_segment
+    )
     model = TxFormerForSequenceClassification(config).train()
     outputs = model(**random_batch(config, [11, 6]), labels=torch.tensor([0, 1]))
     outputs.loss.backward()
@@ -449,10 +461,11 @@ def test_density_parameters_read_the_scores_over_the_basis():
     torch.testing.assert_close(variance, expected_variance)
 
 
-def test_rows_starting_later_are_left_out_of_early_segments_exactly():
+@pytest.mark.parametrize("read_current_segment", [True, False])
+def test_rows_starting_later_are_left_out_of_early_segments_exactly(read_current_segment):
     """Rows whose history starts in a later segment are skipped there; compiled (one graph, whose shapes cannot depend
     on the data), every row runs every segment: both give the same outputs and state."""
-    config = tiny_config("infinity", ltm_kl_weight=0.1)
+    config = tiny_config("infinity", ltm_kl_weight=0.1, ltm_read_current_segment=read_current_segment)
     model = build(config)
     batch = random_batch(config, [14, 3, 7, 0])
     skipped = model.txformer(**batch)
@@ -463,6 +476,7 @@ def test_rows_starting_later_are_left_out_of_early_segments_exactly():
     for first, second in zip(skipped.past_state.layer_states, every_row.past_state.layer_states, strict=True):
         torch.testing.assert_close(first.coefficients, second.coefficients)
         torch.testing.assert_close(first.has_memory, second.has_memory)
+        torch.testing.assert_close(first.held_input, second.held_input)
 
 
 def test_the_memory_read_is_the_weighted_sum_of_the_values():
@@ -474,6 +488,44 @@ def test_the_memory_read_is_the_weighted_sum_of_the_values():
     value = torch.randn(2, 3, 8, 4, generator=generator, dtype=torch.float64)
     expected = continuous_attention_weights(mean, variance, centers, widths) @ value
     torch.testing.assert_close(continuous_attention_read(mean, variance, centers, widths, value), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_memory_read_has_the_gradients_of_its_formula(dtype, monkeypatch):
+    """With gradients the read is one autograd node (`ContinuousAttentionRead`, here over several chunks of rows):
+    its values and gradients equal autograd's through the weights' formula (float64: to rounding; float32: to its
+    resolution), and float64 passes `gradcheck`."""
+    monkeypatch.setattr("txformer.attention_infinity.READ_CHUNK_NUM_ELEMENTS", 5 * 16)
+    centers, widths = basis_centers_and_widths(16, [0.01, 0.05], dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.rand(2, 3, 5, generator=generator, dtype=dtype).requires_grad_()
+    variance = (torch.rand(2, 3, 5, generator=generator, dtype=dtype) * 0.05 + 1e-4).requires_grad_()
+    value = torch.randn(2, 3, 16, 4, generator=generator, dtype=dtype).requires_grad_()
+    read = continuous_attention_read(mean, variance, centers, widths, value)
+    expected = continuous_attention_weights(mean, variance, centers, widths) @ value
+    assert read.grad_fn.next_functions[0][0].name() == "ContinuousAttentionReadBackward"
+    grad_output = torch.randn(read.shape, generator=generator, dtype=dtype)
+    gradients = torch.autograd.grad(read, (mean, variance, value), grad_output)
+    expected_gradients = torch.autograd.grad(expected, (mean, variance, value), grad_output)
+    tolerance = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(read, expected, **tolerance)
+    for gradient, expected_gradient in zip(gradients, expected_gradients, strict=True):
+        scale = expected_gradient.abs().max()
+        torch.testing.assert_close(gradient / scale, expected_gradient / scale, **tolerance)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(
+            lambda *inputs: continuous_attention_read(inputs[0], inputs[1], centers, widths, inputs[2]),
+            (mean, variance, value),
+        )
+
+
+def test_float32_buffers_hold_no_subnormal_numbers():
+    """Entries of the precomputed fits that round below float32's smallest normal number are zero: products with
+    subnormal numbers run many times slower on CPUs."""
+    attention = TxFormerModel(tiny_config("infinity", segment_length=64, ltm_num_basis=32)).layers[0].self_attn
+    for name in attention.float32_buffers:
+        buffer = getattr(attention, name)
+        assert not ((buffer != 0) & (buffer.abs() < torch.finfo(torch.float32).tiny)).any(), name
 
 
 def test_normal_equations_over_present_or_missing_samples_are_the_regression_on_the_present_ones():
@@ -492,3 +544,21 @@ def test_normal_equations_over_present_or_missing_samples_are_the_regression_on_
         present = fit.design[:, row_mask]
         expected = torch.linalg.solve(fit.prior + present @ present.T, present @ samples[row, row_mask])
         torch.testing.assert_close(solved[row], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_without_the_current_segment_a_first_segment_reads_no_memory():
+    """With `ltm_read_current_segment=False` (the reference's order) a history of one segment is read by the
+    short-term attention alone: the memory's weights do not change it; a longer one reads its earlier segments, and
+    its memory holds every segment but the last, which the state holds."""
+    config = tiny_config("infinity", ltm_read_current_segment=False)
+    model = build(config)
+    batch = random_batch(config, [4, 3, 10])
+    before = model(**batch).logits
+    for layer in model.txformer.layers:
+        torch.nn.init.normal_(layer.self_attn.ltm_o_proj.weight, std=1.0)
+    after = model(**batch)
+    torch.testing.assert_close(after.logits[:2], before[:2])
+    assert (after.logits[2] - before[2]).abs().max() > 1e-4
+    state = after.past_state.layer_states[0]
+    assert state.has_memory.tolist() == [False, False, True]
+    assert state.held_mask.sum(dim=1).tolist() == [4, 3, 4]

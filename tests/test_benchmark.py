@@ -389,6 +389,17 @@ def test_report_aggregates_seeds_and_states_the_goals_per_family(tmp_path):
     assert "(figures/results_order_learning_curves.png)" in report
 
 
+def test_a_grid_in_another_folder_writes_its_report_there(tmp_path):
+    """Only the project's grid (the default `--output_dir`) writes `docs/results.md`; another one writes its report
+    and figures inside its own folder unless told otherwise."""
+    project = CompareConfig()
+    assert (project.report, project.figures_dir) == ("docs/results.md", "docs/figures")
+    other = CompareConfig(output_dir=str(tmp_path))
+    assert (other.report, other.figures_dir) == (str(tmp_path / "results.md"), str(tmp_path / "figures"))
+    told = CompareConfig(output_dir=str(tmp_path), report="docs/results.md")
+    assert told.report == "docs/results.md"
+
+
 def test_report_bootstraps_the_held_out_predictions_of_each_configuration(tmp_path):
     output_dir = tmp_path / "runs"
     scores = {}

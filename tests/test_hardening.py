@@ -231,6 +231,14 @@ def test_run_cli_prints_one_line_for_an_expected_failure_and_the_traceback_of_a_
         run_cli(lambda: torch.zeros(2) + torch.zeros(3))
 
 
+def test_run_cli_flushes_subnormal_numbers():
+    """Scripts run with subnormal numbers flushed to zero (products that underflow into them are many times slower)."""
+    subnormal = torch.tensor([1e-39])
+    assert subnormal.item() != 0
+    run_cli(lambda: None)
+    assert (subnormal * 1.0).item() == 0
+
+
 @pytest.mark.parametrize(
     ("argv", "environment", "left"),
     [

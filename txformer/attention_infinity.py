@@ -59,9 +59,14 @@ def continuous_attention_weights(
 
 
 def width_major_weights(
-    mean: torch.Tensor, variance: torch.Tensor, centers: torch.Tensor, widths: torch.Tensor
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    centers: torch.Tensor,
+    widths: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The weights of `continuous_attention_weights` laid out `[..., S, C]` (width-major).
+    """The weights of `continuous_attention_weights` laid out `[..., S, C]` (width-major), written into `out` when
+    given.
 
     The variance terms are computed once per width and the distances once per centre, so that only one fused
     multiply-add and the exponential run over all N basis functions, with the C centres innermost (with the S widths
@@ -71,7 +76,7 @@ def width_major_weights(
     log_normalizer = 0.5 * torch.log(precision / (2 * math.pi))
     distance = mean[..., None] - centers
     exponent = torch.addcmul(
-        log_normalizer[..., :, None], (distance * distance)[..., None, :], precision[..., :, None], value=-0.5
+        log_normalizer[..., :, None], (distance * distance)[..., None, :], precision[..., :, None], value=-0.5, out=out
     )
     return exponent.exp_()
 
@@ -84,24 +89,89 @@ def continuous_attention_read(
 
     The weights stay width-major and the value rows are put in that order instead (N rows rather than L x N weights).
     They are computed for a chunk of rows at a time (`READ_CHUNK_NUM_ELEMENTS`), so that each chunk's weights are
-    written, exponentiated and multiplied while in cache."""
+    written, exponentiated and multiplied while in cache. With gradients (in eager) the read is one autograd node
+    ([`ContinuousAttentionRead`]) whose backward reduces over the basis in two products instead of differentiating
+    every elementwise step; inside a graph (`torch.compile`, `torch.export`) autograd differentiates the steps."""
     num_centers, num_widths = centers.shape[0], widths.shape[0]
     length, num_basis = mean.shape[-1], value.shape[-2]
     width_major_value = (
         value.unflatten(-2, (num_centers, num_widths)).transpose(-3, -2).reshape(-1, num_basis, value.shape[-1])
     )
     mean, variance = mean.reshape(-1, length), variance.reshape(-1, length)
-    chunk = max(1, READ_CHUNK_NUM_ELEMENTS // (length * num_basis))
-    contexts = [
-        torch.matmul(
-            width_major_weights(mean[start : start + chunk], variance[start : start + chunk], centers, widths).flatten(
-                -2
-            ),
-            width_major_value[start : start + chunk],
+    differentiated = torch.is_grad_enabled() and any(
+        tensor.requires_grad for tensor in (mean, variance, width_major_value)
+    )
+    if differentiated and not torch.compiler.is_compiling():
+        context, _ = ContinuousAttentionRead.apply(mean, variance, centers, widths, width_major_value)
+    else:
+        context = torch.cat(
+            [
+                torch.matmul(width_major_weights(mean[rows], variance[rows], centers, widths).flatten(-2), value_rows)
+                for rows, value_rows in zip(*read_chunks(mean, width_major_value), strict=True)
+            ]
         )
-        for start in range(0, mean.shape[0], chunk)
-    ]
-    return torch.cat(contexts).view(*value.shape[:-2], length, value.shape[-1])
+    return context.view(*value.shape[:-2], length, value.shape[-1])
+
+
+def read_chunks(mean: torch.Tensor, value: torch.Tensor) -> tuple[list[slice], list[torch.Tensor]]:
+    """The row slices of `mean [rows, L]` whose `[rows, L, N]` weights hold about `READ_CHUNK_NUM_ELEMENTS`, and the
+    matching rows of `value [rows, N, d]`."""
+    chunk = max(1, READ_CHUNK_NUM_ELEMENTS // (mean.shape[1] * value.shape[1]))
+    slices = [slice(start, start + chunk) for start in range(0, mean.shape[0], chunk)]
+    return slices, [value[rows] for rows in slices]
+
+
+class ContinuousAttentionRead(torch.autograd.Function):
+    """The memory read `(context, weights) = (r value, r)` of `mean`, `variance` `[rows, L]` and width-major `value`
+    `[rows, N, d]`, with the weights `r [rows, L, N]` kept for the backward (not differentiable as an output).
+
+    With `log r_sc = ½ log(p_s / 2π) − ½ p_s (μ − c_c)²` and `p_s = 1 / (σ² + s²)`, the gradients of `A = (∂ℓ/∂context
+    valueᵀ) ⊙ r` reduce over the centres through its products with `(1, c, c²)` (`T0, T1, T2 [rows, L, S]`):
+    `∂ℓ/∂μ = −Σ_s p_s (μ T0 − T1)` and `∂ℓ/∂σ² = ½ Σ_s p_s (p_s (μ² T0 − 2μ T1 + T2) − T0)`. Autograd through the
+    elementwise steps makes about ten passes over the `[rows, L, N]` weights; this backward makes one elementwise
+    pass and three products."""
+
+    @staticmethod
+    def forward(mean, variance, centers, widths, value):
+        weights = mean.new_empty(mean.shape[0], mean.shape[1], widths.shape[0], centers.shape[0])
+        context = mean.new_empty(mean.shape[0], mean.shape[1], value.shape[2])
+        for rows, value_rows in zip(*read_chunks(mean, value), strict=True):
+            width_major_weights(mean[rows], variance[rows], centers, widths, out=weights[rows])
+            torch.matmul(weights[rows].flatten(-2), value_rows, out=context[rows])
+        return context, weights.flatten(-2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        mean, variance, centers, widths, value = inputs
+        ctx.save_for_backward(mean, variance, centers, widths, value, output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_context, _):
+        if grad_context is None:
+            return None, None, None, None, None
+        mean, variance, centers, widths, value, weights = ctx.saved_tensors
+        grad_context = grad_context.contiguous()
+        grad_mean, grad_variance = torch.empty_like(mean), torch.empty_like(variance)
+        grad_value = torch.empty_like(value)
+        powers = torch.stack([torch.ones_like(centers), centers, centers * centers], dim=1)
+        slices, value_chunks = read_chunks(mean, value)
+        # One chunk's `(∂ℓ/∂context valueᵀ) ⊙ r`, reused: a fresh buffer per chunk costs its page faults each time.
+        buffer = weights.new_empty(weights[slices[0]].shape)
+        for rows, value_rows in zip(slices, value_chunks, strict=True):
+            chunk_weights, chunk_grad = weights[rows], grad_context[rows]
+            torch.matmul(chunk_weights.transpose(1, 2), chunk_grad, out=grad_value[rows])
+            weighted = buffer[: chunk_weights.shape[0]]
+            torch.matmul(chunk_grad, value_rows.transpose(1, 2), out=weighted).mul_(chunk_weights)
+            moments = torch.matmul(weighted.unflatten(-1, (widths.shape[0], centers.shape[0])), powers)
+            first, second, third = moments.unbind(-1)
+            chunk_mean = mean[rows][..., None]
+            precision = 1.0 / (variance[rows][..., None] + widths**2)
+            grad_mean[rows] = -(precision * (chunk_mean * first - second)).sum(-1)
+            spread = chunk_mean * (chunk_mean * first - 2 * second) + third
+            grad_variance[rows] = 0.5 * (precision * (precision * spread - first)).sum(-1)
+        return grad_mean, grad_variance, None, None, grad_value
 
 
 def evaluate_basis(positions: torch.Tensor, centers: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
@@ -272,10 +342,13 @@ class InfinityMemoryState:
 
     Args:
         coefficients: basis coefficients of each row's memory signal, `[batch, N, hidden]`, float32.
-        has_memory: `[batch]`, False for rows that have not read an event yet.
+        has_memory: `[batch]`, False for rows whose memory holds no event yet.
         attention_mass: sticky memories only: where the last segment's queries looked, `[batch, bins]`.
         divergence_sum: with the KL regulariser: its sum over the heads and events read so far, `[batch]`.
         num_divergences: the number of terms in `divergence_sum`, `[batch]`.
+        held_input, held_mask: with `ltm_read_current_segment=False`: the last segment read, end-aligned in
+            `segment_length` slots, `[batch, segment_length, hidden]` and `[batch, segment_length]`; written into the
+            memory when the next segment is read.
     """
 
     coefficients: torch.Tensor
@@ -283,6 +356,8 @@ class InfinityMemoryState:
     attention_mass: torch.Tensor | None = None
     divergence_sum: torch.Tensor | None = None
     num_divergences: torch.Tensor | None = None
+    held_input: torch.Tensor | None = None
+    held_mask: torch.Tensor | None = None
 
     @property
     def regularization_loss(self) -> torch.Tensor | None:
@@ -320,6 +395,9 @@ class InfinitySettings:
         ltm_kl_weight: weight of the KL regulariser on the attention densities (0 = off).
         ltm_gating: gate the memory input with a width-3 convolution.
         ltm_detach_memory: detach the memory carried between segments (bounded memory in training).
+        ltm_read_current_segment: a segment's queries read a memory that already holds the segment (True), or only
+            the segments before it, as the reference code does (False: a history's first segment reads no memory
+            and each segment is written when the next one is read).
     """
 
     segment_length: int = 256
@@ -333,6 +411,7 @@ class InfinitySettings:
     ltm_kl_weight: float = 0.0
     ltm_gating: bool = True
     ltm_detach_memory: bool = True
+    ltm_read_current_segment: bool = True
 
 
 def validate_infinity_settings(config: InfinitySettings) -> None:
@@ -358,8 +437,10 @@ def validate_infinity_settings(config: InfinitySettings) -> None:
 
 class TxFormerInfinityAttention(TxFormerSelfAttention):
     """∞-former attention: `Z = Z_STM + Z_LTM`. The short-term part is the inherited exact attention within the
-    segment; the long-term part reads the memory of every segment read so far, the current one included (the memory
-    is updated before it is read). Shares the query projection with the short-term part."""
+    segment; the long-term part reads the memory of every segment read so far: the current one included (the memory
+    is updated before it is read), or with `ltm_read_current_segment=False` the ones before it (the segment is held
+    in the state and written when the next one is read, as in the reference code). Shares the query projection with
+    the short-term part."""
 
     # The basis arithmetic needs float32 (centre spacing ~1/64, σ² + s² ~ 1e-4); the normal equations of the
     # partial fits are ill-conditioned and are solved in float64, like the precomputed solutions.
@@ -389,6 +470,7 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
         self.sticky_memories = config.ltm_sticky_memories
         self.sticky_bins = config.ltm_sticky_bins
         self.kl_weight = config.ltm_kl_weight
+        self.read_current_segment = config.ltm_read_current_segment
         num_basis = config.ltm_num_basis
         # No biases, as in the reference: a value bias would enter the context multiplied by Σ_j r_j.
         self.ltm_k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
@@ -461,7 +543,9 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             return
         for name, value in self.compute_buffers().items():
             buffer = getattr(self, name)
-            init.copy_(buffer, value.to(device=buffer.device, dtype=buffer.dtype))
+            value = value.to(device=buffer.device, dtype=buffer.dtype)
+            # Entries that round to subnormal numbers (below 1e-38 in float32) are zeroed: they slow every product.
+            init.copy_(buffer, value.masked_fill(value.abs() < torch.finfo(value.dtype).tiny, 0.0))
 
     def forward(
         self,
@@ -490,21 +574,42 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
         short_term, attn_weights = self.attend(short_query, short_key, value, attention_mask, key_mask, **kwargs)
         short_term = self.o_proj(short_term.reshape(batch_size, length, -1))
 
-        state = self.update_memory(hidden_states, key_mask, past_state)
+        if past_state is None:
+            past_state = self.empty_state(hidden_states)
+        if self.read_current_segment:
+            state = self.update_memory(hidden_states, key_mask, past_state)
+        else:
+            state = self.write_held_segment(past_state, key_mask.any(dim=1))
+        if any_row(state.has_memory):
+            long_term, state = self.read_long_term(query, key_mask, state)
+            short_term = short_term + long_term.to(short_term.dtype)
+        if not self.read_current_segment:
+            state = self.hold_segment(state, hidden_states, key_mask)
+        return short_term, attn_weights, state
+
+    def read_long_term(
+        self, query: torch.Tensor, key_mask: torch.Tensor, state: InfinityMemoryState
+    ) -> tuple[torch.Tensor, InfinityMemoryState]:
+        """The long-term part of the output, `[batch, length, hidden]` (zero for rows without a memory), and `state`
+        with the sticky histogram and the KL regulariser's sums of the events that read a memory."""
         long_term, mean, variance = self.read_memory(query, state)
         long_term = self.ltm_o_proj(long_term)
         if any_row(~state.has_memory):
             long_term = torch.where(state.has_memory[:, None, None], long_term, 0.0)
-
-        read_any = key_mask.any(dim=1)
+        read = key_mask & state.has_memory[:, None]
         if self.sticky_memories:
-            mass = (density_bin_mass(mean, variance, self.sticky_bins) * key_mask[:, None, :, None]).sum((1, 2))
-            state.attention_mass = torch.where(read_any[:, None], mass, state.attention_mass)
+            mass = (density_bin_mass(mean, variance, self.sticky_bins) * read[:, None, :, None]).sum((1, 2))
+            state = dataclasses.replace(
+                state, attention_mass=torch.where(read.any(dim=1)[:, None], mass, state.attention_mass)
+            )
         if self.kl_weight > 0:
-            divergence = torch.where(key_mask[:, None, :], kl_divergence_to_prior(variance), 0.0)
-            state.divergence_sum = state.divergence_sum + divergence.sum((1, 2))
-            state.num_divergences = state.num_divergences + key_mask.sum(dim=1) * self.num_heads
-        return short_term + long_term.to(short_term.dtype), attn_weights, state
+            divergence = torch.where(read[:, None, :], kl_divergence_to_prior(variance), 0.0)
+            state = dataclasses.replace(
+                state,
+                divergence_sum=state.divergence_sum + divergence.sum((1, 2)),
+                num_divergences=state.num_divergences + read.sum(dim=1) * self.num_heads,
+            )
+        return long_term, state
 
     def empty_state(self, hidden_states: torch.Tensor) -> InfinityMemoryState:
         """The memory of rows that have read nothing yet."""
@@ -522,16 +627,42 @@ class TxFormerInfinityAttention(TxFormerSelfAttention):
             ),
             divergence_sum=zeros if self.kl_weight > 0 else None,
             num_divergences=zeros if self.kl_weight > 0 else None,
+            held_input=None
+            if self.read_current_segment
+            else hidden_states.new_zeros(batch_size, self.segment_length, hidden_size),
+            held_mask=None
+            if self.read_current_segment
+            else torch.zeros(batch_size, self.segment_length, dtype=torch.bool, device=hidden_states.device),
+        )
+
+    def write_held_segment(self, state: InfinityMemoryState, reads: torch.Tensor) -> InfinityMemoryState:
+        """The memory after writing the held segment of the rows that read events now (`reads [batch]`): the others
+        keep theirs, and their held segment, for the call that reads their next events."""
+        writes = state.held_mask & reads[:, None]
+        if not any_row(writes.any(dim=1)):
+            return state
+        return self.update_memory(state.held_input, writes, state)
+
+    def hold_segment(
+        self, state: InfinityMemoryState, hidden_states: torch.Tensor, key_mask: torch.Tensor
+    ) -> InfinityMemoryState:
+        """`state` holding this segment, end-aligned in `segment_length` slots, for rows that read events in it."""
+        padding = self.segment_length - hidden_states.shape[1]
+        held_input = nn.functional.pad(hidden_states.masked_fill(~key_mask[..., None], 0.0), (0, 0, padding, 0))
+        held_mask = nn.functional.pad(key_mask, (padding, 0), value=False)
+        reads = key_mask.any(dim=1)
+        return dataclasses.replace(
+            state,
+            held_input=torch.where(reads[:, None, None], held_input.to(state.held_input.dtype), state.held_input),
+            held_mask=torch.where(reads[:, None], held_mask, state.held_mask),
         )
 
     def update_memory(
-        self, hidden_states: torch.Tensor, key_mask: torch.Tensor, past_state: InfinityMemoryState | None
+        self, hidden_states: torch.Tensor, key_mask: torch.Tensor, past_state: InfinityMemoryState
     ) -> InfinityMemoryState:
         """Write the segment into each row's memory: the first segment of a row is fitted alone; later ones after the
         old signal sampled at M points and contracted into [0, τ]. Rows without events in the segment keep theirs."""
         length = hidden_states.shape[1]
-        if past_state is None:
-            past_state = self.empty_state(hidden_states)
         memory_input = hidden_states.masked_fill(~key_mask[..., None], 0.0)
         if self.gate is not None:
             gate = self.gate(memory_input.transpose(1, 2)).transpose(1, 2)
