@@ -33,7 +33,9 @@ def data(tmp_path_factory):
     return vocabulary, rows
 
 
-def tiny_model(vocabulary: EventVocabulary, attention_type: str, seed: int = 0) -> TxFormerForSequenceClassification:
+def tiny_model(
+    vocabulary: EventVocabulary, attention_type: str, seed: int = 0, **overrides
+) -> TxFormerForSequenceClassification:
     torch.manual_seed(seed)
     config = tiny_config(
         attention_type,
@@ -41,6 +43,7 @@ def tiny_model(vocabulary: EventVocabulary, attention_type: str, seed: int = 0) 
         categorical_vocab_sizes=list(vocabulary.vocab_sizes),
         numeric_fields=list(vocabulary.numeric_fields),
         segment_length=SEGMENT_LENGTH,
+        **overrides,
     )
     model = TxFormerForSequenceClassification(config).eval()
     # Zeros at initialisation: give the pair embedding values, so that a state without the last code would show.
@@ -89,9 +92,12 @@ def split(by_customer: dict[int, list[dict]], sizes) -> list[list[dict]]:
     return [parts[index] for index in sorted(parts)]
 
 
-def test_whole_segments_read_since_the_first_score_give_the_rescored_probability(data):
+@pytest.mark.parametrize("read_current_segment", [True, False])
+def test_whole_segments_read_since_the_first_score_give_the_rescored_probability(data, read_current_segment):
+    """(With `ltm_read_current_segment=False` the state carries the segment still to write into the memory.)"""
     vocabulary, rows = data
-    model, processor = tiny_model(vocabulary, "infinity"), vocabulary.to_processor(max_length=None, label_prior=0.4)
+    model = tiny_model(vocabulary, "infinity", ltm_read_current_segment=read_current_segment)
+    processor = vocabulary.to_processor(max_length=None, label_prior=0.4)
     # The first 40 events of each customer are its whole history here (rescoring reads every segment of it).
     by_customer = {customer: events[:40] for customer, events in histories_by_customer(processor, rows).items()}
     rng = random.Random(0)
@@ -151,9 +157,11 @@ def test_a_window_state_rescores_the_last_max_length_events_exactly(data, attent
     assert {len(state["events.event_time"]) for state in states.customers.values()} == {WINDOW}
 
 
-def test_states_round_trip_through_a_safetensors_file_with_the_pipeline(data, tmp_path):
+@pytest.mark.parametrize("read_current_segment", [True, False])
+def test_states_round_trip_through_a_safetensors_file_with_the_pipeline(data, tmp_path, read_current_segment):
     vocabulary, rows = data
-    model, processor = tiny_model(vocabulary, "infinity"), vocabulary.to_processor(max_length=None, label_prior=0.4)
+    model = tiny_model(vocabulary, "infinity", ltm_read_current_segment=read_current_segment)
+    processor = vocabulary.to_processor(max_length=None, label_prior=0.4)
     model.config.custom_pipelines = custom_pipelines()
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
