@@ -4,11 +4,15 @@ events, the same number of events per step. The points are measured in turn for 
 the machine's load; the report gives the median of the rounds and their range, and each point's ratio to the first.
 """
 
+import dataclasses
+import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from txformer.cli import merge_config_overrides
 
 from .measure import CLOCKS, measure_callable
 from .models import METHODS, synthetic_batch
@@ -16,6 +20,7 @@ from .suite import DTYPES, BenchmarkConfig, MethodRunner, load_average
 
 
 LEVEL_NAMES = {"train": "training step", "forward": "scoring (forward, no gradient)"}
+POINT_PATTERN = re.compile(r"(?P<method>\w+)(\[(?P<overrides>[^\]]*)\])?:(?P<batch_size>\d+)x(?P<length>\d+)")
 RATE_UNITS = {"wall": "events/s", "process": "events/CPU-s"}
 
 
@@ -25,7 +30,10 @@ class ThroughputConfig:
 
     points: list[str] = field(
         default_factory=lambda: ["full_sdpa:128x256", "infinity:8x4096"],
-        metadata={"help": "Points as METHOD:HISTORIESxLENGTH; the first is the reference of the ratios."},
+        metadata={
+            "help": "Points as METHOD:HISTORIESxLENGTH, or METHOD[key=value,...]:HISTORIESxLENGTH with config fields "
+            "of that point alone (on top of --config_overrides); the first is the reference of the ratios."
+        },
     )
     levels: list[str] = field(
         default_factory=lambda: ["train", "forward"], metadata={"help": f"Levels, of {list(LEVEL_NAMES)}."}
@@ -66,16 +74,19 @@ class ThroughputConfig:
             raise ValueError(f"Unknown clock {self.clock!r}; valid: {list(CLOCKS)}.")
 
 
-def parse_point(point: str) -> tuple[str, int, int]:
-    """`"infinity:8x4096"` -> `("infinity", 8, 4096)`, with a clear error for anything else."""
-    try:
-        method, shape = point.split(":")
-        batch_size, length = (int(part) for part in shape.split("x"))
-    except ValueError:
-        raise ValueError(f"A point is METHOD:HISTORIESxLENGTH (e.g. infinity:8x4096), got {point!r}.") from None
+def parse_point(point: str) -> tuple[str, int, int, str]:
+    """`"infinity:8x4096"` -> `("infinity", 8, 4096, "")`, `"infinity[segment_length=128]:8x4096"` -> `("infinity",
+    8, 4096, "segment_length=128")`, with a clear error for anything else."""
+    match = POINT_PATTERN.fullmatch(point)
+    if match is None:
+        raise ValueError(
+            f"A point is METHOD:HISTORIESxLENGTH or METHOD[key=value,...]:HISTORIESxLENGTH (e.g. infinity:8x4096), "
+            f"got {point!r}."
+        )
+    method = match["method"]
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r} in point {point!r}; valid: {list(METHODS)}.")
-    return method, batch_size, length
+    return method, int(match["batch_size"]), int(match["length"]), match["overrides"] or ""
 
 
 def ragged_batch(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
@@ -119,8 +130,11 @@ def run_throughput(
     device = suite_config.resolved_device()
     runs = []
     for point in config.points:
-        method, batch_size, length = parse_point(point)
-        runner = MethodRunner(METHODS[method], suite_config, device)
+        method, batch_size, length, overrides = parse_point(point)
+        point_config = dataclasses.replace(
+            suite_config, config_overrides=merge_config_overrides(config.config_overrides, overrides)
+        )
+        runner = MethodRunner(METHODS[method], point_config, device)
         batch = synthetic_batch(runner.model_config, batch_size, length, device, config.seed)
         if config.ragged:
             batch = ragged_batch(batch, length)

@@ -4,6 +4,8 @@
 python scripts/benchmark_throughput.py                     # ∞-former 8 x 4,096 against full attention 128 x 256
 python scripts/benchmark_throughput.py --num_threads 2 --rounds 5 --ragged
 python scripts/benchmark_throughput.py --points full_sdpa:128x256 infinity:8x4096 infinity:32x1024
+python scripts/benchmark_throughput.py --points full_sdpa:64x256 infinity:64x256 \
+    "infinity[ltm_read_current_segment=false]:64x256"   # config fields of one point
 """
 
 import sys

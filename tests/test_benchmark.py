@@ -19,7 +19,7 @@ from inference_helpers import read_predictions, train_tiny_folder
 from sklearn.metrics import roc_auc_score
 
 from benchmarks import attention as op_benchmark
-from benchmarks import compare, fresh_customers
+from benchmarks import compare, fresh_customers, throughput
 from benchmarks.compare import (
     CompareConfig,
     GroupSummary,
@@ -44,7 +44,7 @@ from benchmarks.suite import (
     add_ratios,
     run_benchmark,
 )
-from benchmarks.throughput import ThroughputConfig, format_throughput, run_throughput
+from benchmarks.throughput import ThroughputConfig, format_throughput, parse_point, run_throughput
 from txformer.attention_performer import favor_attention
 from txformer.attention_reformer import lsh_attention
 from txformer.configuration_txformer import ATTENTION_KINDS
@@ -543,10 +543,36 @@ def test_scripts_parse_every_field_as_a_flag_with_hf_argument_parser(capsys):
     assert "(default: 1.0)" in help_text  # --min_run_time
 
 
-@pytest.mark.parametrize("point", ["infinity", "infinity:8", "infinity:8xlong", "nope:8x16"])
+@pytest.mark.parametrize(
+    "point", ["infinity", "infinity:8", "infinity:8xlong", "nope:8x16", "infinity[a=1:8x16", "infinity[]x:8x16"]
+)
 def test_throughput_rejects_malformed_points(point):
     with pytest.raises(ValueError, match="METHOD:HISTORIESxLENGTH|Unknown method"):
         ThroughputConfig(points=[point])
+
+
+def test_a_throughput_point_can_set_config_fields_of_its_own(monkeypatch):
+    """`METHOD[key=value,...]:BxL` builds that point's model with those fields on top of `--config_overrides`, and
+    only that point's."""
+    assert parse_point("infinity[ltm_read_current_segment=false,segment_length=4]:2x16") == (
+        "infinity", 2, 16, "ltm_read_current_segment=false,segment_length=4"
+    )  # fmt: skip
+    built = []
+    runner_class = throughput.MethodRunner
+
+    def recording_runner(method, config, device):
+        runner = runner_class(method, config, device)
+        built.append(runner.model_config.ltm_read_current_segment)
+        return runner
+
+    monkeypatch.setattr(throughput, "MethodRunner", recording_runner)
+    config = ThroughputConfig(
+        points=["infinity:2x16", "infinity[ltm_read_current_segment=false]:2x16"],
+        levels=["forward"], rounds=1, min_run_time=0.01, config_overrides=TINY_MODEL,
+    )  # fmt: skip
+    rows, _ = run_throughput(config, log=lambda line: None)
+    assert built == [True, False]
+    assert [row.point for row in rows] == config.points
 
 
 def test_throughput_rejects_an_unknown_clock():
