@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from transformers.trainer import TRAINER_STATE_NAME
 
-from txformer.cli import merge_config_overrides
 from txformer.configuration_txformer import ATTENTION_KINDS, TxFormerConfig
+from txformer.data.synthetic import FAMILIES
 from txformer.file_names import (
     BASELINE_PREDICTIONS_FILE,
     BASELINE_RESULTS_FILE,
@@ -39,6 +39,7 @@ from txformer.file_names import (
 from txformer.io_utils import atomic_write_json
 from txformer.machine import describe_machine
 from txformer.metrics import bootstrap_auroc_interval, read_evaluated_predictions
+from txformer.recipe import LONG_HISTORY_MEDIAN_EVENTS, STANDARD_RECIPE, Recipe, recipe_for_median_length
 from txformer.training import last_complete_checkpoint
 
 
@@ -67,22 +68,6 @@ DEFAULT_RUNS = [
 # Long contexts, on the long-history family only: the Performer at 4,096 and 16,384 events, the Reformer over whole
 # histories and local attention at 4,096 events.
 LONG_FAMILY_RUNS = ["long/performer:4096,16384", "long/reformer:0", "long/local:4096"]
-# What a family's model runs add to the default recipe (before the command line's extra arguments, which win). The
-# long family (docs/long_histories.md): the embedding readout, whose evidence accrues over whole histories;
-# training windows of 5 to 100% of at most 4,096 events (for kinds whose context is longer); a peak learning rate
-# of 2e-4 (a step moves a sum over thousands of events); 300 optimizer steps, evaluated every 25, without early
-# stopping (the validation AUROC swings from one evaluation to the next).
-FAMILY_RECIPES = {
-    "long": [
-        "--config_overrides", "embedding_sum_readout=true",
-        "--train_max_length", "4096",
-        "--train_window_min_share", "0.05",
-        "--learning_rate", "2e-4",
-        "--max_steps", "300",
-        "--eval_steps", "25",
-        "--early_stopping_patience", "0",
-    ],
-}  # fmt: skip
 # The oracle AUROC of a window of most recent events, as a training run records it.
 ORACLE_WINDOW_KEY = re.compile(r"^oracle_auroc_last_(\d+)$")
 
@@ -258,29 +243,29 @@ def data_args(spec: RunSpec, config: CompareConfig) -> list[str]:
     ]  # fmt: skip
 
 
+def family_recipe(family: str) -> Recipe:
+    """The recipe `scripts/train.py` chooses on a family's data (`--recipe auto`), by the median history length of the
+    family's generator."""
+    return recipe_for_median_length(FAMILIES[family].default_config.median_length)
+
+
 def train_window(family: str, config: CompareConfig) -> int:
-    """`--train_max_length` of a family's model runs: the comparison's flag, else the family recipe's (0: none)."""
-    recipe = FAMILY_RECIPES.get(family, [])
-    if config.train_max_length > 0 or "--train_max_length" not in recipe:
-        return config.train_max_length
-    return int(recipe[recipe.index("--train_max_length") + 1])
+    """Training windows of a family's model runs: the comparison's `--train_max_length`, else the recipe's (0: the
+    context)."""
+    return config.train_max_length or family_recipe(family).train_max_length
 
 
-def family_recipe(family: str, config: CompareConfig) -> list[str]:
-    """The flags a family's model runs add to the default recipe, with the comparison's `--train_max_length`."""
-    recipe = list(FAMILY_RECIPES.get(family, []))
-    if "--train_max_length" in recipe:
-        del recipe[recipe.index("--train_max_length") : recipe.index("--train_max_length") + 2]
-    window = train_window(family, config)
-    return recipe + (["--train_max_length", str(window)] if window > 0 else [])
-
-
-def family_recipe_lines(family: str, config: CompareConfig) -> list[str]:
-    """The report's sentence on what a family's model runs add to the default recipe (none: no lines)."""
-    recipe = family_recipe(family, config)
-    if not recipe:
+def family_recipe_lines(family: str) -> list[str]:
+    """The report's sentence on the recipe of a family's model runs, when it is not the standard one."""
+    recipe = family_recipe(family)
+    if recipe == STANDARD_RECIPE:
         return []
-    return [f"Model runs of this family add to the default recipe: `{shlex.join(recipe)}`.", ""]
+    return [
+        f"Model runs of this family train with `scripts/train.py`'s `{recipe.name}` recipe, which its default "
+        f"`--recipe auto` chooses here (the training customers' median history holds more than "
+        f"{LONG_HISTORY_MEDIAN_EVENTS:,} events; [recipe.md](recipe.md#the-long-history-recipe)): `{shlex.join(recipe.flags(STANDARD_RECIPE))}`.",
+        "",
+    ]
 
 
 def train_command(spec: RunSpec, config: CompareConfig, extra_args: list[str]) -> list[str]:
@@ -302,25 +287,14 @@ def train_command(spec: RunSpec, config: CompareConfig, extra_args: list[str]) -
         "--report_to", "none",
         "--disable_tqdm", "true",
     ]  # fmt: skip
-    command += family_recipe(spec.family, config)
+    if config.train_max_length > 0:
+        command += ["--train_max_length", str(config.train_max_length)]
     checkpoint = last_complete_checkpoint(Path(config.output_dir) / spec.name)
     # The run folder is the comparison's own: it holds the run's log (and, of a run killed early, its first files).
     command += (
         ["--overwrite_output_dir", "true"] if checkpoint is None else ["--resume_from_checkpoint", str(checkpoint)]
     )
-    return with_merged_config_overrides(command + extra_args)
-
-
-def with_merged_config_overrides(command: list[str]) -> list[str]:
-    """The command with its `--config_overrides` flags (a family recipe's, the command line's) merged into one, the
-    later ones winning on a field both set."""
-    flag = "--config_overrides"
-    positions = [index for index, arg in enumerate(command) if arg == flag and index + 1 < len(command)]
-    if len(positions) < 2:
-        return command
-    merged = merge_config_overrides(*(command[index + 1] for index in positions))
-    kept = [arg for index, arg in enumerate(command) if not any(index in (at, at + 1) for at in positions)]
-    return kept + [flag, merged]
+    return command + extra_args
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -853,7 +827,7 @@ def format_report(
         lines += [
             f"## The `{family}` family ({config.family_sizes().get(family, '?'):,} customers)",
             "",
-            *family_recipe_lines(family, config),
+            *family_recipe_lines(family),
             *results_table(family_summaries),
             "",
             *quality_verdict(family_summaries),

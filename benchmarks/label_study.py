@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from txformer.file_names import RESULTS_FILE
-from txformer.training import last_complete_checkpoint
+from txformer.training import DataArguments, data_files, last_complete_checkpoint
 
 from .compare import CompareConfig, RunSpec, entry_point, is_finished, mean_std, read_run, run_command, run_one
 
@@ -100,7 +100,6 @@ def num_training_customers(labels_file: Path, eval_fraction: float) -> int:
 def scarce_label_customers(config: LabelStudyConfig) -> int:
     """Training customers of the scarce-label runs: `labelled_share` of the training customers (the data is generated
     into the cache first, as the training runs would)."""
-    from ..training import DataArguments, data_files
 
     data_args = DataArguments(synthetic_family=config.family_name, synthetic_num_customers=config.num_customers)
     _, labels_file, _ = data_files(data_args)

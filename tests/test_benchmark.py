@@ -25,6 +25,8 @@ from benchmarks.compare import (
     GroupSummary,
     RunSpec,
     context_verdict,
+    family_recipe,
+    family_recipe_lines,
     micro_batch_size,
     reference_verdict,
     run_all,
@@ -52,6 +54,7 @@ from txformer.data import EventVocabulary, build_customer_dataset
 from txformer.data.synthetic import SyntheticOracle
 from txformer.metrics import bootstrap_auroc_interval, write_evaluated_predictions
 from txformer.prediction import PredictionArguments, predict
+from txformer.recipe import LONG_HISTORY_RECIPE, STANDARD_RECIPE
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,20 +251,18 @@ def test_grid_commands_and_resume_from_last_complete_checkpoint(tmp_path):
     assert command[command.index("--gradient_accumulation_steps") + 1] == "1"
     assert "--group_by_length" in command and "--resume_from_checkpoint" not in command
     assert "--train_max_length" not in command
-    # The long family's recipe (the embedding readout, windows of at most 4,096 events); the comparison's own
-    # --train_max_length replaces the recipe's, and the command line's extra flags come last (they win).
+    # On the long family train.py chooses the long-history recipe itself (nothing added to the command); the
+    # micro-batches are sized by its training windows of at most 4,096 events, or by the comparison's own
+    # --train_max_length, which is passed on; the command line's extra flags come last (they win).
     long_family = CompareConfig(families=["long:100"], runs=["infinity:0"])
-    command = train_command(RunSpec("long", "infinity", 0, 1), long_family, ["--max_steps", "7"])
-    assert command[command.index("--config_overrides") + 1] == "embedding_sum_readout=true"
-    assert command[command.index("--train_max_length") + 1] == "4096"
-    assert command[-2:] == ["--max_steps", "7"] and command.count("--max_steps") == 2
-    # Config overrides of the command line join the recipe's, and win on a field both set.
-    extra = ["--config_overrides", "pooling=sum,embedding_sum_readout=false,time_periods_days=[1,7]"]
-    command = train_command(RunSpec("long", "infinity", 0, 1), long_family, extra)
-    assert command.count("--config_overrides") == 1
-    assert command[-2:] == [
-        "--config_overrides", "embedding_sum_readout=false,pooling=sum,time_periods_days=[1,7]"
-    ]  # fmt: skip
+    command = train_command(RunSpec("long", "performer", 16384, 1), long_family, ["--max_steps", "7"])
+    assert "--config_overrides" not in command and "--train_max_length" not in command
+    assert command[command.index("--per_device_train_batch_size") + 1] == "16"
+    assert command[-2:] == ["--max_steps", "7"]
+    assert family_recipe("long") is LONG_HISTORY_RECIPE and family_recipe("order") is STANDARD_RECIPE
+    assert family_recipe_lines("order") == []
+    assert "`long_histories` recipe" in family_recipe_lines("long")[0]
+    assert "--train_max_length 4096 --config_overrides embedding_sum_readout=true" in family_recipe_lines("long")[0]
     windows = CompareConfig(families=["long:100"], runs=["infinity:0"], train_max_length=512)
     command = train_command(RunSpec("long", "infinity", 0, 1), windows, [])
     assert command.count("--train_max_length") == 1

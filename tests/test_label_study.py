@@ -14,8 +14,10 @@ from benchmarks.label_study import (
     format_report,
     num_training_customers,
     run_study,
+    scarce_label_customers,
 )
 from txformer.data import build_customer_dataset, generate_synthetic_data, split_for_evaluation
+from txformer.training import DataArguments, data_files
 
 
 def test_training_customers_are_those_the_held_out_split_leaves(tmp_path):
@@ -23,6 +25,13 @@ def test_training_customers_are_those_the_held_out_split_leaves(tmp_path):
     customers = build_customer_dataset(info.transactions_path, info.train_labels_path)
     train, _ = split_for_evaluation(customers, 0.1, 42)
     assert num_training_customers(info.train_labels_path, 0.1) == len(train)
+
+
+def test_the_scarce_share_counts_the_training_customers_of_the_generated_data():
+    config = LabelStudyConfig(family="independent:60", labelled_share=0.25)
+    scarce = scarce_label_customers(config)
+    _, labels_file, _ = data_files(DataArguments(synthetic_num_customers=60))
+    assert scarce == round(0.25 * num_training_customers(labels_file, 0.1))
 
 
 def test_runs_in_order_with_the_share_and_the_pretrained_folder(tmp_path, monkeypatch):

@@ -15,8 +15,10 @@ from accelerate.data_loader import prepare_data_loader
 from conftest import tiny_config
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
+from transformers import HfArgumentParser
 
-from txformer import TxFormerModel
+from txformer import TxFormerConfig, TxFormerModel
+from txformer.cli import parse_config_overrides
 from txformer.data import (
     EventVocabulary,
     TokenBudgetBatchSampler,
@@ -29,6 +31,12 @@ from txformer.data.sampler import bucket_ceilings
 from txformer.file_names import EVAL_PREDICTIONS_FILE
 from txformer.metrics import classification_metrics, compute_metrics, read_evaluated_predictions
 from txformer.prediction import load_model, predict_probabilities
+from txformer.recipe import (
+    FINE_TUNING_LEARNING_RATE_SCALE,
+    LONG_HISTORY_RECIPE,
+    STANDARD_RECIPE,
+    choose_recipe,
+)
 from txformer.training import (
     DataArguments,
     ModelArguments,
@@ -39,6 +47,7 @@ from txformer.training import (
     prepare_datasets,
     steps_per_epoch,
     training_budget,
+    use_recipe,
     validation_size,
 )
 
@@ -112,6 +121,7 @@ def test_a_run_takes_the_budget_of_its_data(tmp_path):
     )
     assert metrics["train_samples"] == 95 and metrics["validation_samples"] == 31
     assert metrics["train_max_steps"] == metrics["train_steps"] == 9
+    assert json.loads((tmp_path / "out" / "training_run.json").read_text())["recipe"] == "standard"
 
 
 def test_evaluation_and_checkpoints_follow_each_other(tmp_path):
@@ -124,6 +134,93 @@ def test_evaluation_and_checkpoints_follow_each_other(tmp_path):
     assert not arguments(tmp_path, eval_strategy="no").load_best_model_at_end
     with pytest.raises(ValueError, match="both group by length"):
         arguments(tmp_path, group_by_length=True, max_tokens_per_batch=512)
+
+
+# The long-history recipe.
+
+
+def test_the_auto_recipe_follows_the_training_customers_median_history():
+    assert choose_recipe("auto", [300, 1025, 5000]) is LONG_HISTORY_RECIPE
+    assert choose_recipe("auto", [300, 1024, 90000]) is STANDARD_RECIPE
+    assert choose_recipe("auto", []) is STANDARD_RECIPE
+    assert choose_recipe("standard", [5000]) is STANDARD_RECIPE
+    assert choose_recipe("long_histories", [10]) is LONG_HISTORY_RECIPE
+
+
+def test_the_standard_recipe_gives_the_defaults_until_another_is_used(tmp_path):
+    args, data_args = arguments(tmp_path), DataArguments()
+    assert (args.learning_rate, args.min_train_steps, args.save_steps, args.eval_steps) == (1e-3, 500, 0.05, 0.05)
+    assert (args.early_stopping_patience, args.group_by_length) == (5, False)
+    assert (data_args.train_window_min_share, data_args.train_max_length) == (0.5, None)
+    args.use_recipe(LONG_HISTORY_RECIPE)
+    data_args.use_recipe(LONG_HISTORY_RECIPE)
+    assert (args.learning_rate, args.min_train_steps, args.save_steps, args.eval_steps) == (2e-4, 300, 1 / 12, 1 / 12)
+    assert (args.early_stopping_patience, args.group_by_length) == (0, True)
+    assert args.train_sampling_strategy == "group_by_length"
+    assert (data_args.train_window_min_share, data_args.train_max_length) == (0.05, 4096)
+    assert "recipe_fields" not in args.to_dict()
+
+
+def test_flags_given_on_the_command_line_keep_their_values_under_the_long_recipe(tmp_path):
+    parser = HfArgumentParser((ModelArguments, DataArguments, TxFormerTrainingArguments))
+    model_args, data_args, args = parser.parse_args_into_dataclasses(
+        args=[
+            f"--output_dir={tmp_path}",
+            "--learning_rate=5e-4",
+            "--eval_steps=10",
+            "--train_max_length=0",
+            "--max_tokens_per_batch=4096",
+            "--config_overrides=embedding_sum_readout=false,hidden_size=16",
+        ]
+    )
+    use_recipe(LONG_HISTORY_RECIPE, model_args, data_args, args)
+    assert (args.learning_rate, args.eval_steps, args.save_steps, args.min_train_steps) == (5e-4, 10, 10, 300)
+    # Token-budget batches are grouped by length already.
+    assert args.group_by_length is False
+    assert (data_args.train_max_length, data_args.train_window_min_share) == (None, 0.05)
+    assert parse_config_overrides(model_args.config_overrides, TxFormerConfig()) == {
+        "embedding_sum_readout": False,
+        "hidden_size": 16,
+    }
+
+
+def test_the_long_recipe_adds_the_readout_to_a_new_model_only(tmp_path):
+    new_model, args = ModelArguments(config_overrides="hidden_size=16"), arguments(tmp_path)
+    use_recipe(LONG_HISTORY_RECIPE, new_model, DataArguments(), args)
+    assert new_model.config_overrides == "embedding_sum_readout=true,hidden_size=16"
+    assert args.learning_rate == LONG_HISTORY_RECIPE.learning_rate
+    folder = ModelArguments(model_name_or_path=str(tmp_path))
+    use_recipe(LONG_HISTORY_RECIPE, folder, DataArguments(), args := arguments(tmp_path))
+    assert folder.config_overrides is None
+
+
+@pytest.mark.parametrize("recipe", [STANDARD_RECIPE, LONG_HISTORY_RECIPE])
+def test_a_trained_encoder_is_fine_tuned_at_a_tenth_of_the_learning_rate(tmp_path, recipe):
+    folder = ModelArguments(model_name_or_path=str(tmp_path))
+    use_recipe(recipe, folder, DataArguments(), args := arguments(tmp_path))
+    assert args.learning_rate == pytest.approx(recipe.learning_rate * FINE_TUNING_LEARNING_RATE_SCALE)
+    # The head alone (a new layer on a frozen encoder) and a given learning rate keep theirs.
+    head_only = ModelArguments(model_name_or_path=str(tmp_path), freeze_encoder=True)
+    use_recipe(recipe, head_only, DataArguments(), args := arguments(tmp_path))
+    assert args.learning_rate == recipe.learning_rate
+    use_recipe(recipe, folder, DataArguments(), args := arguments(tmp_path, learning_rate=3e-3))
+    assert args.learning_rate == 3e-3
+
+
+def test_a_run_on_long_histories_trains_with_the_long_recipe(tmp_path):
+    """The long family's median history holds about 1,500 events: the run takes the long-history recipe (the flags it
+    was not given, and the embedding readout), while a flag it was given keeps its value."""
+    output_dir = tmp_path / "out"
+    flags = tiny_run_flags(output_dir, tmp_path / "cache", "--max_steps=2", "--weight_decay=0.05")
+    flags[0] = "--synthetic_num_customers=100"
+    main([*flags, "--synthetic_family=long"])
+    record = json.loads((output_dir / "training_run.json").read_text())
+    assert record["recipe"] == "long_histories"
+    training_args, data_args = record["training_args"], record["data_args"]
+    assert (training_args["learning_rate"], training_args["early_stopping_patience"]) == (2e-4, 0)
+    assert training_args["group_by_length"] and training_args["weight_decay"] == 0.05
+    assert (data_args["train_window_min_share"], data_args["train_max_length"]) == (0.05, 4096)
+    assert json.loads((output_dir / "config.json").read_text())["embedding_sum_readout"] is True
 
 
 # Splits.
@@ -242,6 +339,29 @@ def test_a_pretrained_folder_gives_its_vocabulary_and_encoder(synthetic_data, tm
     assert model.config.num_labels == 2
     for name, tensor in encoder.state_dict().items():
         assert torch.equal(model.txformer.state_dict()[name], tensor), name
+
+    # --freeze_encoder trains the head alone: the encoder's weights are saved as they were loaded.
+    frozen = build_model(ModelArguments(model_name_or_path=str(folder), freeze_encoder=True), vocabulary)
+    assert not any(parameter.requires_grad for parameter in frozen.txformer.parameters())
+    assert all(parameter.requires_grad for parameter in frozen.classifier.parameters())
+    # The last model of two steps (the first one's learning rate is 0: warm-up), frozen and not.
+    unchanged = {}
+    for name, flags in (("frozen", ["--freeze_encoder"]), ("tuned", [])):
+        main(
+            tiny_run_flags(
+                tmp_path / name,
+                tmp_path / "cache",
+                "--max_steps=2",
+                "--eval_strategy=no",
+                *flags,
+                model_name_or_path=folder,
+            )
+        )
+        weights = load_file(tmp_path / name / "model.safetensors")
+        unchanged[name] = [torch.equal(weights[f"txformer.{key}"], value) for key, value in encoder.named_parameters()]
+    assert all(unchanged["frozen"]) and not all(unchanged["tuned"])
+    with pytest.raises(ValueError, match="--freeze_encoder trains the head on the encoder of a trained or pretrained"):
+        ModelArguments(freeze_encoder=True)
 
 
 # Token budget.

@@ -27,6 +27,7 @@ from .file_names import RESULTS_FILE, TRAINING_RUN_FILE
 from .hub import PushCodeFilesCallback
 from .io_utils import atomic_write_json
 from .profiling import add_profiling_callback
+from .recipe import STANDARD_RECIPE
 from .training import (
     DataArguments,
     ModelArguments,
@@ -197,6 +198,13 @@ class PretrainingArguments(TxFormerTrainingArguments):
     output_dir: str | None = field(default="outputs/txformer-pretrain", metadata={"help": "Output folder."})
     num_train_epochs: float = field(default=10.0, metadata={"help": "Epochs."})
     eval_strategy: str = field(default="no", metadata={"help": "When to evaluate the loss on held-out customers."})
+    recipe: str = field(
+        default=STANDARD_RECIPE.name,
+        metadata={
+            "help": "Pretraining takes the standard recipe's defaults (scripts/train.py chooses by the data).",
+            "choices": [STANDARD_RECIPE.name],
+        },
+    )
     prediction_loss_only: bool = field(
         default=True, metadata={"help": "Evaluate the loss only (no per-event predictions are gathered)."}
     )

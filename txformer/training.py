@@ -58,6 +58,15 @@ from .pipeline_txformer import custom_pipelines
 from .prediction import check_processor_matches, load_processor, load_txformer_config
 from .profiling import add_profiling_callback
 from .readout_center import update_readout_center
+from .recipe import (
+    AUTO_RECIPE,
+    FINE_TUNING_LEARNING_RATE_SCALE,
+    RECIPE_CHOICES,
+    Recipe,
+    choose_recipe,
+    fill_from_recipe,
+    recipe_overrides,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -69,8 +78,6 @@ RESUME_IGNORED_KEYS = frozenset(
 )
 # Trainer flags that torch or the Trainer would only refuse once training runs, with a traceback.
 NON_NEGATIVE_NUMBER_FLAGS = ("learning_rate", "weight_decay", "num_train_epochs", "max_grad_norm", "warmup_steps")
-# Checkpoints (and evaluations, which follow them) per run, as a share of its optimizer steps.
-DEFAULT_SAVE_STEPS = 0.05
 VALIDATION_DATASET = "validation"
 DEFAULT_ATTENTION_TYPE = "full"
 # The validation split takes at most this share of the training customers, whatever its minimum size.
@@ -116,10 +123,22 @@ class ModelArguments:
             "--model_name_or_path folder keeps its own config."
         },
     )
+    freeze_encoder: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the classifier head alone on the encoder of --model_name_or_path, whose weights stay as "
+            "they are (a linear probe: with few labels, pretrained features are not overwritten by a fit to them)."
+        },
+    )
 
     def __post_init__(self):
         if self.model_name_or_path is None and self.attention_type is None:
             self.attention_type = DEFAULT_ATTENTION_TYPE
+        if self.freeze_encoder and self.model_name_or_path is None:
+            raise ValueError(
+                "--freeze_encoder trains the head on the encoder of a trained or pretrained folder: give "
+                "--model_name_or_path (a new model's encoder would stay random)."
+            )
 
 
 @dataclass
@@ -160,12 +179,12 @@ class DataArguments:
     eval_fraction: float = field(default=0.1, metadata={"help": "Held-out share of labelled customers (stratified)."})
     split_seed: int = field(default=42, metadata={"help": "Seed of the held-out and validation splits."})
     max_train_customers: int | None = field(default=None, metadata={"help": "Subsample training customers."})
-    train_window_min_share: float = field(
-        default=0.5,
+    train_window_min_share: float | None = field(
+        default=None,
         metadata={
             "help": "Training reads each history as a random window of at least this share of the events it keeps "
             "(anywhere in the history), anew at each epoch, so the model cannot learn customers by heart; evaluation "
-            "reads the most recent events. 0 = off."
+            "reads the most recent events. 0 = off. Default: 0.5, or 0.05 under the long-history recipe (--recipe)."
         },
     )
     train_max_length: int | None = field(
@@ -173,7 +192,8 @@ class DataArguments:
         metadata={
             "help": "Training reads random windows of at most this many events (at least --train_window_min_share of "
             "them, anywhere in the history) while validation, evaluation and inference read --max_length: a model "
-            "that reads whole histories trains at the cost of short ones. Default (or 0): --max_length."
+            "that reads whole histories trains at the cost of short ones. 0 = --max_length. Default: --max_length, "
+            "or 4096 under the long-history recipe (--recipe)."
         },
     )
     validation_fraction: float = field(
@@ -196,16 +216,18 @@ class DataArguments:
             "page cache or on slow disks (docs/data.md)."
         },
     )
+    # The flags left to the recipe (filled from the standard one until `use_recipe`).
+    recipe_fields: tuple[str, ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self):
+        self.recipe_fields = tuple(sorted(fill_from_recipe(self)))
         if self.max_length is not None and self.max_length < 0:
             raise ValueError(f"--max_length must be positive, or 0 for whole histories, got {self.max_length}.")
         if self.max_length == 0:
             self.max_length = None
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"--eval_fraction must be in (0, 1), got {self.eval_fraction}.")
-        if self.train_max_length == 0:
-            self.train_max_length = None
+        self.train_max_length = self.train_max_length or None
         if self.train_max_length is not None and self.train_max_length < 0:
             raise ValueError(
                 f"--train_max_length must be positive (or 0 = --max_length), got {self.train_max_length}."
@@ -215,6 +237,12 @@ class DataArguments:
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}.")
         self.check_data_files()
+
+    def use_recipe(self, recipe: Recipe) -> None:
+        """Sets the flags left to the recipe to `recipe`'s values."""
+        for name in self.recipe_fields:
+            setattr(self, name, getattr(recipe, name))
+        self.train_max_length = self.train_max_length or None
 
     def check_data_files(self) -> None:
         """Real data is a transactions file and a labels file."""
@@ -243,7 +271,8 @@ class TxFormerTrainingArguments(TrainingArguments):
     The budget is counted in optimizer steps: `max(min_train_steps, ceil(num_train_epochs x steps per epoch))` unless
     `--max_steps` is given. Training evaluates on the validation split at every checkpoint (`save_steps`, a share of
     the budget by default), stops after `early_stopping_patience` evaluations without a better validation AUROC (not
-    before `early_stopping_start` of the budget), and ends with the best checkpoint.
+    before `early_stopping_start` of the budget), and ends with the best checkpoint. The flags whose default says
+    "by the recipe" follow `--recipe` (docs/recipe.md).
     """
 
     output_dir: str | None = field(default="outputs/txformer", metadata={"help": "Output folder."})
@@ -251,14 +280,29 @@ class TxFormerTrainingArguments(TrainingArguments):
         default=6.0,
         metadata={"help": "Budget in passes over the training customers (unless --max_steps): see min_train_steps."},
     )
-    min_train_steps: int = field(
-        default=500,
+    recipe: str = field(
+        default=AUTO_RECIPE,
         metadata={
-            "help": "Fewest optimizer steps of a run: the budget is max(min_train_steps, ceil(num_train_epochs x "
-            "optimizer steps per epoch)); --max_steps, when given, replaces it."
+            "help": "Defaults of the flags marked 'by the recipe': standard, long_histories (on histories of "
+            "thousands of events), or auto: long_histories when the training customers' median history holds more "
+            "than 1,024 events. A flag given on the command line wins.",
+            "choices": RECIPE_CHOICES,
         },
     )
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    min_train_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Fewest optimizer steps of a run: the budget is max(min_train_steps, ceil(num_train_epochs x "
+            "optimizer steps per epoch)); --max_steps, when given, replaces it. By the recipe: 500, long 300."
+        },
+    )
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate. By the recipe: 1e-3, long histories 2e-4; a tenth of that to fine-tune the "
+            "encoder of --model_name_or_path."
+        },
+    )
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Decay after the warm-up."})
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up (a fraction of steps when < 1)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
@@ -272,9 +316,12 @@ class TxFormerTrainingArguments(TrainingArguments):
         metadata={"help": "Evaluate every so many steps (a share of the budget when < 1); default: save_steps."},
     )
     save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint."})
-    save_steps: float = field(
-        default=DEFAULT_SAVE_STEPS,
-        metadata={"help": "Checkpoint every so many steps (a share of the budget when < 1)."},
+    save_steps: float | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint every so many steps (a share of the budget when < 1); default: eval_steps, else by "
+            "the recipe: 0.05, long histories 1/12."
+        },
     )
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (and the best one)."})
     load_best_model_at_end: bool | None = field(
@@ -284,9 +331,12 @@ class TxFormerTrainingArguments(TrainingArguments):
     metric_for_best_model: str | None = field(
         default=f"{VALIDATION_DATASET}_auroc", metadata={"help": "Validation metric that picks the best checkpoint."}
     )
-    early_stopping_patience: int = field(
-        default=5,
-        metadata={"help": "Stop after so many evaluations without a better metric_for_best_model; 0 = never."},
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop after so many evaluations without a better metric_for_best_model; 0 = never. By the "
+            "recipe: 5, long histories 0."
+        },
     )
     early_stopping_start: float = field(
         default=0.5,
@@ -300,11 +350,14 @@ class TxFormerTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Keep the raw event columns: the collator builds the model inputs."}
     )
     seed: int = field(default=42, metadata={"help": "Seed of initialisation and shuffling."})
-    group_by_length: bool = field(
-        default=False,
+    group_by_length: bool | None = field(
+        default=None,
         metadata={
             "help": "Batch histories of similar length together (train_sampling_strategy='group_by_length'): little "
-            "padding on whole histories."
+            "padding on whole histories. By the recipe: false, long histories true (unless --max_tokens_per_batch).",
+            # A bare `--group_by_length` means true, as for the other boolean flags.
+            "nargs": "?",
+            "const": True,
         },
     )
     overwrite_output_dir: bool = field(
@@ -336,11 +389,18 @@ class TxFormerTrainingArguments(TrainingArguments):
             "loss reaches every parameter of every attention kind."
         },
     )
+    # The flags left to the recipe (filled from the standard one until `use_recipe`).
+    recipe_fields: tuple[str, ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self):
         """On a machine without GPU (or other accelerator), a process of a multi-process launch trains on the CPU
         with gloo; a process that still finds itself alone in such a launch is an error, not a silent lone run.
         Evaluations and checkpoints follow each other when only one of `eval_steps` and `save_steps` is given."""
+        if self.save_steps is None:
+            self.save_steps = self.eval_steps
+        self.recipe_fields = tuple(sorted(fill_from_recipe(self)))
+        if self.eval_steps is None:
+            self.eval_steps = self.save_steps
         launched_world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if launched_world_size > 1 and not torch.accelerator.is_available():
             self.use_cpu = True
@@ -374,10 +434,6 @@ class TxFormerTrainingArguments(TrainingArguments):
             )
         if self.readout_center_customers == 0:
             self.readout_center_customers = None
-        if self.eval_steps is None:
-            self.eval_steps = self.save_steps
-        elif self.save_steps == DEFAULT_SAVE_STEPS:
-            self.save_steps = self.eval_steps
         if self.load_best_model_at_end is None:
             self.load_best_model_at_end = self.evaluates and SaveStrategy(self.save_strategy) in (
                 SaveStrategy(self.eval_strategy),
@@ -389,6 +445,18 @@ class TxFormerTrainingArguments(TrainingArguments):
                 f"This process was launched as one of WORLD_SIZE={launched_world_size} processes but is not part of a "
                 f"distributed run (device {self.device}): pass --use_cpu to train on the CPU, or launch on the GPUs."
             )
+
+    def use_recipe(self, recipe: Recipe) -> None:
+        """Sets the flags left to the recipe to `recipe`'s values (the evaluations follow the checkpoints; batches of
+        a token budget are grouped by length already)."""
+        for name in self.recipe_fields:
+            setattr(self, name, getattr(recipe, name))
+        if "save_steps" in self.recipe_fields:
+            self.eval_steps = self.save_steps
+        if self.max_tokens_per_batch is not None and "group_by_length" in self.recipe_fields:
+            self.group_by_length = False
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
 
     @property
     def evaluates(self) -> bool:
@@ -666,14 +734,16 @@ def check_model_arguments(model_args: ModelArguments) -> EventVocabulary | None:
 
 def build_model(model_args: ModelArguments, vocabulary: EventVocabulary) -> TxFormerForSequenceClassification:
     """A fresh model whose event schema is the vocabulary's, or a trained or pretrained one to fine-tune (a
-    pretraining folder gets a newly initialised classifier head)."""
+    pretraining folder gets a newly initialised classifier head), its encoder frozen with `--freeze_encoder`."""
     if model_args.model_name_or_path is not None:
-        return TxFormerForSequenceClassification.from_pretrained(
+        model = TxFormerForSequenceClassification.from_pretrained(
             model_args.model_name_or_path,
             num_labels=2,
             attn_implementation=model_args.attn_implementation,
             use_safetensors=True,
         )
+        model.base_model.requires_grad_(not model_args.freeze_encoder)
+        return model
     config = new_config(model_args, vocabulary)
     return AutoModelForSequenceClassification.from_config(config, attn_implementation=model_args.attn_implementation)
 
@@ -795,6 +865,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     resume_from_checkpoint = check_output_dir(training_args)
     set_seed(training_args.seed)
     data = prepare_datasets(data_args, training_args, pretrained_vocabulary)
+    recipe = choose_recipe(training_args.recipe, data["train"][training_args.length_column_name])
+    use_recipe(recipe, model_args, data_args, training_args)
     model = build_model(model_args, data["vocabulary"])
     if resume_from_checkpoint is not None:
         check_checkpoint_matches(resume_from_checkpoint, model.config)
@@ -900,6 +972,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         atomic_write_json(
             output_dir / TRAINING_RUN_FILE,
             {
+                "recipe": recipe.name,
                 "model_args": asdict(model_args),
                 "data_args": asdict(data_args),
                 "training_args": training_args.to_dict(),
@@ -915,6 +988,19 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                 token=training_args.hub_token,
             )
     return metrics
+
+
+def use_recipe(
+    recipe: Recipe, model_args: ModelArguments, data_args: DataArguments, training_args: TxFormerTrainingArguments
+) -> None:
+    """Sets the flags left to the recipe to `recipe`'s values, and adds its config overrides to a new model's; a
+    trained or pretrained encoder is fine-tuned at `FINE_TUNING_LEARNING_RATE_SCALE` of the recipe's learning rate."""
+    data_args.use_recipe(recipe)
+    training_args.use_recipe(recipe)
+    if model_args.model_name_or_path is None:
+        model_args.config_overrides = recipe_overrides(recipe, model_args.config_overrides)
+    elif "learning_rate" in training_args.recipe_fields and not model_args.freeze_encoder:
+        training_args.learning_rate *= FINE_TUNING_LEARNING_RATE_SCALE
 
 
 def format_result(metrics: dict) -> str:
