@@ -26,6 +26,15 @@ ALL_LABELS = "all-labels"
 SHARE_SUPERVISED = "share-supervised"
 PRETRAIN = "pretrain"
 SHARE_FINETUNED = "share-finetuned"
+SHARE_HEAD_ONLY = "share-head-only"
+SHARE_HEAD_THEN_ALL = "share-head-then-all"
+# The arms that start from another arm's folder (of the same seed): that arm, and the flags they add. Fine-tuning the
+# head first and then the whole model is LP-FT (Kumar et al., ICLR 2022).
+STARTING_POINTS = {
+    SHARE_FINETUNED: (PRETRAIN, []),
+    SHARE_HEAD_ONLY: (PRETRAIN, ["--freeze_encoder"]),
+    SHARE_HEAD_THEN_ALL: (SHARE_HEAD_ONLY, []),
+}
 TRAINING_RUN_FILE = "training_run.json"
 
 
@@ -134,10 +143,12 @@ def run_arm(config: LabelStudyConfig, arm: str, seed: int, extra_args: list[str]
         return True
     if arm == PRETRAIN:
         return run_command(pretrain_command(config, seed), spec.name, {"spec": asdict(spec)}, config.arm(arm), log)
-    if arm == SHARE_FINETUNED:
-        if not is_finished(config.pretrain_dir(seed)):
+    if arm in STARTING_POINTS:
+        source_arm, flags = STARTING_POINTS[arm]
+        source = config.arm_dir(source_arm) / spec.name
+        if not is_finished(source):
             return False
-        extra_args = ["--model_name_or_path", str(config.pretrain_dir(seed)), *extra_args]
+        extra_args = ["--model_name_or_path", str(source), *flags, *extra_args]
     if arm != ALL_LABELS:
         extra_args = ["--max_train_customers", str(scarce_label_customers(config)), *extra_args]
     return run_one(spec, config.arm(arm), extra_args, log)
@@ -148,7 +159,7 @@ def run_study(config: LabelStudyConfig, extra_args: list[str], log: Callable[[st
     return [
         f"{arm}/{config.spec(seed).name}"
         for seed in config.seeds
-        for arm in (ALL_LABELS, SHARE_SUPERVISED, PRETRAIN, SHARE_FINETUNED)
+        for arm in (ALL_LABELS, SHARE_SUPERVISED, PRETRAIN, *STARTING_POINTS)
         if not run_arm(config, arm, seed, extra_args, log)
     ]
 
@@ -168,6 +179,9 @@ def format_report(config: LabelStudyConfig, command: str, tolerance: float = 0.0
         ALL_LABELS: "supervised, every training label",
         SHARE_SUPERVISED: f"supervised, {config.labelled_share:.0%} of the labels, no pretraining",
         SHARE_FINETUNED: f"CoLES pretraining on every customer, fine-tuned on {config.labelled_share:.0%} of the labels",
+        SHARE_HEAD_ONLY: f"CoLES pretraining on every customer, the head alone trained on {config.labelled_share:.0%} "
+        "of the labels (`--freeze_encoder`)",
+        SHARE_HEAD_THEN_ALL: "the head alone, then the whole model fine-tuned on the same labels (LP-FT)",
     }
     results = {
         arm: [
@@ -205,7 +219,9 @@ def format_report(config: LabelStudyConfig, command: str, tolerance: float = 0.0
         "customers (`--max_train_customers`, seeded by the split seed; their validation split is carved from them). "
         f"Pretraining: CoLES (`scripts/pretrain.py`, {config.pretrain_steps} steps of {config.pretrain_batch_size} "
         "customers x 5 slices) on the transactions of every customer (labelled, unlabelled and held out; no label), "
-        "with the run's seed; fine-tuning starts from it (`--model_name_or_path`).",
+        "with the run's seed; fine-tuning starts from it (`--model_name_or_path`, at a tenth of the recipe's learning "
+        "rate), or trains the classifier head alone on it (`--freeze_encoder`), or fine-tunes the whole model from "
+        "that head-only run (LP-FT).",
         "",
         "| arm | training customers (with validation) | seeds | held-out AUROC (mean ± std) | − every label, same "
         "seeds | oracle, same window |",
@@ -232,12 +248,20 @@ def format_report(config: LabelStudyConfig, command: str, tolerance: float = 0.0
             + ", ".join(f"{first:.4f} → {last:.4f}" for first, last in losses)
             + ".",
         ]
-    finetuned, supervised = below_every_label(results[SHARE_FINETUNED]), below_every_label(results[SHARE_SUPERVISED])
-    if finetuned is not None:
-        verdict = "within" if finetuned <= tolerance else "**not within**"
-        lines += ["", f"- Pretrained and fine-tuned: {finetuned:.4f} below every label ({verdict} {tolerance})."]
+    lines.append("")
+    verdicts = {
+        SHARE_FINETUNED: "Pretrained and fine-tuned",
+        SHARE_HEAD_ONLY: "Pretrained, the head alone",
+        SHARE_HEAD_THEN_ALL: "Pretrained, the head alone, then fine-tuned",
+    }
+    for arm, name in verdicts.items():
+        gap = below_every_label(results[arm])
+        if gap is not None:
+            verdict = "within" if gap <= tolerance else "**not within**"
+            lines.append(f"- {name}: {gap:.4f} below every label ({verdict} {tolerance}).")
+    supervised = below_every_label(results[SHARE_SUPERVISED])
     if supervised is not None:
-        lines += [f"- Without pretraining: {supervised:.4f} below every label."]
+        lines.append(f"- Without pretraining: {supervised:.4f} below every label.")
     return "\n".join(lines) + "\n"
 
 

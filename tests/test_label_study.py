@@ -9,6 +9,8 @@ from benchmarks.label_study import (
     ALL_LABELS,
     PRETRAIN,
     SHARE_FINETUNED,
+    SHARE_HEAD_ONLY,
+    SHARE_HEAD_THEN_ALL,
     SHARE_SUPERVISED,
     LabelStudyConfig,
     format_report,
@@ -61,23 +63,44 @@ def test_runs_in_order_with_the_share_and_the_pretrained_folder(tmp_path, monkey
     pretrain = calls[2][1]
     assert pretrain[pretrain.index("--seed") + 1] == "7" and pretrain[pretrain.index("--max_steps") + 1] == "300"
     assert "--labels" not in pretrain
-    assert unfinished == [f"{PRETRAIN}/order/full-256-seed7", f"{SHARE_FINETUNED}/order/full-256-seed7"]
+    assert unfinished == [
+        f"{PRETRAIN}/order/full-256-seed7",
+        f"{SHARE_FINETUNED}/order/full-256-seed7",
+        f"{SHARE_HEAD_ONLY}/order/full-256-seed7",
+        f"{SHARE_HEAD_THEN_ALL}/order/full-256-seed7",
+    ]
 
     pretrained = config.pretrain_dir(7)
     pretrained.mkdir(parents=True)
     (pretrained / "all_results.json").write_text("{}")
     calls.clear()
     run_study(config, [], log=lambda line: None)
-    finetune = calls[-1]
-    assert finetune[0] == str(tmp_path / "study" / SHARE_FINETUNED)
-    assert finetune[1] == ["--max_train_customers", "13", "--model_name_or_path", str(pretrained)]
+    (finetune_dir, finetune), (head_only_dir, head_only) = calls[-2:]
+    assert finetune_dir == str(tmp_path / "study" / SHARE_FINETUNED)
+    assert finetune == ["--max_train_customers", "13", "--model_name_or_path", str(pretrained)]
+    assert head_only_dir == str(tmp_path / "study" / SHARE_HEAD_ONLY)
+    assert head_only == [*finetune, "--freeze_encoder"]
+    # LP-FT waits for its head-only run, then starts from its folder.
+    assert run_study(config, [], log=lambda line: None) == [f"{SHARE_HEAD_THEN_ALL}/order/full-256-seed7"]
+    head_only_run = tmp_path / "study" / SHARE_HEAD_ONLY / "order" / "full-256-seed7"
+    head_only_run.mkdir(parents=True)
+    (head_only_run / "all_results.json").write_text("{}")
+    calls.clear()
+    assert run_study(config, [], log=lambda line: None) == []
+    assert calls[-1][0] == str(tmp_path / "study" / SHARE_HEAD_THEN_ALL)
+    assert calls[-1][1] == ["--max_train_customers", "13", "--model_name_or_path", str(head_only_run)]
 
 
 def test_report_compares_each_arm_with_every_label(tmp_path):
     config = LabelStudyConfig(family="order:100", seeds=[1, 2], output_dir=str(tmp_path / "study"),
                               compare_output_dir=str(tmp_path / "compare"))  # fmt: skip
     # The fine-tuned arm has only seed 1 yet: it is compared with every label on seed 1 alone.
-    aurocs = {ALL_LABELS: [0.80, 0.82], SHARE_SUPERVISED: [0.70, 0.72], SHARE_FINETUNED: [0.79]}
+    aurocs = {
+        ALL_LABELS: [0.80, 0.82],
+        SHARE_SUPERVISED: [0.70, 0.72],
+        SHARE_FINETUNED: [0.79],
+        SHARE_HEAD_ONLY: [0.77],
+    }
     for arm, values in aurocs.items():
         for seed, auroc in zip(config.seeds, values, strict=False):
             run_dir = config.arm_dir(arm) / config.spec(seed).name
@@ -89,7 +112,8 @@ def test_report_compares_each_arm_with_every_label(tmp_path):
     assert "| 1, 2 | 0.8100 ± 0.0141 | – | 0.8500 |" in report
     assert "| 1, 2 | 0.7100 ± 0.0141 | -0.1000 |" in report
     assert "| 1 | 0.7900 | -0.0100 |" in report
-    assert "0.0100 below every label (within 0.02)" in report
+    assert "fine-tuned: 0.0100 below every label (within 0.02)" in report
+    assert "the head alone: 0.0300 below every label (**not within** 0.02)" in report
     assert "Without pretraining: 0.1000 below every label" in report
 
 
