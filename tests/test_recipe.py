@@ -184,6 +184,26 @@ def test_flags_given_on_the_command_line_keep_their_values_under_the_long_recipe
     }
 
 
+def test_another_sampling_strategy_given_is_kept_under_the_long_recipe(tmp_path):
+    args = arguments(tmp_path, train_sampling_strategy="sequential")
+    args.use_recipe(LONG_HISTORY_RECIPE)
+    assert (args.train_sampling_strategy, args.group_by_length) == ("sequential", False)
+
+
+def test_deepspeed_needs_the_learning_rate_given_when_the_recipe_changes_it(tmp_path):
+    """DeepSpeed fills its 'auto' learning rate when the flags are parsed, before the data chooses the recipe."""
+    args = arguments(tmp_path)
+    args.deepspeed = "ds_config.json"
+    with pytest.raises(
+        ValueError, match="--deepspeed fills its config's 'auto' learning rate .* give --learning_rate"
+    ):
+        args.use_recipe(LONG_HISTORY_RECIPE)
+    args = arguments(tmp_path, learning_rate=1e-3)
+    args.deepspeed = "ds_config.json"
+    args.use_recipe(LONG_HISTORY_RECIPE)
+    assert args.learning_rate == 1e-3
+
+
 def test_the_long_recipe_adds_the_readout_to_a_new_model_only(tmp_path):
     new_model, args = ModelArguments(config_overrides="hidden_size=16"), arguments(tmp_path)
     use_recipe(LONG_HISTORY_RECIPE, new_model, DataArguments(), args)

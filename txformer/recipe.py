@@ -3,7 +3,7 @@ data whose histories are long (docs/recipe.md, docs/long_histories.md).
 
 A flag that a recipe sets defaults to None ("by the recipe"). The arguments' `__post_init__` fills such flags from the
 standard recipe and remembers their names (`fill_from_recipe`), so the arguments are complete as soon as they are
-parsed; once the training customers are known, `apply_recipe` replaces them by the chosen recipe's values. A flag
+parsed; once the training customers are known, `use_recipe` replaces them by the chosen recipe's values. A flag
 given on the command line is never changed.
 """
 

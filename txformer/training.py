@@ -80,6 +80,8 @@ RESUME_IGNORED_KEYS = frozenset(
 NON_NEGATIVE_NUMBER_FLAGS = ("learning_rate", "weight_decay", "num_train_epochs", "max_grad_norm", "warmup_steps")
 VALIDATION_DATASET = "validation"
 DEFAULT_ATTENTION_TYPE = "full"
+# `TrainingArguments.train_sampling_strategy` when no flag sets it.
+DEFAULT_SAMPLING_STRATEGY = "random"
 # The validation split takes at most this share of the training customers, whatever its minimum size.
 MAX_VALIDATION_SHARE = 0.25
 # The categorical fields a model reads by default: not the terminal id, whose thousands of codes let a model learn its
@@ -446,14 +448,25 @@ class TxFormerTrainingArguments(TrainingArguments):
                 f"distributed run (device {self.device}): pass --use_cpu to train on the CPU, or launch on the GPUs."
             )
 
-    def use_recipe(self, recipe: Recipe) -> None:
-        """Sets the flags left to the recipe to `recipe`'s values (the evaluations follow the checkpoints; batches of
-        a token budget are grouped by length already)."""
+    def use_recipe(self, recipe: Recipe, learning_rate_scale: float = 1.0) -> None:
+        """Sets the flags left to the recipe to `recipe`'s values, the learning rate times `learning_rate_scale` (the
+        evaluations follow the checkpoints; batches of a token budget, or of another sampling strategy given, are not
+        grouped by length)."""
+        parsed_learning_rate = self.learning_rate
         for name in self.recipe_fields:
             setattr(self, name, getattr(recipe, name))
+        if "learning_rate" in self.recipe_fields:
+            self.learning_rate *= learning_rate_scale
+        if self.deepspeed and self.learning_rate != parsed_learning_rate:
+            raise ValueError(
+                f"--deepspeed fills its config's 'auto' learning rate when the flags are parsed ({parsed_learning_rate}"
+                f"), before the data chooses the recipe ({self.learning_rate} here): give --learning_rate."
+            )
         if "save_steps" in self.recipe_fields:
             self.eval_steps = self.save_steps
-        if self.max_tokens_per_batch is not None and "group_by_length" in self.recipe_fields:
+        if "group_by_length" in self.recipe_fields and (
+            self.max_tokens_per_batch is not None or self.train_sampling_strategy != DEFAULT_SAMPLING_STRATEGY
+        ):
             self.group_by_length = False
         if self.group_by_length:
             self.train_sampling_strategy = "group_by_length"
@@ -996,11 +1009,10 @@ def use_recipe(
     """Sets the flags left to the recipe to `recipe`'s values, and adds its config overrides to a new model's; a
     trained or pretrained encoder is fine-tuned at `FINE_TUNING_LEARNING_RATE_SCALE` of the recipe's learning rate."""
     data_args.use_recipe(recipe)
-    training_args.use_recipe(recipe)
+    fine_tunes_encoder = model_args.model_name_or_path is not None and not model_args.freeze_encoder
+    training_args.use_recipe(recipe, FINE_TUNING_LEARNING_RATE_SCALE if fine_tunes_encoder else 1.0)
     if model_args.model_name_or_path is None:
         model_args.config_overrides = recipe_overrides(recipe, model_args.config_overrides)
-    elif "learning_rate" in training_args.recipe_fields and not model_args.freeze_encoder:
-        training_args.learning_rate *= FINE_TUNING_LEARNING_RATE_SCALE
 
 
 def format_result(metrics: dict) -> str:
