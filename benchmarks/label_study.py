@@ -109,7 +109,6 @@ def num_training_customers(labels_file: Path, eval_fraction: float) -> int:
 def scarce_label_customers(config: LabelStudyConfig) -> int:
     """Training customers of the scarce-label runs: `labelled_share` of the training customers (the data is generated
     into the cache first, as the training runs would)."""
-
     data_args = DataArguments(synthetic_family=config.family_name, synthetic_num_customers=config.num_customers)
     _, labels_file, _ = data_files(data_args)
     return max(2, round(config.labelled_share * num_training_customers(labels_file, config.eval_fraction)))

@@ -96,12 +96,17 @@ def flag_value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def fill_from_recipe(arguments: Any, recipe: Recipe = STANDARD_RECIPE) -> frozenset[str]:
+def fill_from_recipe(arguments: Any, recipe: Recipe = STANDARD_RECIPE) -> tuple[str, ...]:
     """Sets the recipe's flags that `arguments` left at None to `recipe`'s values; returns their names."""
-    names = frozenset(name for name in RECIPE_FIELDS if hasattr(arguments, name) and getattr(arguments, name) is None)
+    names = tuple(sorted(name for name in RECIPE_FIELDS if getattr(arguments, name, 0) is None))
+    set_from_recipe(arguments, recipe, names)
+    return names
+
+
+def set_from_recipe(arguments: Any, recipe: Recipe, names: Sequence[str]) -> None:
+    """Sets the flags `names` of `arguments` to `recipe`'s values."""
     for name in names:
         setattr(arguments, name, getattr(recipe, name))
-    return names
 
 
 def recipe_for_median_length(median: float) -> Recipe:
@@ -144,4 +149,5 @@ __all__ = [
     "fill_from_recipe",
     "recipe_for_median_length",
     "recipe_overrides",
+    "set_from_recipe",
 ]

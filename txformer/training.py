@@ -66,6 +66,7 @@ from .recipe import (
     choose_recipe,
     fill_from_recipe,
     recipe_overrides,
+    set_from_recipe,
 )
 
 
@@ -222,7 +223,7 @@ class DataArguments:
     recipe_fields: tuple[str, ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self):
-        self.recipe_fields = tuple(sorted(fill_from_recipe(self)))
+        self.recipe_fields = fill_from_recipe(self)
         if self.max_length is not None and self.max_length < 0:
             raise ValueError(f"--max_length must be positive, or 0 for whole histories, got {self.max_length}.")
         if self.max_length == 0:
@@ -242,8 +243,7 @@ class DataArguments:
 
     def use_recipe(self, recipe: Recipe) -> None:
         """Sets the flags left to the recipe to `recipe`'s values."""
-        for name in self.recipe_fields:
-            setattr(self, name, getattr(recipe, name))
+        set_from_recipe(self, recipe, self.recipe_fields)
         self.train_max_length = self.train_max_length or None
 
     def check_data_files(self) -> None:
@@ -400,7 +400,7 @@ class TxFormerTrainingArguments(TrainingArguments):
         Evaluations and checkpoints follow each other when only one of `eval_steps` and `save_steps` is given."""
         if self.save_steps is None:
             self.save_steps = self.eval_steps
-        self.recipe_fields = tuple(sorted(fill_from_recipe(self)))
+        self.recipe_fields = fill_from_recipe(self)
         if self.eval_steps is None:
             self.eval_steps = self.save_steps
         launched_world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -453,8 +453,7 @@ class TxFormerTrainingArguments(TrainingArguments):
         evaluations follow the checkpoints; batches of a token budget, or of another sampling strategy given, are not
         grouped by length)."""
         parsed_learning_rate = self.learning_rate
-        for name in self.recipe_fields:
-            setattr(self, name, getattr(recipe, name))
+        set_from_recipe(self, recipe, self.recipe_fields)
         if "learning_rate" in self.recipe_fields:
             self.learning_rate *= learning_rate_scale
         if self.deepspeed and self.learning_rate != parsed_learning_rate:
