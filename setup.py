@@ -42,7 +42,10 @@ setup(
             "pandas>=2.1",
             "performer-pytorch==1.1.4",
             "reformer-pytorch==1.4.4",
+            "optuna>=4.0",
         ],
+        # `--hp_search_trials`: Trainer.hyperparameter_search's backend.
+        "tune": ["optuna>=4.0"],
     },
     entry_points={
         "console_scripts": [

@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from transformers.training_args import ParallelMode
 
 from . import TxFormerConfig, TxFormerForSequenceClassification
 from .callbacks import AttentionStepCallback
-from .cli import configure_logging, parse_config_overrides
+from .cli import configure_logging, merge_config_overrides, parse_config_overrides
 from .configuration_txformer import ATTENTION_KINDS
 from .data import (
     SYNTHETIC_FAMILIES,
@@ -51,6 +51,7 @@ from .data import (
 from .data.prepare import DEFAULT_CACHE
 from .data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
 from .file_names import EVAL_PREDICTIONS_FILE, RESULTS_FILE, TRAINING_RUN_FILE
+from .hp_search import SearchResult, check_search_backend, search_hyperparameters
 from .hub import PushCodeFilesCallback, push_folder_to_hub
 from .io_utils import atomic_write_json, check_writable_folder, incomplete_files
 from .metrics import compute_metrics, positive_class_probability, write_evaluated_predictions
@@ -376,6 +377,14 @@ class TxFormerTrainingArguments(TrainingArguments):
     length_column_name: str = field(
         default="num_events", metadata={"help": "Column of the history lengths, for length grouping."}
     )
+    hp_search_trials: int = field(
+        default=0,
+        metadata={
+            "help": "Before the run, this many trials of Trainer.hyperparameter_search (optuna) over the learning rate, "
+            "weight decay and a new model's dropout, each scored by its best validation AUROC; the run then trains "
+            "with the best trial's values (docs/recipe.md). 0 = no search."
+        },
+    )
     readout_center_customers: int | None = field(
         default=4096,
         metadata={
@@ -430,6 +439,17 @@ class TxFormerTrainingArguments(TrainingArguments):
                 f"--min_train_steps must be positive ({self.min_train_steps}), --early_stopping_patience at least 0 "
                 f"({self.early_stopping_patience}) and --early_stopping_start in [0, 1] ({self.early_stopping_start})."
             )
+        if self.hp_search_trials < 0:
+            raise ValueError(f"--hp_search_trials must be 0 (no search) or more, got {self.hp_search_trials}.")
+        if self.hp_search_trials and IntervalStrategy(self.eval_strategy) == IntervalStrategy.NO:
+            raise ValueError("--hp_search_trials scores each trial on the validation split: drop --eval_strategy no.")
+        if self.hp_search_trials and launched_world_size > 1:
+            raise ValueError(
+                "--hp_search_trials searches in one process: run the search with python, then launch the final run "
+                "on several processes with the best values (hp_search/best.json)."
+            )
+        if self.hp_search_trials:
+            check_search_backend()
         if self.readout_center_customers is not None and self.readout_center_customers < 0:
             raise ValueError(
                 f"--readout_center_customers must be positive, or 0 for all, got {self.readout_center_customers}."
@@ -879,9 +899,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     data = prepare_datasets(data_args, training_args, pretrained_vocabulary)
     recipe = choose_recipe(training_args.recipe, data["train"][training_args.length_column_name])
     use_recipe(recipe, model_args, data_args, training_args)
-    model = build_model(model_args, data["vocabulary"])
-    if resume_from_checkpoint is not None:
-        check_checkpoint_matches(resume_from_checkpoint, model.config)
     collator = TransactionCollator(
         categorical_fields=list(data["vocabulary"].categorical_fields),
         numeric_fields=list(data["vocabulary"].numeric_fields),
@@ -891,7 +908,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     processor = data["vocabulary"].to_processor(
         max_length=data_args.max_length, label_prior=float(np.mean(data["train"]["labels"]))
     )
-    model.config.custom_pipelines = custom_pipelines()
     data_seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
     batch_sampler = None
     if training_args.max_tokens_per_batch is not None:
@@ -932,19 +948,31 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         callbacks.append(RandomWindowEpochCallback(window))
     else:
         train_dataset = data["train"]
-    trainer = TxFormerTrainer(
-        model=model,
+    trainer_inputs = dict(
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset={VALIDATION_DATASET: data["validation"]} if training_args.evaluates else None,
         data_collator=collator,
         processing_class=processor,
         compute_metrics=compute_metrics,
-        callbacks=callbacks,
         train_batch_sampler=batch_sampler,
         readout_center_data=data["train"],
         max_length=data_args.max_length,
     )
+    search = None
+    if training_args.hp_search_trials:
+        search = searched_hyperparameters(
+            model_args, data["vocabulary"], trainer_inputs, callbacks, resume_from_checkpoint
+        )
+        search.apply(training_args)
+        model_args = with_config_fields(model_args, search.config_fields)
+        # Seeded as the Trainer seeds each trial's `model_init`: the run starts from its trials' initial weights.
+        set_seed(training_args.seed)
+    model = build_model(model_args, data["vocabulary"])
+    if resume_from_checkpoint is not None:
+        check_checkpoint_matches(resume_from_checkpoint, model.config)
+    model.config.custom_pipelines = custom_pipelines()
+    trainer = TxFormerTrainer(model=model, callbacks=callbacks, **trainer_inputs)
     add_profiling_callback(trainer)
     train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     # The evaluations below do not steer training.
@@ -985,6 +1013,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             output_dir / TRAINING_RUN_FILE,
             {
                 "recipe": recipe.name,
+                "hp_search": None if search is None else asdict(search),
                 "model_args": asdict(model_args),
                 "data_args": asdict(data_args),
                 "training_args": training_args.to_dict(),
@@ -1000,6 +1029,42 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                 token=training_args.hub_token,
             )
     return metrics
+
+
+def searched_hyperparameters(
+    model_args: ModelArguments,
+    vocabulary: EventVocabulary,
+    trainer_inputs: dict,
+    callbacks: list,
+    resume_from_checkpoint: str | None,
+) -> SearchResult:
+    """The best trial of a search (`--hp_search_trials`) over the run's data; a resumed run takes the result its
+    first call saved instead of searching again."""
+    training_args = trainer_inputs["args"]
+    if resume_from_checkpoint is not None:
+        search = SearchResult.load(training_args.output_dir)
+        if search is None:
+            raise ValueError(
+                f"--hp_search_trials: the run of {training_args.output_dir} being resumed did not search (it has no "
+                "hp_search/best.json); resume it with the flags it was started with."
+            )
+        return search
+    return search_hyperparameters(
+        TxFormerTrainer,
+        lambda config_fields: build_model(with_config_fields(model_args, config_fields), vocabulary),
+        trainer_inputs,
+        callbacks,
+        training_args.hp_search_trials,
+        searches_dropout=model_args.model_name_or_path is None,
+    )
+
+
+def with_config_fields(model_args: ModelArguments, config_fields: dict[str, float]) -> ModelArguments:
+    """`model_args` whose `--config_overrides` also set `config_fields` (which win)."""
+    if not config_fields:
+        return model_args
+    texts = [model_args.config_overrides, ",".join(f"{name}={value}" for name, value in config_fields.items())]
+    return replace(model_args, config_overrides=merge_config_overrides(*(text for text in texts if text)))
 
 
 def use_recipe(
