@@ -51,7 +51,7 @@ from .data import (
 from .data.prepare import DEFAULT_CACHE
 from .data.synthetic import ORACLE_FILE, TRAIN_LABELS_FILE, TRANSACTIONS_FILE
 from .file_names import EVAL_PREDICTIONS_FILE, RESULTS_FILE, TRAINING_RUN_FILE
-from .hp_search import SearchResult, check_search_backend, search_hyperparameters
+from .hp_search import SearchResult, check_search_backend, search_hyperparameters, search_started
 from .hub import PushCodeFilesCallback, push_folder_to_hub
 from .io_utils import atomic_write_json, check_writable_folder, incomplete_files
 from .metrics import compute_metrics, positive_class_probability, write_evaluated_predictions
@@ -443,10 +443,10 @@ class TxFormerTrainingArguments(TrainingArguments):
             raise ValueError(f"--hp_search_trials must be 0 (no search) or more, got {self.hp_search_trials}.")
         if self.hp_search_trials and IntervalStrategy(self.eval_strategy) == IntervalStrategy.NO:
             raise ValueError("--hp_search_trials scores each trial on the validation split: drop --eval_strategy no.")
-        if self.hp_search_trials and launched_world_size > 1:
+        if self.hp_search_trials and self.deepspeed:
             raise ValueError(
-                "--hp_search_trials searches in one process: run the search with python, then launch the final run "
-                "on several processes with the best values (hp_search/best.json)."
+                "--hp_search_trials does not search under --deepspeed (its config fixes the learning rate when the "
+                "flags are parsed): search without it, then give the best values (hp_search/best.json) as flags."
             )
         if self.hp_search_trials:
             check_search_backend()
@@ -847,10 +847,25 @@ def check_output_dir(training_args: TxFormerTrainingArguments) -> str | None:
     written, and that holds no other run's files unless resuming (`--resume_from_checkpoint`) or replacing them
     (`--overwrite_output_dir`)."""
     check_writable_folder(training_args.output_dir, "--output_dir")
+    if continues_search_only(training_args):
+        return None
     resume_from_checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume_from_checkpoint is None and not training_args.overwrite_output_dir:
         check_output_dir_is_free(training_args.output_dir)
     return resume_from_checkpoint
+
+
+def continues_search_only(training_args: TxFormerTrainingArguments) -> bool:
+    """Whether `--resume_from_checkpoint last` continues a run that stopped in its hyperparameter search, or after it
+    but before the final run's first checkpoint: the search (or its result) is taken up and the final run starts."""
+    resume = training_args.resume_from_checkpoint
+    return (
+        bool(training_args.hp_search_trials)
+        and resume is not None
+        and resume.lower() in ("last", "true")
+        and last_complete_checkpoint(training_args.output_dir) is None
+        and search_started(training_args.output_dir)
+    )
 
 
 def check_checkpoint_matches(checkpoint: str | os.PathLike, config: TxFormerConfig) -> None:
@@ -966,13 +981,23 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         )
         search.apply(training_args)
         model_args = with_config_fields(model_args, search.config_fields)
-        # Seeded as the Trainer seeds each trial's `model_init`: the run starts from its trials' initial weights.
-        set_seed(training_args.seed)
-    model = build_model(model_args, data["vocabulary"])
+
+    def model_init() -> TxFormerForSequenceClassification:
+        model = build_model(model_args, data["vocabulary"])
+        model.config.custom_pipelines = custom_pipelines()
+        return model
+
+    model = model_init()
     if resume_from_checkpoint is not None:
         check_checkpoint_matches(resume_from_checkpoint, model.config)
-    model.config.custom_pipelines = custom_pipelines()
-    trainer = TxFormerTrainer(model=model, callbacks=callbacks, **trainer_inputs)
+    # After a search, the run builds its model as the trials did (the `Trainer` seeds, then calls `model_init`), so
+    # it repeats the best trial.
+    trainer = TxFormerTrainer(
+        model=None if search else model,
+        model_init=model_init if search else None,
+        callbacks=callbacks,
+        **trainer_inputs,
+    )
     add_profiling_callback(trainer)
     train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     # The evaluations below do not steer training.
@@ -1041,14 +1066,21 @@ def searched_hyperparameters(
     """The best trial of a search (`--hp_search_trials`) over the run's data; a resumed run takes the result its
     first call saved instead of searching again."""
     training_args = trainer_inputs["args"]
-    if resume_from_checkpoint is not None:
-        search = SearchResult.load(training_args.output_dir)
-        if search is None:
-            raise ValueError(
-                f"--hp_search_trials: the run of {training_args.output_dir} being resumed did not search (it has no "
-                "hp_search/best.json); resume it with the flags it was started with."
-            )
+    resumes = training_args.resume_from_checkpoint is not None
+    search = SearchResult.load(training_args.output_dir) if resumes else None
+    if search is not None:
         return search
+    if resume_from_checkpoint is not None:
+        raise ValueError(
+            f"--hp_search_trials: the run of {training_args.output_dir} being resumed did not search (it has no "
+            "hp_search/best.json); resume it with the flags it was started with."
+        )
+    if training_args.world_size > 1:
+        raise ValueError(
+            "--hp_search_trials searches in one process: search with python (the same flags), copy its "
+            f"hp_search/best.json into {training_args.output_dir}/hp_search/, and launch with "
+            "--resume_from_checkpoint last."
+        )
     return search_hyperparameters(
         TxFormerTrainer,
         lambda config_fields: build_model(with_config_fields(model_args, config_fields), vocabulary),
@@ -1056,6 +1088,7 @@ def searched_hyperparameters(
         callbacks,
         training_args.hp_search_trials,
         searches_dropout=model_args.model_name_or_path is None,
+        resume=resumes,
     )
 
 
