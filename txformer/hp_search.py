@@ -101,11 +101,16 @@ def best_so_far(value: float, best: float | None, greater_is_better: bool) -> fl
     return max(value, best) if greater_is_better else min(value, best)
 
 
+def finished_trials(study) -> list:
+    """The trials of `study` that ended: complete, pruned or failed (not those an interruption left running)."""
+    return [trial for trial in study.trials if trial.state.is_finished()]
+
+
 def all_pruned(study) -> bool:
     """Whether every finished trial of `study` was pruned (so none has a score)."""
     import optuna
 
-    finished = [trial for trial in study.trials if trial.state.is_finished()]
+    finished = finished_trials(study)
     return bool(finished) and all(trial.state == optuna.trial.TrialState.PRUNED for trial in finished)
 
 
@@ -122,6 +127,64 @@ class TrialLogCallback(TrainerCallback):
             trial_dir = self.search_dir / f"trial-{self.current_trial['number']}"
             trial_dir.mkdir(parents=True, exist_ok=True)
             state.save_to_json(str(trial_dir / TRAINER_STATE_NAME))
+
+
+def run_trials(
+    trainer_class: type,
+    build_model: Callable[[dict[str, float]], Any],
+    trainer_inputs: dict[str, Any],
+    callbacks: list[TrainerCallback],
+    args: Any,
+    study: Any,
+    storage: Any,
+    num_trials: int,
+    searches_dropout: bool,
+) -> None:
+    """Runs `num_trials` more trials of `study` (kept in `storage`) through `Trainer.hyperparameter_search` with the
+    search's `args`."""
+    import optuna
+
+    search_dir = Path(args.output_dir) / HP_SEARCH_DIR
+    current_trial: dict[str, int] = {}
+
+    def model_init(trial=None):
+        if trial is None:
+            return build_model({})
+        current_trial["number"] = trial.number
+        return build_model({"hidden_dropout_prob": trial_dropout(trial)} if searches_dropout else {})
+
+    trainer = trainer_class(
+        **{**trainer_inputs, "args": args},
+        model_init=model_init,
+        callbacks=[*callbacks, TrialLogCallback(search_dir, current_trial)],
+    )
+    metric = args.metric_for_best_model
+    metric_key = metric if metric.startswith("eval_") else f"eval_{metric}"
+    try:
+        trainer.hyperparameter_search(
+            hp_space=search_space(args.learning_rate, searches_dropout),
+            # Called before the Trainer updates `best_metric` with this evaluation.
+            compute_objective=lambda metrics: best_so_far(
+                metrics[metric_key], trainer.state.best_metric, args.greater_is_better
+            ),
+            n_trials=num_trials,
+            direction=study.direction.name.lower(),
+            backend="optuna",
+            hp_name=lambda trial: f"{HP_SEARCH_DIR}/trial-{trial.number}",
+            study_name=study.study_name,
+            storage=storage,
+            load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=args.seed + len(finished_trials(study))),
+            pruner=optuna.pruners.MedianPruner(
+                n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=int(args.early_stopping_start * args.max_steps)
+            ),
+        )
+    except ValueError:
+        # optuna's `best_trial` when every trial was pruned: said by the caller, with the folder; any other error stands.
+        if not all_pruned(study):
+            raise
+    # The search's model and optimizer are not needed by the final run (the trainer lives on in a reference cycle).
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
 
 
 def search_hyperparameters(
@@ -151,54 +214,21 @@ def search_hyperparameters(
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(search_dir / STUDY_FILE)))
     direction = "maximize" if args.greater_is_better else "minimize"
     study = optuna.create_study(study_name=HP_SEARCH_DIR, storage=storage, direction=direction, load_if_exists=True)
-    done = [trial for trial in study.trials if trial.state.is_finished()]
-    current_trial: dict[str, int] = {}
-
-    def model_init(trial=None):
-        if trial is None:
-            return build_model({})
-        current_trial["number"] = trial.number
-        return build_model({"hidden_dropout_prob": trial_dropout(trial)} if searches_dropout else {})
-
-    trainer = trainer_class(
-        **{**trainer_inputs, "args": args},
-        model_init=model_init,
-        callbacks=[*callbacks, TrialLogCallback(search_dir, current_trial)],
-    )
-    metric = args.metric_for_best_model
-    metric_key = metric if metric.startswith("eval_") else f"eval_{metric}"
-    if len(done) < num_trials:
+    done = len(finished_trials(study))
+    if done < num_trials:
         if done:
-            logger.info(
-                "Hyperparameter search: %d of %d trials done already; running the rest.", len(done), num_trials
-            )
-        try:
-            trainer.hyperparameter_search(
-                hp_space=search_space(args.learning_rate, searches_dropout),
-                # Called before the Trainer updates `best_metric` with this evaluation.
-                compute_objective=lambda metrics: best_so_far(
-                    metrics[metric_key], trainer.state.best_metric, args.greater_is_better
-                ),
-                n_trials=num_trials - len(done),
-                direction=direction,
-                backend="optuna",
-                hp_name=lambda trial: f"{HP_SEARCH_DIR}/trial-{trial.number}",
-                study_name=HP_SEARCH_DIR,
-                storage=storage,
-                load_if_exists=True,
-                sampler=optuna.samplers.TPESampler(seed=args.seed + len(done)),
-                pruner=optuna.pruners.MedianPruner(
-                    n_startup_trials=PRUNER_STARTUP_TRIALS,
-                    n_warmup_steps=int(args.early_stopping_start * args.max_steps),
-                ),
-            )
-        except ValueError:
-            # optuna's `best_trial` when every trial was pruned: said below, with the folder; any other error stands.
-            if not all_pruned(optuna.load_study(study_name=HP_SEARCH_DIR, storage=storage)):
-                raise
-    # The search's model and optimizer are not needed by the final run (the trainer lives on in a reference cycle).
-    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
-    study = optuna.load_study(study_name=HP_SEARCH_DIR, storage=storage)
+            logger.info("Hyperparameter search: %d of %d trials done already; running the rest.", done, num_trials)
+        run_trials(
+            trainer_class,
+            build_model,
+            trainer_inputs,
+            callbacks,
+            args,
+            study,
+            storage,
+            num_trials - done,
+            searches_dropout,
+        )
     if all_pruned(study):
         raise ValueError(
             f"--hp_search_trials: every trial of the search in {search_dir} was pruned (their curves are in its "
@@ -208,7 +238,8 @@ def search_hyperparameters(
         shutil.rmtree(checkpoint)
     parameters = dict(study.best_trial.params)
     config_fields = {name: parameters.pop(name) for name in ("hidden_dropout_prob",) if name in parameters}
-    trials = [trial for trial in study.trials if trial.state.is_finished()]
+    trials = finished_trials(study)
+    metric = args.metric_for_best_model
     result = SearchResult(
         training_flags=parameters, config_fields=config_fields, objective=study.best_value, num_trials=len(trials)
     )
